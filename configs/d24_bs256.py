@@ -1,0 +1,12 @@
+# d24: 24 layers, 16 heads, width 1024; FineWeb10B, 256 sequences x 1024 tokens = 262,144 tokens per step.
+# Learning rates: the Config defaults are for 512 sequences and scale as sqrt(batch_size / 512)
+# (lr_scaling = "sqrt"), so this tier (x0.7071) trains with
+#   muon_lr 0.03536, embed_lr 0.2121, head_lr 0.005657, scalar_lr 0.02828.
+# device_batch_size divides batch_size / 8, so 1, 2, 4 or 8 GPUs work (fits an 80 GB H100).
+# Budget: 5B tokens, evaluated every 100M tokens.
+profile = "d24"
+batch_size = 256
+device_batch_size = 32
+train_tokens = 5_000_000_000
+eval_every_tokens = 100_000_000
+ckpt_every_tokens = 500_000_000

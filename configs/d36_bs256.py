@@ -1,0 +1,12 @@
+# d36: 36 layers, 20 heads, width 1280; FineWeb10B, 256 sequences x 1024 tokens = 262,144 tokens per step.
+# Learning rates: the Config defaults are for 512 sequences and scale as sqrt(batch_size / 512)
+# (lr_scaling = "sqrt"), so this tier (x0.7071) trains with
+#   muon_lr 0.03536, embed_lr 0.2121, head_lr 0.005657, scalar_lr 0.02828.
+# device_batch_size divides batch_size / 8, so 1, 2, 4 or 8 GPUs work (fits an 80 GB H100).
+# Budget: 10B tokens (FineWeb10B holds 10.3B: python data/fineweb.py --train_shards 103), evaluated every 200M tokens.
+profile = "d36"
+batch_size = 256
+device_batch_size = 16
+train_tokens = 10_000_000_000
+eval_every_tokens = 200_000_000
+ckpt_every_tokens = 1_000_000_000

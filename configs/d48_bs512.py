@@ -1,0 +1,12 @@
+# d48: 48 layers, 25 heads, width 1600; FineWeb10B, 512 sequences x 1024 tokens = 524,288 tokens per step.
+# Learning rates: the Config defaults are for 512 sequences and scale as sqrt(batch_size / 512)
+# (lr_scaling = "sqrt"), so this tier (x1.0000) trains with
+#   muon_lr 0.05, embed_lr 0.3, head_lr 0.008, scalar_lr 0.04.
+# device_batch_size divides batch_size / 8, so 1, 2, 4 or 8 GPUs work (fits an 80 GB H100).
+# Budget: 10B tokens (FineWeb10B holds 10.3B: python data/fineweb.py --train_shards 103), evaluated every 200M tokens.
+profile = "d48"
+batch_size = 512
+device_batch_size = 8
+train_tokens = 10_000_000_000
+eval_every_tokens = 200_000_000
+ckpt_every_tokens = 1_000_000_000

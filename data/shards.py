@@ -1,0 +1,88 @@
+"""
+The modded-NanoGPT token shard format, read and written in one place.
+
+A shard is a 256 x int32 header (magic 20240520, version 1, token count, rest zero)
+followed by the tokens as uint16. Every error names the file, so a bad download or a
+truncated copy is found at once rather than as a shape error deep in training.
+"""
+
+import glob
+import os
+
+import numpy as np
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+
+# How to obtain the shards a glob pattern asks for, shown when none are found.
+FETCH_HINTS = (
+    ("finewebedu", "python data/fineweb.py --edu --train_shards 8"),
+    ("fineweb", "python data/fineweb.py --train_shards 8"),
+    ("shakespeare", "git checkout -- data/shakespeare  (the embedded corpus is part of the repository)"),
+)
+
+
+class ShardError(ValueError):
+    pass
+
+
+def fetch_hint(pattern):
+    for key, command in FETCH_HINTS:
+        if key in os.path.basename(pattern) or key in pattern:
+            return command
+    return "python data/prepare.py --input 'your_texts/*.txt' --out DIR --name NAME"
+
+
+def find_shards(pattern):
+    """Sorted list of files matching the glob; an error with the fetch command when there are none."""
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise ShardError(f"no token shards match {pattern!r}; fetch or build them with: {fetch_hint(pattern)}")
+    return files
+
+
+def read_header(path):
+    """Validate the header and the file size of a shard; return its token count."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            header = np.frombuffer(f.read(HEADER_BYTES), dtype=np.int32)
+    except OSError as e:
+        raise ShardError(f"{path}: cannot read shard ({e.strerror}); fetch it with: {fetch_hint(path)}") from None
+    if header.size < HEADER_INTS:
+        raise ShardError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte shard header")
+    if header[0] != MAGIC:
+        raise ShardError(f"{path}: magic number {header[0]} is not {MAGIC}; not a token shard "
+                         "(expected the modded-NanoGPT format written by data/prepare.py)")
+    if header[1] != VERSION:
+        raise ShardError(f"{path}: shard version {header[1]} is not supported (expected {VERSION})")
+    n_tokens = int(header[2])
+    expected = HEADER_BYTES + 2 * n_tokens
+    if size != expected:
+        raise ShardError(f"{path}: header promises {n_tokens} tokens ({expected} bytes) but the file has "
+                         f"{size} bytes; it is truncated or corrupt, fetch it again")
+    return n_tokens
+
+
+def load_tokens(path):
+    """The tokens of a shard as a read-only uint16 memory map (validated first)."""
+    n_tokens = read_header(path)
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+
+
+def write_shard(path, tokens):
+    """Write tokens (values < 2**16) as a shard, atomically: a reader never sees half a file."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2 ** 16):
+        raise ShardError(f"{path}: token ids must fit in uint16, got range [{tokens.min()}, {tokens.max()}]")
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:3] = (MAGIC, VERSION, tokens.size)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype(np.uint16).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

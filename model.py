@@ -1,0 +1,306 @@
+"""
+The GPT family of spectral-nanogpt: GPT-2 and the modded-NanoGPT interventions in one class.
+
+Every architecture intervention is a GPTConfig flag, never a copied model, so an
+ablation is one `--key=value` away. Two presets name the ends of the history:
+
+    gpt2    learned positions, LayerNorm with bias, GELU, tied embedding/head
+    modded  rotary, parameter-free RMSNorm, relu^2, QK-norm, untied head,
+            zero-initialised output projections, logit softcap, value
+            embeddings, U-net skip connections
+
+and four size profiles (d12/d24/d36/d48) fix depth, heads and width.
+
+Probe points. Spectral measurement needs the activations at fixed places in
+every block, under the same names whatever the flags. Each place is an
+`nn.Identity` "tap"; a forward hook on a tap sees the activation without the
+model knowing it is being measured. `GPT.probe_points()` maps the names of
+DESIGN.md (embed, L03.ln1, ..., L03.mlp_resid, final) to the taps, and
+`GPT.linears()` maps `L03.attn.c_proj`-style names to the nn.Linear layers used
+for per-example gradients.
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BLOCK_POINTS = ("ln1", "attn", "attn_resid", "ln2", "fc", "act", "proj", "mlp_resid")
+BLOCK_LINEARS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304      # GPT-2's 50257 padded up to a multiple of 128 for fast matmuls
+    n_layer: int = 12
+    n_head: int = 6
+    n_embd: int = 768
+    seq_len: int = 1024          # longest sequence: size of the learned position table / rotary cache
+    pos: str = "rotary"          # "learned" | "rotary"
+    norm: str = "rms"            # "rms" (parameter-free) | "layer" (LayerNorm with weight, bias if `bias`)
+    act: str = "relu2"           # "relu2" | "gelu"
+    qk_norm: bool = True         # RMS-normalise queries and keys per head before attention
+    tied: bool = False           # share the token embedding with the output head
+    zero_init_proj: bool = True  # zero-init attn/MLP output projections (and an untied head)
+    softcap: float = 15.0        # logits <- c * tanh(logits / c); 0 disables
+    value_embeds: bool = True    # modded-style value embeddings mixed into v of the first/last 3 layers
+    unet_skips: bool = True      # first-half block outputs added (learned weights) into the second half
+    attn_scale: float = 0.0      # softmax scale; 0 means 1/sqrt(head_dim)
+    bias: bool = False           # biases in Linear layers (and LayerNorm)
+    dropout: float = 0.0
+    rope_base: float = 10000.0
+
+    def __post_init__(self):
+        choices = {"pos": ("learned", "rotary"), "norm": ("rms", "layer"), "act": ("relu2", "gelu")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"model config: {key}={getattr(self, key)!r} is not one of {allowed}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.pos == "rotary" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"model config: rotary needs an even head dim, got n_embd/n_head = "
+                             f"{self.n_embd}/{self.n_head} = {self.n_embd // self.n_head}")
+        if self.softcap < 0 or self.attn_scale < 0 or not 0 <= self.dropout < 1:
+            raise ValueError("model config: softcap and attn_scale must be >= 0 and dropout in [0, 1)")
+
+
+PRESETS = {
+    "gpt2": dict(pos="learned", norm="layer", act="gelu", qk_norm=False, tied=True, zero_init_proj=False,
+                 softcap=0.0, value_embeds=False, unet_skips=False, bias=True),
+    "modded": dict(pos="rotary", norm="rms", act="relu2", qk_norm=True, tied=False, zero_init_proj=True,
+                   softcap=15.0, value_embeds=True, unet_skips=True, bias=False),
+}
+PROFILES = {
+    "d12": dict(n_layer=12, n_head=6, n_embd=768),
+    "d24": dict(n_layer=24, n_head=16, n_embd=1024),
+    "d36": dict(n_layer=36, n_head=20, n_embd=1280),
+    "d48": dict(n_layer=48, n_head=25, n_embd=1600),
+}
+ARCH_FLAGS = tuple(PRESETS["modded"])  # the intervention flags both presets set
+
+
+def make_config(preset="modded", profile="d12", **overrides):
+    """GPTConfig from a preset, a size profile and explicit overrides (which win)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; known: {sorted(PRESETS)}")
+    if profile not in PROFILES:
+        raise ValueError(f"unknown model profile {profile!r}; known: {sorted(PROFILES)}")
+    unknown = set(overrides) - {f.name for f in fields(GPTConfig)}
+    if unknown:
+        raise ValueError(f"unknown model config keys {sorted(unknown)}")
+    return GPTConfig(**{**PRESETS[preset], **PROFILES[profile], **overrides})
+
+
+def layer_key(layer, n_layer):
+    """'L03' for layer 3 of a 12-layer model: zero-padded to the model depth (at least two digits)."""
+    return f"L{layer:0{max(2, len(str(n_layer - 1)))}d}"
+
+
+class Norm(nn.Module):
+    def __init__(self, dim, kind, bias):
+        super().__init__()
+        self.kind = kind
+        if kind == "layer":
+            self.weight = nn.Parameter(torch.ones(dim))
+            self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x):
+        if self.kind == "rms":
+            return F.rms_norm(x, (x.size(-1),))
+        return F.layer_norm(x, (x.size(-1),), self.weight, self.bias, 1e-5)
+
+
+def rotary_tables(seq_len, head_dim, base):
+    """cos, sin of shape (seq_len, 1, head_dim/2): one rotation frequency per pair of channels."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos()[:, None, :], angles.sin()[:, None, :]
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate channel pairs (i, i + D/2) of x (B, T, H, D) by position-dependent angles."""
+    T = x.size(1)
+    cos, sin = cos[:T].to(x.dtype), sin[:T].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, has_value_embed):
+        super().__init__()
+        d = cfg.n_embd
+        self.n_head, self.head_dim = cfg.n_head, d // cfg.n_head
+        # Separate q/k/v projections so each is its own named Linear for per-example gradients.
+        self.c_q = nn.Linear(d, d, bias=cfg.bias)
+        self.c_k = nn.Linear(d, d, bias=cfg.bias)
+        self.c_v = nn.Linear(d, d, bias=cfg.bias)
+        self.c_proj = nn.Linear(d, d, bias=cfg.bias)
+        self.qk_norm, self.dropout = cfg.qk_norm, cfg.dropout
+        self.scale = cfg.attn_scale or None  # None lets SDPA use 1/sqrt(head_dim)
+        # modded-nanogpt mixes v with a per-token value embedding: v <- l0 * v + l1 * ve
+        self.ve_lambdas = nn.Parameter(torch.tensor([0.5, 0.5])) if has_value_embed else None
+
+    def forward(self, x, ve, rotary):
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_head, self.head_dim)
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if ve is not None:
+            v = self.ve_lambdas[0] * v + self.ve_lambdas[1] * ve.view_as(v)
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+            dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.act = cfg.act
+
+    def forward(self, x, taps):
+        h = taps["fc"](self.c_fc(x))
+        h = taps["act"](F.relu(h).square() if self.act == "relu2" else F.gelu(h))
+        return taps["proj"](self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, has_value_embed):
+        super().__init__()
+        self.ln_1 = Norm(cfg.n_embd, cfg.norm, cfg.bias)
+        self.attn = Attention(cfg, has_value_embed)
+        self.ln_2 = Norm(cfg.n_embd, cfg.norm, cfg.bias)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.taps = nn.ModuleDict({name: nn.Identity() for name in BLOCK_POINTS})
+
+    def forward(self, x, ve, rotary):
+        t = self.taps
+        a = t["attn"](self.attn(t["ln1"](self.ln_1(x)), ve, rotary))
+        x = t["attn_resid"](x + self.drop(a))
+        m = self.mlp(t["ln2"](self.ln_2(x)), t)
+        return t["mlp_resid"](x + self.drop(m))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        L, d = cfg.n_layer, cfg.n_embd
+        self.wte = nn.Embedding(cfg.vocab_size, d)
+        self.wpe = nn.Embedding(cfg.seq_len, d) if cfg.pos == "learned" else None
+        # Value embeddings: table i feeds layer i and layer L-k+i (modded uses k = 3 tables).
+        n_ve = min(3, L // 2) if cfg.value_embeds else 0
+        self.value_embeds = nn.ModuleList([nn.Embedding(cfg.vocab_size, d) for _ in range(n_ve)])
+        self.ve_index = [i if i < n_ve else i - (L - n_ve) if i >= L - n_ve else None for i in range(L)]
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg, self.ve_index[i] is not None) for i in range(L)])
+        # U-net: outputs of the first L//2 blocks are added, weighted, into the inputs of the last L//2.
+        self.skip_weights = nn.Parameter(torch.ones(L // 2)) if cfg.unet_skips else None
+        self.ln_f = Norm(d, cfg.norm, cfg.bias)
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        if cfg.tied:
+            self.lm_head.weight = self.wte.weight
+        self.taps = nn.ModuleDict({"embed": nn.Identity(), "final": nn.Identity()})
+        if cfg.pos == "rotary":
+            cos, sin = rotary_tables(cfg.seq_len, d // cfg.n_head, cfg.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        cfg = self.cfg
+        # GPT-2 scales residual output projections by 1/sqrt(2L); modded zero-initialises them.
+        proj_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.zeros_(p) if cfg.zero_init_proj else nn.init.normal_(p, 0.0, proj_std)
+            elif name == "lm_head.weight" and cfg.zero_init_proj and not cfg.tied:
+                nn.init.zeros_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight":
+                nn.init.ones_(p)
+            elif name.endswith("ve_lambdas"):
+                p.fill_(0.5)
+            elif name == "skip_weights":
+                nn.init.ones_(p)
+            else:  # embeddings and the remaining Linear weights
+                nn.init.normal_(p, 0.0, 0.02)
+
+    def forward(self, idx, targets=None):
+        """Logits (B, T, vocab) and, with targets, the mean cross-entropy (targets == -1 ignored)."""
+        B, T = idx.shape
+        if T > self.cfg.seq_len:
+            raise ValueError(f"sequence length {T} exceeds the model's seq_len={self.cfg.seq_len}")
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(T, device=idx.device))
+        x = self.taps["embed"](self.drop(x))
+        rotary = (self.rope_cos, self.rope_sin) if self.cfg.pos == "rotary" else None
+        ves = [table(idx) for table in self.value_embeds]
+        n_skip = len(self.skip_weights) if self.skip_weights is not None else 0
+        skips = []
+        for i, block in enumerate(self.blocks):
+            if i >= len(self.blocks) - n_skip:
+                x = x + self.skip_weights[i - (len(self.blocks) - n_skip)] * skips.pop()
+            ve = ves[self.ve_index[i]] if self.ve_index[i] is not None else None
+            x = block(x, ve, rotary)
+            if i < n_skip:
+                skips.append(x)
+        x = self.taps["final"](self.ln_f(x))
+        logits = self.lm_head(x).float()
+        if self.cfg.softcap:
+            logits = self.cfg.softcap * torch.tanh(logits / self.cfg.softcap)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # ---- names for measurement -------------------------------------------------------------
+
+    def probe_points(self):
+        """{'embed': tap, 'L00.ln1': tap, ..., 'final': tap}: the DESIGN.md probe points, in forward order."""
+        points = {"embed": self.taps["embed"]}
+        for i, block in enumerate(self.blocks):
+            key = layer_key(i, self.cfg.n_layer)
+            points.update({f"{key}.{name}": block.taps[name] for name in BLOCK_POINTS})
+        points["final"] = self.taps["final"]
+        return points
+
+    def linears(self):
+        """{'L00.attn.c_q': nn.Linear, ...}: the Linear layers addressed for per-example gradients."""
+        out = {}
+        for i, block in enumerate(self.blocks):
+            key = layer_key(i, self.cfg.n_layer)
+            out.update({f"{key}.{name}": block.get_submodule(name) for name in BLOCK_LINEARS})
+        return out
+
+    # ---- accounting ------------------------------------------------------------------------
+
+    def param_counts(self):
+        """Parameter counts by part (tied weights counted once)."""
+        blocks = sum(p.numel() for p in self.blocks.parameters())
+        embed = self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
+        value_embeds = sum(p.numel() for p in self.value_embeds.parameters())
+        head = 0 if self.cfg.tied else self.lm_head.weight.numel()
+        total = sum(p.numel() for p in self.parameters())  # .parameters() yields a tied tensor once
+        return dict(total=total, blocks=blocks, embed=embed, value_embeds=value_embeds, head=head,
+                    other=total - blocks - embed - value_embeds - head)
+
+    def flops_per_token(self):
+        """Training FLOPs per token (forward + backward = 3x forward): 6 per weight of every matmul
+        (blocks and head; embedding lookups are free) plus causal attention, 6 * L * T * d
+        (QK^T and AV, each 2 * T * d per token forward, halved by the causal mask, times 3)."""
+        cfg = self.cfg
+        matmul_weights = 12 * cfg.n_layer * cfg.n_embd ** 2 + cfg.n_embd * cfg.vocab_size
+        return 6 * matmul_weights + 6 * cfg.n_layer * cfg.seq_len * cfg.n_embd

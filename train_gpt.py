@@ -1,0 +1,855 @@
+"""
+spectral-nanogpt trainer: one file, read top to bottom.
+
+    python train_gpt.py configs/cpu_demo.py
+    torchrun --standalone --nproc_per_node=8 train_gpt.py configs/d36_bs512.py [--key=value ...]
+    python train_gpt.py configs/d36_bs512.py --dry_run=1
+
+Sections: config -> data -> optimizers -> checkpoints and logging -> evaluation -> training loop.
+Tokens are the first-class axis: budgets, evaluation and checkpoint cadence are in tokens,
+so runs at different batch sizes line up.
+"""
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import secrets
+import subprocess
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Union, get_args, get_origin, get_type_hints
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data.shards import ShardError, find_shards, load_tokens, read_header
+from model import GPT, GPTConfig, make_config
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+# ----------------------------------------------------------------------------------------------
+# Config: dataclass defaults < config file (plain Python assignments) < --key=value
+
+
+@dataclass
+class Config:
+    # run and output
+    run_name: str = ""                 # "" -> <config file name>_<date-time>
+    out_dir: str = "runs"
+    seed: int = 1337
+    resume: bool = False               # continue runs/<run_name> (default: newest run of this config)
+    dry_run: bool = False              # build on the meta device, print config and size, exit
+    device: str = "auto"               # auto | cpu | cuda
+    compile: Optional[bool] = None     # torch.compile; None: on for CUDA, off for CPU
+    # model: preset + size profile; any GPTConfig field of model.py (qk_norm, n_layer, ...) may be
+    # set as a top-level key too and is collected in `model`
+    preset: str = "modded"             # gpt2 | modded
+    profile: str = "d12"               # d12 | d24 | d36 | d48
+    model: dict = field(default_factory=dict)
+    # data and budget
+    train_files: str = "data/fineweb10B/fineweb_train_*.bin"
+    val_files: str = "data/fineweb10B/fineweb_val_*.bin"
+    seq_len: int = 1024
+    batch_size: int = 512              # sequences per optimizer step, all ranks together
+    device_batch_size: int = 64        # sequences per forward/backward on one device
+    train_tokens: int = 2_500_000_000  # stop after this many tokens (0: use max_steps alone)
+    max_steps: int = 0                 # stop after this many steps (0: no step limit)
+    target_val_loss: float = 0.0       # > 0: stop at the first evaluation with val_loss <= this
+    val_tokens: int = 10_485_760       # fixed slice of the val split, the same at every evaluation
+    eval_every_tokens: int = 0         # 0: evaluate at the start and the end only; -1: never
+    log_every: int = 10                # steps between console/metrics lines
+    # optimizer: Muon for hidden matrices + Adam for the rest, or AdamW everywhere
+    optimizer: str = "muon"            # muon | adamw
+    lr_ref_batch_size: int = 512       # the learning rates below are for this batch size ...
+    lr_scaling: str = "sqrt"           # ... and scale by (batch_size / lr_ref_batch_size)^p, p = 0 | 1/2 | 1
+    muon_lr: float = 0.05
+    muon_momentum: float = 0.95
+    muon_momentum_start: float = 0.85  # momentum warms up linearly from this ...
+    muon_momentum_warmup_steps: int = 300  # ... over this many steps
+    embed_lr: float = 0.3              # Adam: token, position and value embeddings
+    head_lr: float = 0.008             # Adam: untied output head
+    scalar_lr: float = 0.04            # Adam: gains, biases, skip and value-embedding weights
+    adamw_lr: float = 6e-4             # optimizer="adamw": one LR for every parameter
+    weight_decay: float = 0.0          # decoupled; hidden matrices (Muon) or all matrices (AdamW)
+    adam_beta1: float = 0.8
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-10
+    grad_clip: float = 0.0             # max global grad norm; 0: off
+    warmup_frac: float = 0.0           # LR schedule: linear warmup over this share of the steps,
+    cooldown_frac: float = 0.4         # constant, then linear cooldown over the last share
+    final_lr_frac: float = 0.0         # LR at the end of the cooldown, relative to the peak
+    # checkpoints
+    ckpt_every_tokens: int = 0         # 0: only at the end; -1: never
+    ckpt_keep: int = 2                 # most recent checkpoints kept
+    # Weights & Biases
+    wandb_mode: str = ""               # online | offline | disabled; "" -> $WANDB_MODE, else offline
+    wandb_project: str = "spectral-nanogpt"
+    wandb_group: str = ""
+    wandb_name: str = ""               # "" -> run_name
+
+
+CHOICES = {"device": ("auto", "cpu", "cuda"), "optimizer": ("muon", "adamw"),
+           "lr_scaling": ("none", "sqrt", "linear"), "wandb_mode": ("", "online", "offline", "disabled")}
+MODEL_KEYS = {f.name: f.type for f in dataclasses.fields(GPTConfig) if f.name != "seq_len"}
+TRAIN_KEYS = {k: v for k, v in get_type_hints(Config).items() if k != "model"}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def coerce(key, value, typ, source):
+    """Check (and for strings from the command line, parse) a value against a field's type."""
+    def fail():
+        return ConfigError(f"{source}: {key}={value!r} is not a valid {getattr(typ, '__name__', typ)}")
+    if get_origin(typ) is Union:  # Optional[X]: None, or "none"/"auto" from the command line
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "auto")):
+            return None
+        return coerce(key, value, get_args(typ)[0], source)
+    if typ is bool:
+        if isinstance(value, bool) or value in (0, 1):
+            return bool(value)
+        words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+                 "off": False}
+        if isinstance(value, str) and value.lower() in words:
+            return words[value.lower()]
+        raise fail()
+    if typ is int:
+        if isinstance(value, str):
+            try:
+                value = float(value.replace("_", "")) if any(c in value for c in ".eE") else int(value.replace("_", ""))
+            except ValueError:
+                raise fail() from None
+        if isinstance(value, float) and value.is_integer():  # 1e9 written in a config file
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise fail()
+    if typ is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise fail() from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise fail()
+    if typ is str and isinstance(value, str):
+        return value
+    raise fail()
+
+
+def set_key(cfg, key, value, source):
+    if key in TRAIN_KEYS:
+        setattr(cfg, key, coerce(key, value, TRAIN_KEYS[key], source))
+    elif key in MODEL_KEYS:
+        cfg.model[key] = coerce(key, value, MODEL_KEYS[key], source)
+    else:
+        close = difflib.get_close_matches(key, list(TRAIN_KEYS) + list(MODEL_KEYS), n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(close)}?" if close else "; see Config in train_gpt.py and GPTConfig in model.py"
+        raise ConfigError(f"{source}: unknown config key {key!r}{hint}")
+
+
+def read_config_file(path):
+    """The assignments of a plain-Python config file, as {name: value}."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} not found (configs live in configs/, e.g. configs/cpu_demo.py)")
+    namespace = {}
+    try:
+        with open(path) as f:
+            exec(compile(f.read(), path, "exec"), {}, namespace)
+    except Exception as e:
+        raise ConfigError(f"{path}: cannot execute config file: {type(e).__name__}: {e}") from None
+    return {k: v for k, v in namespace.items() if not k.startswith("_") and not callable(v)
+            and type(v).__name__ != "module"}
+
+
+def load_config(argv):
+    """Config from [CONFIG.py] [--key=value ...]; raises ConfigError naming the key and the fix."""
+    cfg = Config()
+    cfg.config_file = None
+    args = list(argv)
+    if args and not args[0].startswith("--"):
+        cfg.config_file = args.pop(0)
+        for key, value in read_config_file(cfg.config_file).items():
+            set_key(cfg, key, value, cfg.config_file)
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"command line: expected --key=value, got {arg!r}")
+        key, value = arg[2:].split("=", 1)
+        set_key(cfg, key, value, "command line")
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"{key}={getattr(cfg, key)!r} is not one of {allowed}")
+    positive = ("seq_len", "batch_size", "device_batch_size", "val_tokens", "log_every", "lr_ref_batch_size",
+                "ckpt_keep")
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be positive")
+    if cfg.train_tokens <= 0 and cfg.max_steps <= 0:
+        raise ConfigError("set a budget: train_tokens > 0 or max_steps > 0")
+    if cfg.val_tokens < cfg.seq_len:
+        raise ConfigError(f"val_tokens={cfg.val_tokens} is less than one sequence (seq_len={cfg.seq_len})")
+    for key in ("warmup_frac", "cooldown_frac", "final_lr_frac"):
+        if not 0 <= getattr(cfg, key) <= 1:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be in [0, 1]")
+    if cfg.warmup_frac + cfg.cooldown_frac > 1:
+        raise ConfigError(f"warmup_frac + cooldown_frac = {cfg.warmup_frac + cfg.cooldown_frac} exceeds 1")
+    try:
+        model_config(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def model_config(cfg):
+    return make_config(cfg.preset, cfg.profile, seq_len=cfg.seq_len, **cfg.model)
+
+
+def grad_accum_steps(cfg, world_size):
+    per_pass = cfg.device_batch_size * world_size
+    if cfg.batch_size % per_pass:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} is not a multiple of device_batch_size x world_size = "
+            f"{cfg.device_batch_size} x {world_size} = {per_pass} ({cfg.batch_size} / {per_pass} = "
+            f"{cfg.batch_size / per_pass:.3g}); choose a device_batch_size that divides "
+            f"batch_size / world_size = {cfg.batch_size / world_size:g}")
+    return cfg.batch_size // per_pass
+
+
+def lr_factor(cfg):
+    """LR multiplier for the batch size: (batch_size / lr_ref_batch_size) ** {none: 0, sqrt: 1/2, linear: 1}."""
+    power = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}[cfg.lr_scaling]
+    return (cfg.batch_size / cfg.lr_ref_batch_size) ** power
+
+
+def total_steps(cfg):
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    steps = math.ceil(cfg.train_tokens / tokens_per_step) if cfg.train_tokens > 0 else cfg.max_steps
+    return min(steps, cfg.max_steps) if cfg.max_steps > 0 else steps
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: modded-NanoGPT shards (data/shards.py), read as windows of seq_len + 1 tokens
+
+
+def open_shards(pattern, min_tokens, vocab_size, what):
+    """Validated shard paths; every shard must hold min_tokens and only ids < vocab_size."""
+    files = find_shards(pattern)
+    for path in files:
+        n = read_header(path)
+        if n < min_tokens:
+            raise ShardError(f"{path}: {n} tokens is fewer than one {what} needs ({min_tokens}); "
+                             "lower batch_size or seq_len, or use larger shards")
+    return files
+
+
+def check_vocab(tokens, path, vocab_size):
+    top = int(tokens.max()) if len(tokens) else 0
+    if top >= vocab_size:
+        raise ShardError(f"{path}: token id {top} is outside the model's vocab_size={vocab_size}")
+
+
+class TrainLoader:
+    """The global batch of one optimizer step is `batch_size` consecutive windows of seq_len + 1
+    tokens (neighbours overlap by one token) starting at the current position of the shard stream.
+    Micro-step m of rank r takes windows [(m * world + r) * dbs, + dbs). So one process and N
+    processes at the same batch_size train on the same sequences in every step, each rank reading
+    only its own. The position (shard, offset, epoch) is all the state there is to checkpoint."""
+
+    def __init__(self, files, cfg, rank, world_size, device, vocab_size):
+        self.files, self.rank, self.world, self.device = files, rank, world_size, device
+        self.T, self.B, self.dbs = cfg.seq_len, cfg.batch_size, cfg.device_batch_size
+        self.vocab_size = vocab_size
+        self.state = {"shard": 0, "offset": 0, "epoch": 0}
+        self._load(0)
+
+    def _load(self, shard):
+        self.tokens = load_tokens(self.files[shard])
+        check_vocab(self.tokens, self.files[shard], self.vocab_size)
+        self.loaded = shard
+
+    def next_step(self, grad_accum):
+        """[(x, y)] * grad_accum for this rank, then advance the position by one step."""
+        s = self.state
+        if s["offset"] + self.B * self.T + 1 > len(self.tokens):  # not enough left: next shard
+            s["shard"], s["offset"] = (s["shard"] + 1) % len(self.files), 0
+            s["epoch"] += s["shard"] == 0
+        if self.loaded != s["shard"]:
+            self._load(s["shard"])
+        batches = []
+        for m in range(grad_accum):
+            first = (m * self.world + self.rank) * self.dbs
+            start = s["offset"] + first * self.T
+            buf = torch.from_numpy(self.tokens[start:start + self.dbs * self.T + 1].astype(np.int64))
+            windows = buf.unfold(0, self.T + 1, self.T)  # (dbs, T + 1) views, stride T
+            x, y = windows[:, :-1], windows[:, 1:]
+            if self.device.type == "cuda":
+                x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+            batches.append((x.contiguous(), y.contiguous()))
+        s["offset"] += self.B * self.T
+        return batches
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def load_state_dict(self, state):
+        self.state = dict(state)
+
+
+def load_val_tokens(files, n_tokens, vocab_size):
+    """The first n_tokens + 1 tokens of the val split: the fixed slice every evaluation uses."""
+    parts, have = [], 0
+    for path in files:
+        if have > n_tokens:
+            break
+        tokens = np.asarray(load_tokens(path)[: n_tokens + 1 - have], dtype=np.int64)
+        check_vocab(tokens, path, vocab_size)
+        parts.append(tokens)
+        have += len(tokens)
+    if have < n_tokens + 1:
+        raise ShardError(f"val_tokens={n_tokens} but the val shards {files} hold only {have} tokens; "
+                         f"lower val_tokens to at most {have - 1}")
+    return torch.from_numpy(np.concatenate(parts))
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizers
+
+
+def newton_schulz(G, steps=5):
+    """Approximately orthogonalise G (replace its singular values by ~1) with a quintic Newton-Schulz
+    iteration, whose coefficients (3.4445, -4.7750, 2.0315) are tuned to pull small singular values
+    up fast; the result has singular values in about [0.7, 1.2], which Muon does not mind. bf16 on
+    CUDA, where it is fast and accurate enough; fp32 elsewhere."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    tall = X.size(0) > X.size(1)
+    if tall:  # iterate on the smaller Gram matrix
+        X = X.T
+    X = X / (X.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton-Schulz, for 2-D hidden weight matrices: SGD momentum
+    (Nesterov), with each update replaced by its nearest semi-orthogonal matrix and scaled by
+    sqrt(max(1, rows / cols)) so tall and wide matrices move at comparable RMS rates."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0, compile=False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                                      weight_decay=weight_decay))
+        self.orthogonalize = torch.compile(newton_schulz) if compile else newton_schulz
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, mu = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - mu)
+                update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
+                update = self.orthogonalize(update, group["ns_steps"])
+                if group["weight_decay"]:
+                    p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+
+
+def build_optimizers(raw, cfg, device, compile=False):
+    """[optimizers]. Muon mode: Muon on the 2-D weights inside blocks; Adam on embeddings (embed_lr),
+    the untied head (head_lr) and every other parameter (scalar_lr). AdamW mode: one LR, weight
+    decay on matrices only. LRs are scaled for the batch size (lr_factor) here, once."""
+    f = lr_factor(cfg)
+    betas, fused = (cfg.adam_beta1, cfg.adam_beta2), device.type == "cuda"
+    params = list(raw.parameters())
+    if cfg.optimizer == "adamw":
+        groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
+                  dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+        opts = [torch.optim.AdamW(groups, lr=cfg.adamw_lr * f, betas=betas, eps=cfg.adam_eps, fused=fused)]
+    else:
+        hidden = [p for p in raw.blocks.parameters() if p.dim() == 2]
+        embeds = [m.weight for m in (raw.wte, raw.wpe, *raw.value_embeds) if m is not None]
+        head = [] if raw.cfg.tied else [raw.lm_head.weight]
+        taken = {id(p) for p in hidden + embeds + head}
+        scalars = [p for p in params if id(p) not in taken]
+        adam_groups = [dict(params=ps, lr=lr * f) for ps, lr in
+                       ((embeds, cfg.embed_lr), (head, cfg.head_lr), (scalars, cfg.scalar_lr)) if ps]
+        opts = [torch.optim.Adam(adam_groups, betas=betas, eps=cfg.adam_eps, fused=fused),
+                Muon(hidden, lr=cfg.muon_lr * f, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
+                     compile=compile)]
+    assert sum(len(g["params"]) for o in opts for g in o.param_groups) == len(params)
+    for o in opts:
+        for g in o.param_groups:
+            g["peak_lr"] = g["lr"]
+    return opts
+
+
+def lr_multiplier(step, n_steps, cfg):
+    """Warmup / stable / cooldown: linear up over warmup_frac of the steps, 1, then linear down to
+    final_lr_frac over the last cooldown_frac."""
+    progress = step / n_steps
+    if progress < cfg.warmup_frac:
+        return (step + 1) / (cfg.warmup_frac * n_steps)
+    if cfg.cooldown_frac > 0 and progress > 1 - cfg.cooldown_frac:
+        w = (1 - progress) / cfg.cooldown_frac
+        return w + (1 - w) * cfg.final_lr_frac
+    return 1.0
+
+
+def set_schedule(opts, step, n_steps, cfg):
+    m = lr_multiplier(step, n_steps, cfg)
+    warm = min(1.0, step / cfg.muon_momentum_warmup_steps) if cfg.muon_momentum_warmup_steps > 0 else 1.0
+    for o in opts:
+        for g in o.param_groups:
+            g["lr"] = g["peak_lr"] * m
+            if isinstance(o, Muon):
+                g["momentum"] = cfg.muon_momentum_start + warm * (cfg.muon_momentum - cfg.muon_momentum_start)
+    return m
+
+
+# ----------------------------------------------------------------------------------------------
+# Run directory, checkpoints, metrics, W&B
+
+
+def atomic_write(path, write):
+    """write(f) into path + '.tmp', fsync, rename: readers see the old file or the new, never half."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoints(run_dir):
+    """Checkpoint paths of a run, oldest first."""
+    ckpt_dir = os.path.join(run_dir, "ckpt")
+    names = sorted(n for n in os.listdir(ckpt_dir) if n.startswith("step_") and n.endswith(".pt")) \
+        if os.path.isdir(ckpt_dir) else []
+    return [os.path.join(ckpt_dir, n) for n in names]
+
+
+def resolve_run_dir(cfg, rank):
+    """The run directory, decided before anything is written: a fresh run needs a new (or empty)
+    directory; --resume=1 needs one with a checkpoint (default: the newest run of this config)."""
+    stem = os.path.splitext(os.path.basename(cfg.config_file))[0] if cfg.config_file else "run"
+    name = cfg.run_name
+    if cfg.resume and not name:
+        candidates = sorted((d for d in os.listdir(cfg.out_dir) if d.startswith(stem + "_")
+                             and checkpoints(os.path.join(cfg.out_dir, d))), reverse=True) \
+            if os.path.isdir(cfg.out_dir) else []
+        if not candidates:
+            raise ConfigError(f"--resume=1: no run of {stem!r} with a checkpoint under {cfg.out_dir}/; "
+                              "pass --run_name=NAME of the run to continue")
+        name = candidates[0]
+    if not name:
+        name = broadcast_object(f"{stem}_{time.strftime('%Y%m%d-%H%M%S')}", rank)
+    run_dir = os.path.join(cfg.out_dir, name)
+    if cfg.resume and not checkpoints(run_dir):
+        raise ConfigError(f"--resume=1: {run_dir} has no checkpoint to resume from")
+    if not cfg.resume and os.path.isdir(run_dir) and os.listdir(run_dir):
+        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume=1 or choose a new --run_name")
+    cfg.run_name = name
+    return run_dir
+
+
+def save_checkpoint(run_dir, state, rank, keep):
+    """Rank 0 writes ckpt/step_XXXXXXXX.pt atomically and prunes to the newest `keep`."""
+    if rank != 0:
+        return
+    os.makedirs(os.path.join(run_dir, "ckpt"), exist_ok=True)
+    path = os.path.join(run_dir, "ckpt", f"step_{state['step']:08d}.pt")
+    atomic_write(path, lambda f: torch.save(state, f))
+    for old in checkpoints(run_dir)[:-keep]:
+        os.remove(old)
+
+
+def rng_state(device):
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def rewind_metrics(run_dir, step):
+    """On resume: keep the complete metrics lines up to the checkpoint's step. Lines after it (the
+    interrupted stretch that is about to be re-run) and a half-written last line are moved to
+    metrics.discarded.jsonl, not deleted."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    keep, drop = [], []
+    with open(path, "rb") as f:
+        for line in f.read().splitlines(keepends=True):
+            try:
+                ok = line.endswith(b"\n") and json.loads(line)["step"] <= step
+            except (ValueError, KeyError):
+                ok = False
+            (keep if ok else drop).append(line)
+    if drop:
+        with open(os.path.join(run_dir, "metrics.discarded.jsonl"), "ab") as f:
+            f.writelines(d if d.endswith(b"\n") else d + b"\n" for d in drop)
+    atomic_write(path, lambda f: f.writelines(keep))
+
+
+def versions():
+    from importlib.metadata import PackageNotFoundError, version
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "numpy", "tiktoken", "wandb", "huggingface-hub", "matplotlib"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def git_state():
+    def git(*args):
+        r = subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+    commit = git("rev-parse", "HEAD")
+    return {"commit": commit, "dirty": bool(git("status", "--porcelain")) if commit else None}
+
+
+def json_safe(record):
+    """Non-finite floats become null so metrics.jsonl stays strict JSON."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per line, flushed as written) and W&B with `tokens` as the
+    x-axis of every metric. Rank 0 only. A W&B failure is a warning, never a stopped run."""
+
+    def __init__(self, run_dir, cfg, run_config, wandb_id):
+        self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        self.wandb = None
+        mode = cfg.wandb_mode or os.environ.get("WANDB_MODE") or "offline"
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+            self.wandb = wandb.init(project=cfg.wandb_project, group=cfg.wandb_group or None,
+                                    name=cfg.wandb_name or cfg.run_name, id=wandb_id, resume="allow",
+                                    config=run_config, dir=run_dir, mode=mode)
+            self.wandb.define_metric("tokens")
+            self.wandb.define_metric("*", step_metric="tokens")
+        except Exception as e:
+            self._wandb_failed(e)
+
+    def _wandb_failed(self, e):
+        warnings.warn(f"W&B disabled for the rest of this run ({type(e).__name__}: {e}); "
+                      "metrics.jsonl is unaffected", stacklevel=2)
+        self.wandb = None
+
+    def log(self, record):
+        record = json_safe(record)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            try:
+                self.wandb.log(record)
+            except Exception as e:
+                self._wandb_failed(e)
+
+    def sync(self):
+        os.fsync(self.file.fileno())
+
+    def close(self):
+        self.sync()
+        self.file.close()
+        if self.wandb is not None:
+            try:
+                self.wandb.finish()
+            except Exception as e:
+                self._wandb_failed(e)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed helpers (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python runs one process)
+
+
+def setup_device_and_dist(cfg):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but CUDA is not available; use --device=cpu")
+    device = torch.device(f"cuda:{local_rank}" if want_cuda else "cpu")
+    if want_cuda:
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+    return rank, world, device
+
+
+def all_sum(t):
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def broadcast_object(obj, rank):
+    if not dist.is_initialized():
+        return obj
+    box = [obj if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj):
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def val_loss(model, val, cfg, rank, world, device, autocast):
+    """Mean next-token loss over the fixed val slice. Sequence i goes to rank i % world; sums and
+    counts are reduced, so the value does not depend on the number of processes."""
+    model.eval()
+    n_seq = (len(val) - 1) // cfg.seq_len
+    mine = list(range(rank, n_seq, world))
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for i in range(0, len(mine), cfg.device_batch_size):
+        idx = mine[i:i + cfg.device_batch_size]
+        rows = torch.stack([val[j * cfg.seq_len: (j + 1) * cfg.seq_len + 1] for j in idx]).to(device)
+        with autocast:
+            _, loss = model(rows[:, :-1], rows[:, 1:])
+        total += torch.stack([loss.double() * rows[:, 1:].numel(), torch.tensor(rows[:, 1:].numel(), device=device)])
+    model.train()
+    all_sum(total)
+    return (total[0] / total[1]).item()
+
+
+def evaluate(model, raw, val, cfg, rank, world, device, autocast):
+    """Everything measured at an evaluation, as metrics named per DESIGN.md."""
+    metrics = {"val_loss": val_loss(model, val, cfg, rank, world, device, autocast)}
+    # The spectral evaluation (activation and per-example gradient spectra) runs here, on `raw`
+    # (the uncompiled module) in eval mode, on a fixed probe set, and adds its act/... grad/...
+    # weight/... scalars to `metrics`; it must leave parameters, .grad, optimizer state, RNG and
+    # the data position untouched.
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Console
+
+
+def human(n):
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def duration(s):
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def describe(cfg, gcfg, counts, derived):
+    lines = ["config:"] + [f"  {k} = {v!r}" for k, v in asdict(cfg).items() if k != "model"]
+    lines += ["model:"] + [f"  {k} = {v!r}" for k, v in asdict(gcfg).items()]
+    lines += ["derived:"] + [f"  {k} = {v!r}" for k, v in derived.items()]
+    L, d = gcfg.n_layer, gcfg.n_embd
+    lines.append(f"parameters: {counts['total']:,} total | blocks {counts['blocks']:,} "
+                 f"(12*L*d^2 = 12*{L}*{d}^2 = {12 * L * d * d:,}) | embeddings {counts['embed']:,} | "
+                 f"value embeddings {counts['value_embeds']:,} | head {counts['head']:,} | other {counts['other']:,}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def train(cfg):
+    """Train per cfg; returns the run directory (None for a dry run)."""
+    gcfg = model_config(cfg)
+    rank, world, device = (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), None) \
+        if cfg.dry_run else setup_device_and_dist(cfg)
+    grad_accum = grad_accum_steps(cfg, world)
+    n_steps = total_steps(cfg)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    derived = dict(world_size=world, grad_accum=grad_accum, tokens_per_step=tokens_per_step, total_steps=n_steps,
+                   total_tokens=n_steps * tokens_per_step, lr_factor=round(lr_factor(cfg), 6))
+    if cfg.dry_run:
+        with torch.device("meta"):
+            raw = GPT(gcfg)
+        if rank == 0:
+            print(describe(cfg, gcfg, raw.param_counts(), derived))
+        return None
+
+    # Everything that can fail on bad input fails here, before the run directory exists.
+    train_files = open_shards(cfg.train_files, tokens_per_step + 1, gcfg.vocab_size, "optimizer step")
+    val = load_val_tokens(find_shards(cfg.val_files), (cfg.val_tokens // cfg.seq_len) * cfg.seq_len, gcfg.vocab_size)
+    run_dir = resolve_run_dir(cfg, rank)
+    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    raw = GPT(gcfg).to(device)
+    model = torch.compile(raw) if use_compile else raw
+    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    opts = build_optimizers(raw, cfg, device, compile=use_compile)
+    loader = TrainLoader(train_files, cfg, rank, world, device, gcfg.vocab_size)
+    torch.manual_seed(cfg.seed + 1 + rank)  # per-rank stream for dropout
+
+    step, elapsed_before, wandb_id = 0, 0.0, secrets.token_hex(4)
+    if cfg.resume:
+        ckpt = torch.load(checkpoints(run_dir)[-1], map_location=device, weights_only=True)
+        if ckpt["model_config"] != asdict(gcfg):
+            diff = {k: (ckpt["model_config"].get(k), v) for k, v in asdict(gcfg).items()
+                    if ckpt["model_config"].get(k) != v}
+            raise ConfigError(f"--resume=1: the model config differs from the checkpoint's, "
+                              f"{{key: (checkpoint, now)}} = {diff}")
+        for key in ("batch_size", "seq_len"):
+            if ckpt["config"][key] != getattr(cfg, key):
+                raise ConfigError(f"--resume=1: {key}={getattr(cfg, key)} but the run was trained with "
+                                  f"{key}={ckpt['config'][key]}; resume with the same value")
+        raw.load_state_dict(ckpt["model"])
+        for o, s in zip(opts, ckpt["optimizers"]):
+            o.load_state_dict(s)
+        loader.load_state_dict(ckpt["data"])
+        step, elapsed_before, wandb_id = ckpt["step"], ckpt["elapsed_s"], ckpt["wandb_id"]
+        if len(ckpt["rng"]) == world:
+            set_rng_state(ckpt["rng"][rank], device)
+        elif rank == 0:
+            warnings.warn(f"resuming on {world} processes from a checkpoint of {len(ckpt['rng'])}: "
+                          "dropout RNG streams restart", stacklevel=1)
+        del ckpt
+
+    run_config = dict(config=asdict(cfg), model=asdict(gcfg), derived=derived, git=git_state(), versions=versions(),
+                      device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                      config_file=cfg.config_file, wandb_id=wandb_id)
+    log = None
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        if cfg.resume:
+            rewind_metrics(run_dir, step)
+        else:
+            atomic_write(os.path.join(run_dir, "config.json"), lambda f: f.write(json.dumps(run_config, indent=2).encode()))
+        print(describe(cfg, gcfg, raw.param_counts(), derived))
+        print(f"run directory: {run_dir}")
+        log = MetricsLog(run_dir, cfg, run_config, wandb_id)
+
+    t_start, start_step = time.time(), step
+
+    def elapsed():
+        return elapsed_before + time.time() - t_start  # wall clock of the run, across resumes
+
+    def checkpoint():
+        state = dict(model=raw.state_dict(), optimizers=[o.state_dict() for o in opts], step=step,
+                     tokens=step * tokens_per_step, data=loader.state_dict(), rng=gather_objects(rng_state(device)),
+                     elapsed_s=elapsed(), wandb_id=wandb_id, config=asdict(cfg), model_config=asdict(gcfg))
+        save_checkpoint(run_dir, state, rank, cfg.ckpt_keep)
+        if log:
+            log.sync()
+
+    def run_eval():
+        """Evaluate and log; True when target_val_loss is reached."""
+        t0 = time.time()
+        metrics = evaluate(model, raw, val, cfg, rank, world, device, autocast)
+        if log:
+            log.log(dict(step=step, tokens=step * tokens_per_step, **metrics, elapsed_s=elapsed()))
+            print(f"step {step:6d}/{n_steps} | tokens {human(step * tokens_per_step)} | "
+                  f"val_loss {metrics['val_loss']:.4f} | eval {time.time() - t0:.1f}s")
+        reached = 0 < cfg.target_val_loss and metrics["val_loss"] <= cfg.target_val_loss
+        if reached and log:
+            print(f"reached target_val_loss={cfg.target_val_loss} at {human(step * tokens_per_step)} tokens")
+        return reached
+
+    def crossed(every, tokens):  # did this step's tokens cross a multiple of `every`?
+        return every > 0 and tokens // every > (tokens - tokens_per_step) // every
+
+    done = run_eval() if step == 0 and cfg.eval_every_tokens >= 0 else False
+    t_interval, interval_step, train_time = time.time(), step, 0.0  # throughput counts training time only
+    while step < n_steps and not done:
+        lr_mult = set_schedule(opts, step, n_steps, cfg)
+        loss_sum = torch.zeros((), device=device)
+        for m, (x, y) in enumerate(loader.next_step(grad_accum)):
+            sync = m == grad_accum - 1  # DDP all-reduces gradients on the last micro-step only
+            with (train_model.no_sync() if world > 1 and not sync else nullcontext()), autocast:
+                _, loss = train_model(x, y)
+            (loss / grad_accum).backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+        for o in opts:
+            o.step()
+            o.zero_grad(set_to_none=True)
+        step += 1
+        tokens = step * tokens_per_step
+
+        if step % cfg.log_every == 0 or step == n_steps:
+            train_loss = (all_sum(loss_sum / grad_accum) / world).item()  # .item() waits for the GPU
+            dt = time.time() - t_interval
+            train_time += dt
+            if not math.isfinite(train_loss):
+                raise FloatingPointError(f"training diverged at step {step}: train_loss={train_loss}; "
+                                         "lower the learning rates or set grad_clip")
+            if log:
+                tps = (step - interval_step) * tokens_per_step / dt
+                log.log(dict(step=step, tokens=tokens, train_loss=train_loss, lr=lr_mult, tokens_per_s=tps,
+                             elapsed_s=elapsed()))
+                eta = (n_steps - step) * train_time / (step - start_step)
+                print(f"step {step:6d}/{n_steps} | tokens {human(tokens)} | loss {train_loss:.4f} | "
+                      f"lr {lr_mult:.3f} | {human(tps)} tok/s | eta {duration(eta)}")
+            t_interval, interval_step = time.time(), step
+        t_pause = time.time()
+        if cfg.eval_every_tokens >= 0 and (step == n_steps or crossed(cfg.eval_every_tokens, tokens)):
+            done = run_eval()
+        if cfg.ckpt_every_tokens >= 0 and (step == n_steps or done or crossed(cfg.ckpt_every_tokens, tokens)):
+            checkpoint()
+        t_interval += time.time() - t_pause  # evaluation and checkpoints are not training throughput
+
+    if log:
+        log.close()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return run_dir
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = load_config(argv)
+        train(cfg)
+    except (ConfigError, ShardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
