@@ -488,9 +488,9 @@ def rng_state(device):
 
 
 def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
+    torch.set_rng_state(state["cpu"].cpu())  # RNG states are CPU byte tensors, wherever they were loaded
     if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def rewind_metrics(run_dir, step):

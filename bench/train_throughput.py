@@ -76,6 +76,7 @@ def main(argv):
     cfg.max_steps, cfg.train_tokens = steps, 0
     cfg.log_every = max(1, steps // 20)
     cfg.eval_every_tokens, cfg.ckpt_every_tokens = -1, -1
+    cfg.val_tokens = cfg.seq_len  # never evaluated; keeps the loader's val slice small
     cfg.wandb_mode, cfg.run_name = "disabled", "bench"
     with tempfile.TemporaryDirectory() as tmp:
         cfg.out_dir = tmp
