@@ -104,6 +104,8 @@ def main(argv):
     print(f"ratio vs measured matmul     {model_flops / matmul:.3f}")
     print(f"MFU (vs datasheet bf16 peak) " + (f"{model_flops / peak:.3f}  (peak {peak / 1e12:.0f} TFLOP/s)"
                                               if peak else "n/a (no datasheet peak for this device)"))
+    if device.type == "cuda":
+        print(f"peak GPU memory allocated    {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
 
 
 if __name__ == "__main__":
