@@ -58,7 +58,7 @@ class Config:
     val_files: str = "data/fineweb10B/fineweb_val_*.bin"
     seq_len: int = 1024
     batch_size: int = 512              # sequences per optimizer step, all ranks together
-    device_batch_size: int = 64        # sequences per forward/backward on one device
+    device_batch_size: int = 64        # sequences per forward/backward on one device (0: batch_size / world size)
     train_tokens: int = 2_500_000_000  # stop after this many tokens (0: use max_steps alone)
     max_steps: int = 0                 # stop after this many steps (0: no step limit)
     target_val_loss: float = 0.0       # > 0: stop at the first evaluation with val_loss <= this
@@ -105,52 +105,42 @@ class ConfigError(ValueError):
     pass
 
 
-def coerce(key, value, typ, source):
-    """Check (and for strings from the command line, parse) a value against a field's type."""
+def coerce(key, value, typ, source, cli):
+    """Check a value against a field's type. Values from the command line arrive as strings and are
+    parsed; values from a config file are Python objects and must already have the right type
+    (an int is accepted for a float, an integral float such as 1e9 for an int)."""
+    raw = value
+
     def fail():
-        return ConfigError(f"{source}: {key}={value!r} is not a valid {getattr(typ, '__name__', typ)}")
-    if get_origin(typ) is Union:  # Optional[X]: None, or "none"/"auto" from the command line
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "auto")):
+        return ConfigError(f"{source}: {key}={raw!r} is not a valid {getattr(typ, '__name__', typ)}")
+    if get_origin(typ) is Union:  # Optional[X]: None, or "none"/"auto" on the command line
+        if value is None or (cli and value.lower() in ("none", "auto")):
             return None
-        return coerce(key, value, get_args(typ)[0], source)
-    if typ is bool:
-        if isinstance(value, bool) or value in (0, 1):
-            return bool(value)
-        words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
-                 "off": False}
-        if isinstance(value, str) and value.lower() in words:
-            return words[value.lower()]
-        raise fail()
-    if typ is int:
-        if isinstance(value, str):
-            try:
-                value = float(value.replace("_", "")) if any(c in value for c in ".eE") else int(value.replace("_", ""))
-            except ValueError:
-                raise fail() from None
-        if isinstance(value, float) and value.is_integer():  # 1e9 written in a config file
-            value = int(value)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise fail()
-    if typ is float:
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise fail() from None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise fail()
+        return coerce(key, value, get_args(typ)[0], source, cli)
+    if cli and typ is not str:
+        words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+        try:
+            value = words[value.lower()] if typ is bool and value.lower() in words else \
+                float(value) if any(c in value for c in ".eEn") else int(value.replace("_", ""))
+        except ValueError:
+            raise fail() from None
+    if typ is bool and (isinstance(value, bool) or value in (0, 1)):
+        return bool(value)
+    if typ is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if typ in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and (typ is float or isinstance(value, int)):
+        return typ(value)
     if typ is str and isinstance(value, str):
         return value
     raise fail()
 
 
-def set_key(cfg, key, value, source):
+def set_key(cfg, key, value, source, cli=False):
     if key in TRAIN_KEYS:
-        setattr(cfg, key, coerce(key, value, TRAIN_KEYS[key], source))
+        setattr(cfg, key, coerce(key, value, TRAIN_KEYS[key], source, cli))
     elif key in MODEL_KEYS:
-        cfg.model[key] = coerce(key, value, MODEL_KEYS[key], source)
+        cfg.model[key] = coerce(key, value, MODEL_KEYS[key], source, cli)
     else:
         close = difflib.get_close_matches(key, list(TRAIN_KEYS) + list(MODEL_KEYS), n=3, cutoff=0.5)
         hint = f"; did you mean {' or '.join(close)}?" if close else "; see Config in train_gpt.py and GPTConfig in model.py"
@@ -184,7 +174,7 @@ def load_config(argv):
         if not arg.startswith("--") or "=" not in arg:
             raise ConfigError(f"command line: expected --key=value, got {arg!r}")
         key, value = arg[2:].split("=", 1)
-        set_key(cfg, key, value, "command line")
+        set_key(cfg, key, value, "command line", cli=True)
     check_config(cfg)
     return cfg
 
@@ -193,7 +183,9 @@ def check_config(cfg):
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"{key}={getattr(cfg, key)!r} is not one of {allowed}")
-    positive = ("seq_len", "batch_size", "device_batch_size", "val_tokens", "log_every", "lr_ref_batch_size",
+    if cfg.device_batch_size < 0:
+        raise ConfigError(f"device_batch_size={cfg.device_batch_size} must be >= 0")
+    positive = ("seq_len", "batch_size", "val_tokens", "log_every", "lr_ref_batch_size",
                 "ckpt_keep")
     for key in positive:
         if getattr(cfg, key) <= 0:
@@ -217,15 +209,18 @@ def model_config(cfg):
     return make_config(cfg.preset, cfg.profile, seq_len=cfg.seq_len, **cfg.model)
 
 
-def grad_accum_steps(cfg, world_size):
-    per_pass = cfg.device_batch_size * world_size
+def batch_layout(cfg, world_size):
+    """(device_batch_size, grad_accum): how one optimizer step's batch_size sequences are split over
+    processes and micro-steps. device_batch_size=0 means batch_size / world_size, no accumulation."""
+    dbs = cfg.device_batch_size or max(1, cfg.batch_size // world_size)
+    per_pass = dbs * world_size
     if cfg.batch_size % per_pass:
         raise ConfigError(
             f"batch_size={cfg.batch_size} is not a multiple of device_batch_size x world_size = "
-            f"{cfg.device_batch_size} x {world_size} = {per_pass} ({cfg.batch_size} / {per_pass} = "
+            f"{dbs} x {world_size} = {per_pass} ({cfg.batch_size} / {per_pass} = "
             f"{cfg.batch_size / per_pass:.3g}); choose a device_batch_size that divides "
             f"batch_size / world_size = {cfg.batch_size / world_size:g}")
-    return cfg.batch_size // per_pass
+    return dbs, cfg.batch_size // per_pass
 
 
 def lr_factor(cfg):
@@ -695,7 +690,7 @@ def train(cfg):
     gcfg = model_config(cfg)
     rank, world, device = (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), None) \
         if cfg.dry_run else setup_device_and_dist(cfg)
-    grad_accum = grad_accum_steps(cfg, world)
+    cfg.device_batch_size, grad_accum = batch_layout(cfg, world)
     n_steps = total_steps(cfg)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     derived = dict(world_size=world, grad_accum=grad_accum, tokens_per_step=tokens_per_step, total_steps=n_steps,

@@ -48,11 +48,12 @@ def read_header(path):
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
-            header = np.frombuffer(f.read(HEADER_BYTES), dtype=np.int32)
+            head = f.read(HEADER_BYTES)
     except OSError as e:
         raise ShardError(f"{path}: cannot read shard ({e.strerror}); fetch it with: {fetch_hint(path)}") from None
-    if header.size < HEADER_INTS:
+    if len(head) < HEADER_BYTES:
         raise ShardError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte shard header")
+    header = np.frombuffer(head, dtype=np.int32)
     if header[0] != MAGIC:
         raise ShardError(f"{path}: magic number {header[0]} is not {MAGIC}; not a token shard "
                          "(expected the modded-NanoGPT format written by data/prepare.py)")

@@ -1,0 +1,35 @@
+import json
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+DEMO = os.path.join(REPO, "configs", "cpu_demo.py")
+
+
+def tiny_args(out_dir, **overrides):
+    """Command-line arguments for a seconds-long run on the embedded corpus."""
+    args = dict(out_dir=str(out_dir), wandb_mode="disabled", n_layer=2, n_head=2, n_embd=64, seq_len=32,
+                batch_size=4, device_batch_size=4, train_tokens=0, max_steps=12, log_every=2,
+                eval_every_tokens=512, val_tokens=1024, ckpt_every_tokens=0, run_name="tiny")
+    args.update(overrides)
+    return [DEMO] + [f"--{k}={v}" for k, v in args.items()]
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(records):
+    """(step, key, value) for every train/val loss: what must match between equivalent runs."""
+    return [(r["step"], k, r[k]) for r in records for k in ("train_loss", "val_loss") if k in r]
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    # Config paths in configs/ are relative to the repository root, as for a user.
+    monkeypatch.chdir(REPO)

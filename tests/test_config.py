@@ -1,0 +1,142 @@
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import train_gpt
+from conftest import DEMO, REPO, tiny_args
+from train_gpt import ConfigError, load_config
+
+
+def write(tmp_path, text, name="cfg.py"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_layers_of_config_override_in_order(tmp_path):
+    path = write(tmp_path, "batch_size = 64\nseq_len = 256\nqk_norm = False\ntrain_tokens = 1e9\n")
+    cfg = load_config([path, "--seq_len=128", "--qk_norm=1", "--softcap=0"])
+    assert (cfg.batch_size, cfg.seq_len, cfg.train_tokens) == (64, 128, 10 ** 9)
+    assert cfg.device_batch_size == train_gpt.Config().device_batch_size  # untouched default
+    assert cfg.model == {"qk_norm": True, "softcap": 0.0}
+    gcfg = train_gpt.model_config(cfg)
+    assert (gcfg.qk_norm, gcfg.softcap, gcfg.seq_len) == (True, 0.0, 128)
+
+
+def test_unknown_key_in_file_names_file_key_and_closest(tmp_path):
+    path = write(tmp_path, "batch_szie = 64\n")
+    with pytest.raises(ConfigError, match=rf"{re.escape(path)}: unknown config key 'batch_szie'; did you mean batch_size"):
+        load_config([path])
+
+
+def test_unknown_key_on_command_line_suggests_model_keys_too():
+    with pytest.raises(ConfigError, match=r"command line: unknown config key 'qknorm'; did you mean qk_norm"):
+        load_config([DEMO, "--qknorm=0"])
+
+
+@pytest.mark.parametrize("arg,match", [
+    ("--batch_size=abc", r"batch_size='abc' is not a valid int"),
+    ("--batch_size=1.5", r"batch_size='1.5' is not a valid int"),
+    ("--qk_norm=maybe", r"qk_norm='maybe' is not a valid bool"),
+    ("--muon_lr=fast", r"muon_lr='fast' is not a valid float"),
+    ("--optimizer=sgd", r"optimizer='sgd' is not one of"),
+    ("--preset=gpt3", r"unknown model preset 'gpt3'; known: \['gpt2', 'modded'\]"),
+    ("--pos=alibi", r"pos='alibi' is not one of"),
+    ("--warmup_frac=2", r"warmup_frac=2.0 must be in \[0, 1\]"),
+    ("batch_size=3", r"expected --key=value"),
+])
+def test_bad_values_are_config_errors(arg, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config([DEMO, arg])
+
+
+def test_wrong_type_in_file(tmp_path):
+    path = write(tmp_path, 'batch_size = "64"\n')
+    with pytest.raises(ConfigError, match=rf"{re.escape(path)}: batch_size='64' is not a valid int"):
+        load_config([path])
+
+
+def test_missing_and_broken_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file 'nope.py' not found"):
+        load_config(["nope.py"])
+    path = write(tmp_path, "batch_size = 64 +\n")
+    with pytest.raises(ConfigError, match=rf"{re.escape(path)}: cannot execute config file: SyntaxError"):
+        load_config([path])
+
+
+def test_typed_parsing_from_the_command_line():
+    cfg = load_config([DEMO, "--compile=auto", "--resume=yes", "--train_tokens=2_000_000", "--max_steps=1e3"])
+    assert cfg.compile is None and cfg.resume is True and cfg.train_tokens == 2_000_000 and cfg.max_steps == 1000
+    assert load_config([DEMO, "--compile=0"]).compile is False
+
+
+def test_grad_accumulation_error_shows_the_arithmetic():
+    cfg = load_config([DEMO, "--batch_size=512", "--device_batch_size=24"])
+    with pytest.raises(ConfigError, match=r"batch_size=512 is not a multiple of device_batch_size x world_size = "
+                                          r"24 x 8 = 192 \(512 / 192 = 2.67\)"):
+        train_gpt.batch_layout(cfg, 8)
+    assert train_gpt.batch_layout(load_config([DEMO, "--batch_size=512", "--device_batch_size=16"]), 8) == (16, 4)
+    assert train_gpt.batch_layout(load_config([DEMO, "--batch_size=512", "--device_batch_size=0"]), 8) == (64, 1)
+
+
+def test_batch_size_scales_learning_rates_by_the_stated_rule():
+    base = load_config([DEMO, "--lr_scaling=sqrt", "--lr_ref_batch_size=512", "--batch_size=128"])
+    assert train_gpt.lr_factor(base) == pytest.approx(0.5)
+    base.lr_scaling = "linear"
+    assert train_gpt.lr_factor(base) == pytest.approx(0.25)
+
+
+def test_bad_command_fails_before_writing_anything(tmp_path):
+    out = tmp_path / "runs"
+    for bad in ("--batch_szie=3", "--batch_size=6", "--train_files=nowhere/fineweb_train_*.bin"):
+        r = subprocess.run([sys.executable, "train_gpt.py", *tiny_args(out), bad], capture_output=True, text=True,
+                           cwd=REPO)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.startswith("error: ")
+        assert not out.exists(), f"{bad} wrote {list(out.iterdir())}"
+    assert "python data/fineweb.py" in r.stderr  # a missing FineWeb shard names the command that fetches it
+
+
+def test_existing_run_directory_needs_resume(tmp_path):
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match="already holds a run; continue it with --resume=1"):
+        train_gpt.train(load_config(tiny_args(tmp_path)))
+    with pytest.raises(ConfigError, match="no checkpoint to resume from"):
+        train_gpt.train(load_config(tiny_args(tmp_path, resume=1)))
+
+
+def expected_params(L, d, V=50304):
+    """modded preset: blocks 12 L d^2 (bias-free) + 2 mixing gains in each of the 2k layers that take one of
+    the k = min(3, L/2) value embeddings; token embedding, value embeddings and untied head (V d each);
+    L/2 U-net skip weights."""
+    k = min(3, L // 2)
+    return 12 * L * d * d + 4 * k + (2 + k) * V * d + L // 2
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))), ids=os.path.basename)
+def test_every_config_passes_dry_run(path, capsys):
+    cfg = load_config([path, "--dry_run=1"])
+    assert train_gpt.train(cfg) is None
+    out = capsys.readouterr().out
+    total = int(re.search(r"parameters: ([\d,]+) total", out).group(1).replace(",", ""))
+    gcfg = train_gpt.model_config(cfg)
+    assert total == expected_params(gcfg.n_layer, gcfg.n_embd)
+    assert f"grad_accum = {cfg.batch_size // cfg.device_batch_size}" in out
+    # FineWeb configs divide over 1, 2, 4 or 8 GPUs; the demo runs on 1 or 2 processes
+    for world in (1, 2) if path == DEMO else (1, 2, 4, 8):
+        dbs, accum = train_gpt.batch_layout(load_config([path]), world)
+        assert dbs * world * accum == cfg.batch_size
+
+
+def test_d36_dry_run_command(tmp_path):
+    r = subprocess.run([sys.executable, "train_gpt.py", "configs/d36_bs512.py", "--dry_run=1"], capture_output=True,
+                       text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    total = int(re.search(r"parameters: ([\d,]+) total", r.stdout).group(1).replace(",", ""))
+    assert total == expected_params(36, 1280)
+    assert "12*L*d^2 = 12*36*1280^2 = 707,788,800" in r.stdout

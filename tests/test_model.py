@@ -1,0 +1,174 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import ARCH_FLAGS, BLOCK_LINEARS, BLOCK_POINTS, GPT, PRESETS, PROFILES, GPTConfig, make_config
+
+V, T = 97, 16
+
+
+def tiny(preset="modded", **kw):
+    kw = {**dict(n_layer=4, n_head=2, n_embd=32, seq_len=T, vocab_size=V), **kw}
+    return make_config(preset, "d12", **kw)
+
+
+def flag_variants():
+    """Every intervention flag flipped from each preset, plus the attention scale and dropout."""
+    out = []
+    for preset in PRESETS:
+        for flag in ARCH_FLAGS:
+            value = PRESETS[preset][flag]
+            flipped = {"pos": {"learned": "rotary", "rotary": "learned"}, "norm": {"rms": "layer", "layer": "rms"},
+                       "act": {"gelu": "relu2", "relu2": "gelu"}}.get(flag, {}).get(value)
+            if flipped is None:
+                flipped = (0.0 if value else 30.0) if flag == "softcap" else (not value)
+            out.append((preset, {flag: flipped}))
+        out += [(preset, {"attn_scale": 0.12}), (preset, {"dropout": 0.1})]
+    return out
+
+
+@pytest.mark.parametrize("preset,overrides", flag_variants(), ids=lambda v: str(v))
+def test_every_flag_runs_forward_and_backward(preset, overrides):
+    torch.manual_seed(0)
+    model = GPT(tiny(preset, **overrides))
+    idx = torch.randint(0, V, (3, T))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (3, T, V)
+    assert torch.isfinite(loss)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"parameters without gradient: {missing}"
+    # the probe points and Linear names do not depend on the flags
+    reference = GPT(tiny())
+    assert list(model.probe_points()) == list(reference.probe_points())
+    assert list(model.linears()) == list(reference.linears())
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_causal(preset):
+    """Logits at position t depend on tokens 0..t only."""
+    torch.manual_seed(0)
+    model = GPT(tiny(preset)).eval()
+    with torch.no_grad():  # random weights everywhere: zero-initialised projections would hide leaks
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    a = torch.randint(0, V, (2, T))
+    b = a.clone()
+    b[:, 9:] = torch.randint(0, V, (2, T - 9))
+    with torch.no_grad():
+        la, _ = model(a)
+        lb, _ = model(b)
+    assert torch.equal(la[:, :9], lb[:, :9])
+    assert not torch.allclose(la[:, 9:], lb[:, 9:])
+
+
+def test_attention_matches_naive_softmax():
+    """The SDPA path equals an explicit masked softmax(q k^T * scale) v, with QK-norm and rotary off."""
+    torch.manual_seed(0)
+    cfg = tiny("gpt2", attn_scale=0.3, bias=False)
+    attn = GPT(cfg).blocks[0].attn
+    x = torch.randn(2, T, cfg.n_embd)
+    H, D = cfg.n_head, cfg.n_embd // cfg.n_head
+    q, k, v = (lin(x).view(2, T, H, D).transpose(1, 2) for lin in (attn.c_q, attn.c_k, attn.c_v))
+    scores = (q @ k.transpose(-1, -2)) * 0.3
+    scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+    expected = attn.c_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, T, cfg.n_embd))
+    torch.testing.assert_close(attn(x, None, None), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_probe_points_capture_every_activation_with_the_right_width():
+    cfg = tiny()
+    model = GPT(cfg).eval()
+    seen = {}
+    hooks = [tap.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o.shape))
+             for name, tap in model.probe_points().items()]
+    model(torch.randint(0, V, (2, T)))
+    for h in hooks:
+        h.remove()
+    expected = ["embed"] + [f"L{i:02d}.{p}" for i in range(cfg.n_layer) for p in BLOCK_POINTS] + ["final"]
+    assert list(seen) == expected  # each fired once, in forward order
+    for name, shape in seen.items():
+        width = 4 * cfg.n_embd if name.endswith((".fc", ".act")) else cfg.n_embd
+        assert shape == (2, T, width), name
+
+
+def test_probe_point_values_are_what_their_names_say():
+    """Residual bookkeeping: attn_resid = block input + attn; mlp_resid = attn_resid + proj; act = f(fc)."""
+    torch.manual_seed(0)
+    model = GPT(tiny("gpt2")).eval()
+    acts = {}
+    for name, tap in model.probe_points().items():
+        tap.register_forward_hook(lambda m, i, o, name=name: acts.__setitem__(name, o))
+    model(torch.randint(0, V, (2, T)))
+    torch.testing.assert_close(acts["L01.attn_resid"], acts["L00.mlp_resid"] + acts["L01.attn"])
+    torch.testing.assert_close(acts["L01.mlp_resid"], acts["L01.attn_resid"] + acts["L01.proj"])
+    torch.testing.assert_close(acts["L01.act"], F.gelu(acts["L01.fc"]))
+    torch.testing.assert_close(acts["L00.ln1"], model.blocks[0].ln_1(acts["embed"]))
+
+
+def test_linears_are_the_named_layers():
+    cfg = tiny()
+    model = GPT(cfg)
+    lin = model.linears()
+    assert len(lin) == cfg.n_layer * len(BLOCK_LINEARS)
+    assert lin["L02.attn.c_proj"] is model.blocks[2].attn.c_proj
+    assert lin["L03.mlp.c_fc"].weight.shape == (4 * cfg.n_embd, cfg.n_embd)
+    assert GPT(tiny(n_layer=12)).linears().keys() >= {"L11.attn.c_q", "L00.mlp.c_proj"}
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_profiles_have_the_stated_shape_and_size(profile):
+    L, H, d = {"d12": (12, 6, 768), "d24": (24, 16, 1024), "d36": (36, 20, 1280), "d48": (48, 25, 1600)}[profile]
+    for preset in PRESETS:
+        with torch.device("meta"):
+            model = GPT(make_config(preset, profile))
+        cfg = model.cfg
+        assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size) == (L, H, d, 50304)
+        counts = model.param_counts()
+        V = 50304
+        if preset == "gpt2":  # biases, two LayerNorms per block, learned positions, tied head
+            blocks = L * (12 * d * d + 13 * d)
+            expected = blocks + V * d + 1024 * d + 2 * d
+        else:  # bias-free; 2 value-embedding mixing weights in 6 layers; 3 value embeddings; untied head
+            blocks = L * 12 * d * d + 2 * 6
+            expected = blocks + V * d + 3 * V * d + V * d + L // 2
+        assert counts["blocks"] == blocks
+        assert counts["total"] == expected
+
+
+def test_initialisation_follows_the_preset():
+    modded, gpt2 = GPT(tiny("modded")), GPT(tiny("gpt2"))
+    assert all(torch.count_nonzero(b.attn.c_proj.weight) == 0 for b in modded.blocks)
+    assert torch.count_nonzero(modded.lm_head.weight) == 0
+    assert gpt2.lm_head.weight is gpt2.wte.weight
+    std = gpt2.blocks[0].mlp.c_proj.weight.std().item()
+    assert math.isclose(std, 0.02 / math.sqrt(2 * 4), rel_tol=0.1)
+
+
+def test_softcap_bounds_the_logits():
+    torch.manual_seed(0)
+    model = GPT(tiny("gpt2", softcap=2.0))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1000)  # would give logits in the hundreds
+        logits, _ = model(torch.randint(0, V, (2, T)))
+    assert logits.abs().max() <= 2.0
+    assert logits.abs().max() > 1.9
+
+
+def test_value_embeddings_and_skips_reach_the_layers_modded_uses():
+    model = GPT(tiny(n_layer=8))
+    assert model.ve_index == [0, 1, 2, None, None, 0, 1, 2]
+    assert len(model.skip_weights) == 4
+
+
+def test_bad_model_config_names_the_key():
+    with pytest.raises(ValueError, match="pos='alibi'"):
+        GPTConfig(pos="alibi")
+    with pytest.raises(ValueError, match="n_embd=100 is not divisible by n_head=3"):
+        GPTConfig(n_embd=100, n_head=3)
+    with pytest.raises(ValueError, match="unknown model preset 'gpt3'.*gpt2.*modded"):
+        make_config("gpt3")
+    with pytest.raises(ValueError, match="sequence length 40 exceeds"):
+        GPT(tiny())(torch.zeros(1, 40, dtype=torch.long))

@@ -1,0 +1,221 @@
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_gpt
+from conftest import REPO, losses, read_metrics, tiny_args
+from train_gpt import load_config, train
+
+
+def test_tiny_run_end_to_end(tmp_path):
+    run_dir = train(load_config(tiny_args(tmp_path, max_steps=40, log_every=5, eval_every_tokens=1280)))
+    records = read_metrics(run_dir)
+    logs = [r for r in records if "train_loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in logs] == list(range(5, 41, 5))
+    assert [r["step"] for r in evals] == [0, 10, 20, 30, 40]  # 1280 tokens = 10 steps of 4 x 32
+    for r in logs:
+        assert set(r) == {"step", "tokens", "train_loss", "lr", "tokens_per_s", "elapsed_s"}
+        assert r["tokens"] == r["step"] * 4 * 32
+    assert set(evals[0]) == {"step", "tokens", "val_loss", "elapsed_s"}
+    assert evals[0]["val_loss"] > 10.5  # ~ln(50304) at initialisation
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 2.0
+    with open(os.path.join(run_dir, "config.json")) as f:
+        meta = json.load(f)
+    assert meta["config"]["max_steps"] == 40 and meta["model"]["n_layer"] == 2
+    assert meta["derived"]["tokens_per_step"] == 128 and meta["versions"]["torch"] == torch.__version__
+    assert "commit" in meta["git"]
+    assert [os.path.basename(p) for p in train_gpt.checkpoints(run_dir)] == ["step_00000040.pt"]
+
+
+def test_validation_loss_is_an_independent_mean_over_the_fixed_slice(tmp_path):
+    cfg = load_config(tiny_args(tmp_path, val_tokens=320, device_batch_size=3, batch_size=3))
+    gcfg = train_gpt.model_config(cfg)
+    torch.manual_seed(0)
+    model = train_gpt.GPT(gcfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    val = train_gpt.load_val_tokens(sorted(glob.glob(cfg.val_files)), 320, gcfg.vocab_size)
+    got = train_gpt.val_loss(model, val, cfg, 0, 1, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    # 10 sequences of 32 in batches of 3 (the last one short): the mean over all 320 tokens
+    logits, _ = model(val[:-1].view(10, 32))
+    expected = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), val[1:])
+    assert got == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    args = tiny_args(tmp_path, max_steps=16, ckpt_every_tokens=768, eval_every_tokens=640, log_every=2, dropout=0.1)
+    full = read_metrics(train(load_config(args + ["--run_name=full"])))
+
+    real_next_step = train_gpt.TrainLoader.next_step
+    calls = []
+
+    def crash_in_step_11(self, grad_accum):  # after the checkpoint at step 6, and after metrics at 8, 10
+        calls.append(1)
+        if len(calls) == 11:
+            raise KeyboardInterrupt("simulated crash")
+        return real_next_step(self, grad_accum)
+    monkeypatch.setattr(train_gpt.TrainLoader, "next_step", crash_in_step_11)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(args + ["--run_name=part"]))
+    monkeypatch.setattr(train_gpt.TrainLoader, "next_step", real_next_step)
+    part_dir = os.path.join(tmp_path, "part")
+    assert [os.path.basename(p) for p in train_gpt.checkpoints(part_dir)] == ["step_00000006.pt"]
+    assert read_metrics(part_dir)[-1]["step"] == 10  # lines past the checkpoint exist before resuming
+
+    train(load_config(args + ["--run_name=part", "--resume=1"]))
+    resumed = read_metrics(part_dir)
+    assert losses(resumed) == losses(full)  # bitwise, dropout included
+    assert [r["step"] for r in resumed] == [r["step"] for r in full]
+    discarded = [json.loads(line) for line in open(os.path.join(part_dir, "metrics.discarded.jsonl"))]
+    assert [r["step"] for r in discarded] == [8, 10, 10]
+
+
+def test_resume_finds_the_newest_run_of_the_config(tmp_path):
+    args = tiny_args(tmp_path, max_steps=4, run_name="")
+    run_dir = train(load_config(args))
+    assert os.path.basename(run_dir).startswith("cpu_demo_")
+    cfg = load_config(args + ["--resume=1", "--max_steps=6"])
+    assert train(cfg) == run_dir
+    assert read_metrics(run_dir)[-1]["step"] == 6
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    train(load_config(tiny_args(tmp_path, max_steps=2)))
+    with pytest.raises(train_gpt.ConfigError, match=r"model config differs.*'n_embd': \(64, 96\)"):
+        train(load_config(tiny_args(tmp_path, max_steps=4, resume=1, n_embd=96)))
+
+
+def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
+    common = tiny_args(tmp_path, max_steps=8, batch_size=8, eval_every_tokens=1024)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train_gpt.py", *common, "--run_name=ddp2", "--device_batch_size=2"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = train(load_config(common + ["--run_name=ddp1", "--device_batch_size=4"]))  # grad_accum 2 instead
+    a, b = losses(read_metrics(one)), losses(read_metrics(os.path.join(tmp_path, "ddp2")))
+    assert [x[:2] for x in a] == [x[:2] for x in b] and len(a) == 7
+    for (_, _, x), (_, _, y) in zip(a, b):
+        assert y == pytest.approx(x, rel=1e-5)
+
+
+def wandb_records(run_dir):
+    """The records of a W&B offline run file (leveldb-log framing of wandb's protobuf Records)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    path, = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "*.wandb"))
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B"
+    records, pos, pending, block = [], 7, b"", 32768
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST fragment
+            rec = pb.Record()
+            rec.ParseFromString(pending)
+            records.append(rec)
+            pending = b""
+        elif kind == 0:
+            pending = b""
+    return records
+
+
+def test_wandb_offline_run_holds_the_config_and_metrics(tmp_path):
+    pytest.importorskip("wandb")
+    run_dir = train(load_config(tiny_args(tmp_path, wandb_mode="offline", wandb_group="g1", max_steps=6)))
+    records = wandb_records(run_dir)
+    config = {}
+    for rec in records:
+        kind = rec.WhichOneof("record_type")
+        updates = rec.run.config.update if kind == "run" else rec.config.update if kind == "config" else []
+        config.update({u.key: json.loads(u.value_json) for u in updates})
+    assert config["config"]["max_steps"] == 6 and config["model"]["n_embd"] == 64
+    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+               for rec in records if rec.WhichOneof("record_type") == "history"]
+    local = read_metrics(run_dir)
+    for mine, theirs in zip(local, history):
+        for key, value in mine.items():
+            assert theirs[key] == pytest.approx(value), key
+    assert len(history) == len(local)
+    run = next(rec.run for rec in records if rec.WhichOneof("record_type") == "run")
+    assert run.run_group == "g1" and run.display_name == "tiny" and run.project == "spectral-nanogpt"
+
+
+def test_wandb_failure_warns_and_training_goes_on(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+
+    def broken_init(**kw):
+        raise RuntimeError("cannot reach api.wandb.ai")
+    monkeypatch.setattr(wandb, "init", broken_init)
+    with pytest.warns(UserWarning, match="W&B disabled for the rest of this run .*cannot reach api.wandb.ai"):
+        run_dir = train(load_config(tiny_args(tmp_path, wandb_mode="online", max_steps=4)))
+    assert read_metrics(run_dir)[-1]["step"] == 4
+
+
+def test_target_val_loss_stops_at_the_first_evaluation_that_reaches_it(tmp_path):
+    run_dir = train(load_config(tiny_args(tmp_path, max_steps=200, eval_every_tokens=256, target_val_loss=9.5)))
+    evals = [r for r in read_metrics(run_dir) if "val_loss" in r]
+    assert evals[-1]["val_loss"] <= 9.5 < evals[-2]["val_loss"]
+    assert evals[-1]["step"] < 200
+    assert train_gpt.checkpoints(run_dir)[-1].endswith(f"step_{evals[-1]['step']:08d}.pt")
+
+
+def test_adamw_everywhere_trains(tmp_path):
+    run_dir = train(load_config(tiny_args(tmp_path, optimizer="adamw", adamw_lr=3e-3, max_steps=20, preset="gpt2")))
+    evals = [r["val_loss"] for r in read_metrics(run_dir) if "val_loss" in r]
+    assert evals[-1] < evals[0] - 1.0
+
+
+def test_parameters_are_split_between_muon_and_adam():
+    cfg = load_config(tiny_args("unused"))
+    model = train_gpt.GPT(train_gpt.model_config(cfg))
+    adam, muon = train_gpt.build_optimizers(model, cfg, torch.device("cpu"))
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    in_adam = {id(p) for g in adam.param_groups for p in g["params"]}
+    assert not in_muon & in_adam and len(in_muon | in_adam) == len(list(model.parameters()))
+    assert in_muon == {id(p) for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
+    lrs = sorted(g["lr"] for g in adam.param_groups)
+    assert lrs == sorted([cfg.embed_lr, cfg.head_lr, cfg.scalar_lr])
+
+
+def test_newton_schulz_approximates_the_orthogonal_polar_factor():
+    torch.manual_seed(0)
+    for shape in ((64, 16), (16, 64), (32, 32)):
+        G = torch.randn(*shape)
+        U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+        out = train_gpt.newton_schulz(G)
+        s = torch.linalg.svdvals(out)
+        assert s.min() > 0.5 and s.max() < 1.3, (shape, s)  # singular values pulled towards 1 ...
+        assert (out - U @ Vh).norm() / (U @ Vh).norm() < 0.35  # ... singular vectors kept
+
+
+def test_muon_step_matches_the_update_rule():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 4))
+    opt = train_gpt.Muon([w], lr=0.1, momentum=0.9)
+    w0, grads, buf = w.detach().clone(), [torch.randn(8, 4) for _ in range(2)], torch.zeros(8, 4)
+    for g in grads:
+        w.grad = g.clone()
+        opt.step()
+        buf = 0.9 * buf + 0.1 * g  # EMA momentum, then Nesterov look-ahead
+        w0 = w0 - 0.1 * (8 / 4) ** 0.5 * train_gpt.newton_schulz(0.1 * g + 0.9 * buf)
+    torch.testing.assert_close(w.detach(), w0, rtol=1e-5, atol=1e-6)
+
+
+def test_lr_schedule_warmup_stable_cooldown():
+    cfg = load_config(tiny_args("unused", warmup_frac=0.1, cooldown_frac=0.5, final_lr_frac=0.2))
+    m = [train_gpt.lr_multiplier(s, 100, cfg) for s in range(100)]
+    assert m[0] == pytest.approx(0.1) and m[9] == pytest.approx(1.0)  # linear warmup over 10 steps
+    assert m[10] == m[50] == 1.0
+    assert m[75] == pytest.approx(0.5 * 1 + 0.5 * 0.2)  # halfway down the cooldown
+    assert m[99] == pytest.approx(0.02 * 1 + 0.98 * 0.2)
