@@ -41,6 +41,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 @dataclass
 class Config:
     # run and output
+    config_file: str = ""              # the CONFIG.py given first on the command line (not a settable key)
     run_name: str = ""                 # "" -> <config file name>_<date-time>
     out_dir: str = "runs"
     seed: int = 1337
@@ -98,7 +99,7 @@ class Config:
 CHOICES = {"device": ("auto", "cpu", "cuda"), "optimizer": ("muon", "adamw"),
            "lr_scaling": ("none", "sqrt", "linear"), "wandb_mode": ("", "online", "offline", "disabled")}
 MODEL_KEYS = {f.name: f.type for f in dataclasses.fields(GPTConfig) if f.name != "seq_len"}
-TRAIN_KEYS = {k: v for k, v in get_type_hints(Config).items() if k != "model"}
+TRAIN_KEYS = {k: v for k, v in get_type_hints(Config).items() if k not in ("model", "config_file")}
 
 
 class ConfigError(ValueError):
@@ -143,7 +144,8 @@ def set_key(cfg, key, value, source, cli=False):
         cfg.model[key] = coerce(key, value, MODEL_KEYS[key], source, cli)
     else:
         close = difflib.get_close_matches(key, list(TRAIN_KEYS) + list(MODEL_KEYS), n=3, cutoff=0.5)
-        hint = f"; did you mean {' or '.join(close)}?" if close else "; see Config in train_gpt.py and GPTConfig in model.py"
+        hint = f"; did you mean {' or '.join(close)}?" if close else \
+            "; the keys are the fields of Config in train_gpt.py and GPTConfig in model.py"
         raise ConfigError(f"{source}: unknown config key {key!r}{hint}")
 
 
@@ -164,7 +166,6 @@ def read_config_file(path):
 def load_config(argv):
     """Config from [CONFIG.py] [--key=value ...]; raises ConfigError naming the key and the fix."""
     cfg = Config()
-    cfg.config_file = None
     args = list(argv)
     if args and not args[0].startswith("--"):
         cfg.config_file = args.pop(0)
@@ -291,7 +292,7 @@ class TrainLoader:
             windows = buf.unfold(0, self.T + 1, self.T)  # (dbs, T + 1) views, stride T
             x, y = windows[:, :-1], windows[:, 1:]
             if self.device.type == "cuda":
-                x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+                x, y = (t.pin_memory().to(self.device, non_blocking=True) for t in (x, y))
             batches.append((x.contiguous(), y.contiguous()))
         s["offset"] += self.B * self.T
         return batches
@@ -443,8 +444,8 @@ def checkpoints(run_dir):
     return [os.path.join(ckpt_dir, n) for n in names]
 
 
-def resolve_run_dir(cfg, rank):
-    """The run directory, decided before anything is written: a fresh run needs a new (or empty)
+def choose_run_name(cfg):
+    """The run's name, decided before anything is written: a fresh run needs a new (or empty)
     directory; --resume=1 needs one with a checkpoint (default: the newest run of this config)."""
     stem = os.path.splitext(os.path.basename(cfg.config_file))[0] if cfg.config_file else "run"
     name = cfg.run_name
@@ -456,15 +457,29 @@ def resolve_run_dir(cfg, rank):
             raise ConfigError(f"--resume=1: no run of {stem!r} with a checkpoint under {cfg.out_dir}/; "
                               "pass --run_name=NAME of the run to continue")
         name = candidates[0]
-    if not name:
-        name = broadcast_object(f"{stem}_{time.strftime('%Y%m%d-%H%M%S')}", rank)
+    name = name or f"{stem}_{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = os.path.join(cfg.out_dir, name)
     if cfg.resume and not checkpoints(run_dir):
         raise ConfigError(f"--resume=1: {run_dir} has no checkpoint to resume from")
     if not cfg.resume and os.path.isdir(run_dir) and os.listdir(run_dir):
         raise ConfigError(f"{run_dir} already holds a run; continue it with --resume=1 or choose a new --run_name")
-    cfg.run_name = name
-    return run_dir
+    return name
+
+
+def resolve_run_dir(cfg, rank):
+    """Rank 0 decides (its clock names the run, its file system is the one written to) and every
+    rank gets the same answer, or the same error."""
+    decision = None
+    if rank == 0:
+        try:
+            decision = ("name", choose_run_name(cfg))
+        except ConfigError as e:
+            decision = ("error", str(e))
+    kind, value = broadcast_object(decision, rank)
+    if kind == "error":
+        raise ConfigError(value)
+    cfg.run_name = value
+    return os.path.join(cfg.out_dir, value)
 
 
 def save_checkpoint(run_dir, state, rank, keep):
@@ -746,14 +761,15 @@ def train(cfg):
 
     run_config = dict(config=asdict(cfg), model=asdict(gcfg), derived=derived, git=git_state(), versions=versions(),
                       device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                      config_file=cfg.config_file, wandb_id=wandb_id)
+                      wandb_id=wandb_id)
     log = None
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
         if cfg.resume:
             rewind_metrics(run_dir, step)
         else:
-            atomic_write(os.path.join(run_dir, "config.json"), lambda f: f.write(json.dumps(run_config, indent=2).encode()))
+            text = json.dumps(run_config, indent=2).encode()
+            atomic_write(os.path.join(run_dir, "config.json"), lambda f: f.write(text))
         print(describe(cfg, gcfg, raw.param_counts(), derived))
         print(f"run directory: {run_dir}")
         log = MetricsLog(run_dir, cfg, run_config, wandb_id)

@@ -102,7 +102,7 @@ def main(argv):
     print(f"model FLOP/s per device      {model_flops / 1e12:.1f} TFLOP/s  ({flops_per_token / 1e6:.0f} MFLOP/token)")
     print(f"measured matmul FLOP/s       {matmul / 1e12:.1f} TFLOP/s")
     print(f"ratio vs measured matmul     {model_flops / matmul:.3f}")
-    print(f"MFU (vs datasheet bf16 peak) " + (f"{model_flops / peak:.3f}  (peak {peak / 1e12:.0f} TFLOP/s)"
+    print("MFU (vs datasheet bf16 peak) " + (f"{model_flops / peak:.3f}  (peak {peak / 1e12:.0f} TFLOP/s)"
                                               if peak else "n/a (no datasheet peak for this device)"))
     if device.type == "cuda":
         print(f"peak GPU memory allocated    {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")

@@ -29,7 +29,8 @@ def test_layers_of_config_override_in_order(tmp_path):
 
 def test_unknown_key_in_file_names_file_key_and_closest(tmp_path):
     path = write(tmp_path, "batch_szie = 64\n")
-    with pytest.raises(ConfigError, match=rf"{re.escape(path)}: unknown config key 'batch_szie'; did you mean batch_size"):
+    match = rf"{re.escape(path)}: unknown config key 'batch_szie'; did you mean batch_size"
+    with pytest.raises(ConfigError, match=match):
         load_config([path])
 
 

@@ -148,7 +148,8 @@ def test_fineweb_without_network_says_which_file_and_how_to_work_offline(tmp_pat
 
 
 def windows_seen(files, world, rank, steps, grad_accum):
-    cfg = train_gpt.load_config([DEMO, "--seq_len=16", "--batch_size=8", f"--device_batch_size={8 // world // grad_accum}"])
+    dbs = 8 // world // grad_accum
+    cfg = train_gpt.load_config([DEMO, "--seq_len=16", "--batch_size=8", f"--device_batch_size={dbs}"])
     loader = train_gpt.TrainLoader(files, cfg, rank, world, torch.device("cpu"), 50304)
     return [torch.cat([x for x, _ in loader.next_step(grad_accum)]) for _ in range(steps)], loader
 
