@@ -240,8 +240,8 @@ def total_steps(cfg):
 # Data: modded-NanoGPT shards (data/shards.py), read as windows of seq_len + 1 tokens
 
 
-def open_shards(pattern, min_tokens, vocab_size, what):
-    """Validated shard paths; every shard must hold min_tokens and only ids < vocab_size."""
+def open_shards(pattern, min_tokens, what):
+    """Validated shard paths (headers and sizes); every shard must hold min_tokens."""
     files = find_shards(pattern)
     for path in files:
         n = read_header(path)
@@ -249,6 +249,14 @@ def open_shards(pattern, min_tokens, vocab_size, what):
             raise ShardError(f"{path}: {n} tokens is fewer than one {what} needs ({min_tokens}); "
                              "lower batch_size or seq_len, or use larger shards")
     return files
+
+
+def warn_if_data_repeats(files, train_tokens, rank):
+    available = sum(read_header(path) for path in files)
+    if train_tokens > available and rank == 0:
+        warnings.warn(f"train_tokens={train_tokens:,} exceeds the {available:,} tokens of the {len(files)} train "
+                      f"shard(s): the data repeats {train_tokens / available:.1f} times; fetch more shards "
+                      "(e.g. python data/fineweb.py --train_shards 103) for a single pass", stacklevel=2)
 
 
 def check_vocab(tokens, path, vocab_size):
@@ -279,10 +287,11 @@ class TrainLoader:
     def next_step(self, grad_accum):
         """[(x, y)] * grad_accum for this rank, then advance the position by one step."""
         s = self.state
+        if self.loaded != s["shard"]:  # after load_state_dict
+            self._load(s["shard"])
         if s["offset"] + self.B * self.T + 1 > len(self.tokens):  # not enough left: next shard
             s["shard"], s["offset"] = (s["shard"] + 1) % len(self.files), 0
             s["epoch"] += s["shard"] == 0
-        if self.loaded != s["shard"]:
             self._load(s["shard"])
         batches = []
         for m in range(grad_accum):
@@ -403,8 +412,9 @@ def lr_multiplier(step, n_steps, cfg):
     """Warmup / stable / cooldown: linear up over warmup_frac of the steps, 1, then linear down to
     final_lr_frac over the last cooldown_frac."""
     progress = step / n_steps
-    if progress < cfg.warmup_frac:
-        return (step + 1) / (cfg.warmup_frac * n_steps)
+    warmup_steps = math.ceil(cfg.warmup_frac * n_steps)
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
     if cfg.cooldown_frac > 0 and progress > 1 - cfg.cooldown_frac:
         w = (1 - progress) / cfg.cooldown_frac
         return w + (1 - w) * cfg.final_lr_frac
@@ -412,6 +422,8 @@ def lr_multiplier(step, n_steps, cfg):
 
 
 def set_schedule(opts, step, n_steps, cfg):
+    """Set every group's LR (and Muon's momentum) for this step; returns the LR of the hidden
+    matrices (Muon's, or AdamW's single LR), the one logged as `lr`."""
     m = lr_multiplier(step, n_steps, cfg)
     warm = min(1.0, step / cfg.muon_momentum_warmup_steps) if cfg.muon_momentum_warmup_steps > 0 else 1.0
     for o in opts:
@@ -419,7 +431,7 @@ def set_schedule(opts, step, n_steps, cfg):
             g["lr"] = g["peak_lr"] * m
             if isinstance(o, Muon):
                 g["momentum"] = cfg.muon_momentum_start + warm * (cfg.muon_momentum - cfg.muon_momentum_start)
-    return m
+    return opts[-1].param_groups[0]["lr"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -506,15 +518,17 @@ def set_rng_state(state, device):
 def rewind_metrics(run_dir, step):
     """On resume: keep the complete metrics lines up to the checkpoint's step. Lines after it (the
     interrupted stretch that is about to be re-run) and a half-written last line are moved to
-    metrics.discarded.jsonl, not deleted."""
+    metrics.discarded.jsonl, not deleted. Returns the last step those lines reached."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
-        return
-    keep, drop = [], []
+        return step
+    keep, drop, last = [], [], step
     with open(path, "rb") as f:
         for line in f.read().splitlines(keepends=True):
             try:
-                ok = line.endswith(b"\n") and json.loads(line)["step"] <= step
+                line_step = json.loads(line)["step"]
+                ok = line.endswith(b"\n") and line_step <= step
+                last = max(last, line_step)
             except (ValueError, KeyError):
                 ok = False
             (keep if ok else drop).append(line)
@@ -522,6 +536,7 @@ def rewind_metrics(run_dir, step):
         with open(os.path.join(run_dir, "metrics.discarded.jsonl"), "ab") as f:
             f.writelines(d if d.endswith(b"\n") else d + b"\n" for d in drop)
     atomic_write(path, lambda f: f.writelines(keep))
+    return last
 
 
 def versions():
@@ -550,11 +565,13 @@ def json_safe(record):
 
 class MetricsLog:
     """metrics.jsonl (one JSON object per line, flushed as written) and W&B with `tokens` as the
-    x-axis of every metric. Rank 0 only. A W&B failure is a warning, never a stopped run."""
+    x-axis of every metric. Rank 0 only. A W&B failure is a warning, never a stopped run.
+    After a resume, records up to `wandb_sent_step` were already sent by the interrupted attempt
+    (W&B history cannot be rewound), so only metrics.jsonl receives their re-run."""
 
-    def __init__(self, run_dir, cfg, run_config, wandb_id):
+    def __init__(self, run_dir, cfg, run_config, wandb_id, wandb_sent_step=-1):
         self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-        self.wandb = None
+        self.wandb, self.wandb_sent_step = None, wandb_sent_step
         mode = cfg.wandb_mode or os.environ.get("WANDB_MODE") or "offline"
         if mode == "disabled":
             return
@@ -577,7 +594,7 @@ class MetricsLog:
         record = json_safe(record)
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.wandb is not None:
+        if self.wandb is not None and record["step"] > self.wandb_sent_step:
             try:
                 self.wandb.log(record)
             except Exception as e:
@@ -718,7 +735,8 @@ def train(cfg):
         return None
 
     # Everything that can fail on bad input fails here, before the run directory exists.
-    train_files = open_shards(cfg.train_files, tokens_per_step + 1, gcfg.vocab_size, "optimizer step")
+    train_files = open_shards(cfg.train_files, tokens_per_step + 1, "optimizer step")
+    warn_if_data_repeats(train_files, n_steps * tokens_per_step, rank)
     val = load_val_tokens(find_shards(cfg.val_files), (cfg.val_tokens // cfg.seq_len) * cfg.seq_len, gcfg.vocab_size)
     run_dir = resolve_run_dir(cfg, rank)
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
@@ -765,14 +783,15 @@ def train(cfg):
     log = None
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
+        wandb_sent_step = -1
         if cfg.resume:
-            rewind_metrics(run_dir, step)
+            wandb_sent_step = rewind_metrics(run_dir, step)
         else:
             text = json.dumps(run_config, indent=2).encode()
             atomic_write(os.path.join(run_dir, "config.json"), lambda f: f.write(text))
         print(describe(cfg, gcfg, raw.param_counts(), derived))
         print(f"run directory: {run_dir}")
-        log = MetricsLog(run_dir, cfg, run_config, wandb_id)
+        log = MetricsLog(run_dir, cfg, run_config, wandb_id, wandb_sent_step)
 
     t_start, start_step = time.time(), step
 
@@ -805,15 +824,15 @@ def train(cfg):
 
     done = run_eval() if step == 0 and cfg.eval_every_tokens >= 0 else False
     t_interval, interval_step, train_time = time.time(), step, 0.0  # throughput counts training time only
+    loss_sum = torch.zeros((), device=device)  # sum of step losses since the last log line
     while step < n_steps and not done:
-        lr_mult = set_schedule(opts, step, n_steps, cfg)
-        loss_sum = torch.zeros((), device=device)
+        lr = set_schedule(opts, step, n_steps, cfg)
         for m, (x, y) in enumerate(loader.next_step(grad_accum)):
             sync = m == grad_accum - 1  # DDP all-reduces gradients on the last micro-step only
             with (train_model.no_sync() if world > 1 and not sync else nullcontext()), autocast:
                 _, loss = train_model(x, y)
             (loss / grad_accum).backward()
-            loss_sum += loss.detach()
+            loss_sum += loss.detach() / grad_accum  # on the device: no synchronisation per step
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
         for o in opts:
@@ -823,7 +842,8 @@ def train(cfg):
         tokens = step * tokens_per_step
 
         if step % cfg.log_every == 0 or step == n_steps:
-            train_loss = (all_sum(loss_sum / grad_accum) / world).item()  # .item() waits for the GPU
+            # mean over the interval's steps and all ranks; .item() waits for the GPU
+            train_loss = (all_sum(loss_sum) / (world * (step - interval_step))).item()
             dt = time.time() - t_interval
             train_time += dt
             if not math.isfinite(train_loss):
@@ -831,12 +851,13 @@ def train(cfg):
                                          "lower the learning rates or set grad_clip")
             if log:
                 tps = (step - interval_step) * tokens_per_step / dt
-                log.log(dict(step=step, tokens=tokens, train_loss=train_loss, lr=lr_mult, tokens_per_s=tps,
+                log.log(dict(step=step, tokens=tokens, train_loss=train_loss, lr=lr, tokens_per_s=tps,
                              elapsed_s=elapsed()))
                 eta = (n_steps - step) * train_time / (step - start_step)
                 print(f"step {step:6d}/{n_steps} | tokens {human(tokens)} | loss {train_loss:.4f} | "
-                      f"lr {lr_mult:.3f} | {human(tps)} tok/s | eta {duration(eta)}")
+                      f"lr {lr:.3g} | {human(tps)} tok/s | eta {duration(eta)}")
             t_interval, interval_step = time.time(), step
+            loss_sum = torch.zeros((), device=device)
         t_pause = time.time()
         if cfg.eval_every_tokens >= 0 and (step == n_steps or crossed(cfg.eval_every_tokens, tokens)):
             done = run_eval()

@@ -3,8 +3,9 @@ Text files -> GPT-2 token shards (the modded-NanoGPT format of data/shards.py).
 
 Each input file is one document (or several, split on --doc_sep). Every document is
 preceded by <|endoftext|> as in the FineWeb shards, documents are assigned whole to
-train or val (a seeded draw, so no document straddles the split), and each split is
-written as <out>/<name>_{val,train}_000000.bin, ... of at most --shard_tokens tokens.
+train or val (a seeded draw, so no document straddles the split; a lone document is cut
+at its tail instead), and each split is written as <out>/<name>_{val,train}_000000.bin,
+... of at most --shard_tokens tokens.
 
     python data/prepare.py --input 'texts/*.txt' --out data/mytext --name mytext
 
@@ -44,10 +45,15 @@ def tokenize_documents(docs, encoding="r50k_base"):
 
 
 def split_documents(docs, val_fraction, seed=0):
-    """(train, val): whole documents, drawn in a seeded order until val holds >= val_fraction of tokens.
-    With val_fraction > 0 at least one document goes to val and at least one stays in train."""
+    """(train, val): whole documents, drawn in a seeded order until val holds >= val_fraction of tokens;
+    at least one document stays in train. A single document (one input.txt) is cut instead: its last
+    val_fraction of tokens, after an <|endoftext|>, becomes val."""
     if not docs:
         return [], []
+    if len(docs) == 1 and val_fraction > 0:
+        doc = docs[0]
+        cut = len(doc) - max(1, int(val_fraction * len(doc)))
+        return [doc[:cut]], [np.concatenate([doc[:1], doc[cut:]])]  # doc[0] is <|endoftext|>
     total = sum(len(d) for d in docs)
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)

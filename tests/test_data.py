@@ -106,6 +106,18 @@ def test_prepare_tokenizes_whole_documents_into_train_and_val(tmp_path):
     assert 0.2 <= len(val) / (len(train) + len(val)) < 0.5
 
 
+def test_prepare_cuts_a_single_document_at_its_tail(tmp_path):
+    enc = gpt2_encoding()
+    text = "To be, or not to be, that is the question. " * 50
+    (tmp_path / "input.txt").write_text(text)
+    prepare.main(["--input", str(tmp_path / "input.txt"), "--out", str(tmp_path), "--name", "one",
+                  "--val_fraction", "0.1"])
+    train, val = (load_tokens(str(tmp_path / f"one_{s}_000000.bin")) for s in ("train", "val"))
+    ids = [enc.eot_token] + enc.encode_ordinary(text)
+    assert train.tolist() + val[1:].tolist() == ids and val[0] == enc.eot_token
+    assert len(val) - 1 == int(0.1 * len(ids))
+
+
 def test_fineweb_copies_from_a_local_source_and_validates(tmp_path):
     src, dst = tmp_path / "mirror", tmp_path / "fineweb10B"
     src.mkdir()
@@ -172,3 +184,18 @@ def test_loader_gives_every_process_its_own_share_of_the_same_global_batch(tmp_p
     again, fresh = windows_seen(files, world=1, rank=0, steps=0, grad_accum=2)
     fresh.load_state_dict({"shard": 1, "offset": 0, "epoch": 0})
     assert torch.equal(torch.cat([x for x, _ in fresh.next_step(2)]), one[7])
+
+
+def test_loader_resumes_inside_a_shorter_shard(tmp_path):
+    write_shard(str(tmp_path / "u_train_000000.bin"), np.arange(1000))
+    write_shard(str(tmp_path / "u_train_000001.bin"), np.arange(300) + 5000)
+    files = find_shards(str(tmp_path / "u_train_*.bin"))
+    steps, loader = windows_seen(files, world=1, rank=0, steps=9, grad_accum=1)
+    state = loader.state_dict()
+    assert state == {"shard": 1, "offset": 2 * 128, "epoch": 0}  # 7 steps in shard 0, 2 in shard 1
+    following = torch.cat([x for x, _ in loader.next_step(1)])
+    _, fresh = windows_seen(files, world=1, rank=0, steps=0, grad_accum=1)
+    fresh.load_state_dict(state)
+    resumed = torch.cat([x for x, _ in fresh.next_step(1)])
+    assert torch.equal(resumed, following) and resumed.shape == (8, 16)
+    assert resumed[0, 0] == 0  # shard 1 had no room for a third step: wrapped to shard 0

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import ARCH_FLAGS, BLOCK_LINEARS, BLOCK_POINTS, GPT, PRESETS, PROFILES, GPTConfig, make_config
+from model import (ARCH_FLAGS, BLOCK_LINEARS, BLOCK_POINTS, GPT, PRESETS, PROFILES, GPTConfig, apply_rotary,
+                   make_config, rotary_tables)
 
 V, T = 97, 16
 
@@ -157,10 +158,41 @@ def test_softcap_bounds_the_logits():
     assert logits.abs().max() > 1.9
 
 
-def test_value_embeddings_and_skips_reach_the_layers_modded_uses():
+def test_value_embeddings_reach_the_layers_modded_uses():
     model = GPT(tiny(n_layer=8))
     assert model.ve_index == [0, 1, 2, None, None, 0, 1, 2]
-    assert len(model.skip_weights) == 4
+    assert [b.attn.ve_lambdas is not None for b in model.blocks] == [i != 3 and i != 4 for i in range(8)]
+
+
+def test_unet_skips_pair_layers_last_in_first_out():
+    """Block i of the second half receives the output of block L-1-i, weighted by its skip weight."""
+    model = GPT(tiny(n_layer=6)).eval()
+    with torch.no_grad():
+        model.skip_weights.copy_(torch.tensor([0.3, 0.5, 0.7]))
+    inputs, outputs = {}, {}
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
+        block.register_forward_hook(lambda m, args, out, i=i: outputs.__setitem__(i, out))
+    model(torch.randint(0, V, (2, T)))
+    for i, w in zip((3, 4, 5), (0.3, 0.5, 0.7)):
+        torch.testing.assert_close(inputs[i], outputs[i - 1] + w * outputs[5 - i])
+    torch.testing.assert_close(inputs[1], outputs[0])  # the first half is a plain stack
+
+
+def test_rotary_scores_depend_on_relative_position_only():
+    torch.manual_seed(0)
+    cos, sin = rotary_tables(16, 8, 10000.0)
+    q, k = torch.randn(8), torch.randn(8)
+    x = torch.zeros(2, 16, 1, 8)
+    x[0, :] = q
+    x[1, :] = k
+    rq, rk = apply_rotary(x, cos, sin)[:, :, 0]
+    scores = rq @ rk.T  # scores[m, n] = <R_m q, R_n k>
+    for shift in (0, 3, -5):
+        diagonal = torch.diagonal(scores, offset=-shift)
+        torch.testing.assert_close(diagonal, diagonal[0].expand_as(diagonal))
+    torch.testing.assert_close(rq.norm(dim=-1), q.norm().expand(16))
+    assert not torch.allclose(scores[5, 0], scores[5, 4])
 
 
 def test_bad_model_config_names_the_key():

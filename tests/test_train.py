@@ -212,6 +212,45 @@ def test_muon_step_matches_the_update_rule():
     torch.testing.assert_close(w.detach(), w0, rtol=1e-5, atol=1e-6)
 
 
+def test_lr_warmup_never_overshoots_the_peak():
+    for n, frac in ((95, 0.1), (150, 0.01), (7, 0.3)):
+        cfg = load_config(tiny_args("unused", warmup_frac=frac, cooldown_frac=0.0))
+        m = [train_gpt.lr_multiplier(s, n, cfg) for s in range(n)]
+        assert max(m) == 1.0 and m[0] < 1.0 and m == sorted(m)
+
+
+def test_logged_train_loss_is_the_mean_over_the_interval(tmp_path):
+    every = read_metrics(train(load_config(tiny_args(tmp_path, max_steps=6, log_every=1, run_name="a"))))
+    pairs = read_metrics(train(load_config(tiny_args(tmp_path, max_steps=6, log_every=2, run_name="b"))))
+    per_step = {r["step"]: r["train_loss"] for r in every if "train_loss" in r}
+    for r in (r for r in pairs if "train_loss" in r):
+        assert r["train_loss"] == pytest.approx((per_step[r["step"] - 1] + per_step[r["step"]]) / 2, rel=1e-6)
+    muon_lr = load_config(tiny_args(tmp_path)).muon_lr
+    assert [r["lr"] for r in every if "lr" in r][:3] == [muon_lr] * 3  # the real LR, before the cooldown
+
+
+def test_wandb_is_not_sent_the_rerun_of_what_it_already_has(tmp_path):
+    lines = [{"step": s, "tokens": s, "train_loss": 1.0} for s in (2, 4, 6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 8, "tok')
+    assert train_gpt.rewind_metrics(str(tmp_path), 2) == 6  # the crashed attempt got to step 6
+    assert read_metrics(str(tmp_path)) == lines[:1]
+    log = train_gpt.MetricsLog(str(tmp_path), load_config(tiny_args(tmp_path)), {}, "id", wandb_sent_step=6)
+    sent = []
+    log.wandb = type("FakeRun", (), {"log": lambda self, r: sent.append(r["step"])})()
+    for s in (4, 6, 8):
+        log.log({"step": s, "tokens": s, "train_loss": 1.0})
+    log.wandb = None
+    log.close()
+    assert sent == [8] and [r["step"] for r in read_metrics(str(tmp_path))] == [2, 4, 6, 8]
+
+
+def test_a_budget_beyond_the_data_warns_that_it_repeats(tmp_path):
+    from data.shards import write_shard
+    write_shard(str(tmp_path / "x_train_000000.bin"), list(range(1000)))
+    with pytest.warns(UserWarning, match=r"train_tokens=2,500 exceeds the 1,000 tokens .* repeats 2.5 times"):
+        train_gpt.warn_if_data_repeats([str(tmp_path / "x_train_000000.bin")], 2500, rank=0)
+
+
 def test_lr_schedule_warmup_stable_cooldown():
     cfg = load_config(tiny_args("unused", warmup_frac=0.1, cooldown_frac=0.5, final_lr_frac=0.2))
     m = [train_gpt.lr_multiplier(s, 100, cfg) for s in range(100)]
