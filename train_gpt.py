@@ -240,23 +240,20 @@ def total_steps(cfg):
 # Data: modded-NanoGPT shards (data/shards.py), read as windows of seq_len + 1 tokens
 
 
-def open_shards(pattern, min_tokens, what):
-    """Validated shard paths (headers and sizes); every shard must hold min_tokens."""
+def open_train_shards(pattern, tokens_per_step, budget_tokens, rank):
+    """Validated train shard paths (headers and sizes): each must hold one optimizer step, and a
+    budget beyond all of them (the data would repeat) is warned about."""
     files = find_shards(pattern)
-    for path in files:
-        n = read_header(path)
-        if n < min_tokens:
-            raise ShardError(f"{path}: {n} tokens is fewer than one {what} needs ({min_tokens}); "
+    sizes = [read_header(path) for path in files]
+    for path, n in zip(files, sizes):
+        if n < tokens_per_step + 1:
+            raise ShardError(f"{path}: {n} tokens is fewer than one optimizer step needs ({tokens_per_step + 1}); "
                              "lower batch_size or seq_len, or use larger shards")
-    return files
-
-
-def warn_if_data_repeats(files, train_tokens, rank):
-    available = sum(read_header(path) for path in files)
-    if train_tokens > available and rank == 0:
-        warnings.warn(f"train_tokens={train_tokens:,} exceeds the {available:,} tokens of the {len(files)} train "
-                      f"shard(s): the data repeats {train_tokens / available:.1f} times; fetch more shards "
+    if budget_tokens > sum(sizes) and rank == 0:
+        warnings.warn(f"train_tokens={budget_tokens:,} exceeds the {sum(sizes):,} tokens of the {len(files)} train "
+                      f"shard(s): the data repeats {budget_tokens / sum(sizes):.1f} times; fetch more shards "
                       "(e.g. python data/fineweb.py --train_shards 103) for a single pass", stacklevel=2)
+    return files
 
 
 def check_vocab(tokens, path, vocab_size):
@@ -735,8 +732,7 @@ def train(cfg):
         return None
 
     # Everything that can fail on bad input fails here, before the run directory exists.
-    train_files = open_shards(cfg.train_files, tokens_per_step + 1, "optimizer step")
-    warn_if_data_repeats(train_files, n_steps * tokens_per_step, rank)
+    train_files = open_train_shards(cfg.train_files, tokens_per_step, n_steps * tokens_per_step, rank)
     val = load_val_tokens(find_shards(cfg.val_files), (cfg.val_tokens // cfg.seq_len) * cfg.seq_len, gcfg.vocab_size)
     run_dir = resolve_run_dir(cfg, rank)
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"

@@ -248,7 +248,9 @@ def test_a_budget_beyond_the_data_warns_that_it_repeats(tmp_path):
     from data.shards import write_shard
     write_shard(str(tmp_path / "x_train_000000.bin"), list(range(1000)))
     with pytest.warns(UserWarning, match=r"train_tokens=2,500 exceeds the 1,000 tokens .* repeats 2.5 times"):
-        train_gpt.warn_if_data_repeats([str(tmp_path / "x_train_000000.bin")], 2500, rank=0)
+        train_gpt.open_train_shards(str(tmp_path / "x_train_*.bin"), 128, 2500, rank=0)
+    with pytest.raises(train_gpt.ShardError, match=r"x_train_000000.bin: 1000 tokens is fewer than one optimizer"):
+        train_gpt.open_train_shards(str(tmp_path / "x_train_*.bin"), 1000, 1000, rank=0)
 
 
 def test_lr_schedule_warmup_stable_cooldown():
