@@ -98,6 +98,12 @@ def layer_key(layer, n_layer):
     return f"L{layer:0{max(2, len(str(n_layer - 1)))}d}"
 
 
+def probe_point_names(n_layer):
+    """['embed', 'L00.ln1', ..., 'L11.mlp_resid', 'final']: the probe points of a model, in forward order."""
+    blocks = [f"{layer_key(i, n_layer)}.{name}" for i in range(n_layer) for name in BLOCK_POINTS]
+    return ["embed", *blocks, "final"]
+
+
 class Norm(nn.Module):
     def __init__(self, dim, kind, bias):
         super().__init__()
@@ -237,8 +243,8 @@ class GPT(nn.Module):
             else:  # embeddings and the remaining Linear weights
                 nn.init.normal_(p, 0.0, 0.02)
 
-    def forward(self, idx, targets=None):
-        """Logits (B, T, vocab) and, with targets, the mean cross-entropy (targets == -1 ignored)."""
+    def features(self, idx):
+        """The final hidden states (B, T, d), the input to the head; every probe point fires on the way."""
         B, T = idx.shape
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence length {T} exceeds the model's seq_len={self.cfg.seq_len}")
@@ -257,8 +263,11 @@ class GPT(nn.Module):
             x = block(x, ve, rotary)
             if i < n_skip:
                 skips.append(x)
-        x = self.taps["final"](self.ln_f(x))
-        logits = self.lm_head(x).float()
+        return self.taps["final"](self.ln_f(x))
+
+    def forward(self, idx, targets=None):
+        """Logits (B, T, vocab) and, with targets, the mean cross-entropy (targets == -1 ignored)."""
+        logits = self.lm_head(self.features(idx)).float()
         if self.cfg.softcap:
             logits = self.cfg.softcap * torch.tanh(logits / self.cfg.softcap)
         if targets is None:
@@ -270,12 +279,9 @@ class GPT(nn.Module):
 
     def probe_points(self):
         """{'embed': tap, 'L00.ln1': tap, ..., 'final': tap}: the DESIGN.md probe points, in forward order."""
-        points = {"embed": self.taps["embed"]}
-        for i, block in enumerate(self.blocks):
-            key = layer_key(i, self.cfg.n_layer)
-            points.update({f"{key}.{name}": block.taps[name] for name in BLOCK_POINTS})
-        points["final"] = self.taps["final"]
-        return points
+        taps = [self.taps["embed"], *(block.taps[name] for block in self.blocks for name in BLOCK_POINTS),
+                self.taps["final"]]
+        return dict(zip(probe_point_names(self.cfg.n_layer), taps))
 
     def linears(self):
         """{'L00.attn.c_q': nn.Linear, ...}: the Linear layers addressed for per-example gradients."""

@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data.shards import ShardError, find_shards, load_tokens, read_header
+from data.shards import ShardError, atomic_write, check_vocab, find_shards, load_prefix, load_tokens, read_header
+import spectra
 from model import GPT, GPTConfig, make_config
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -86,6 +87,16 @@ class Config:
     warmup_frac: float = 0.0           # LR schedule: linear warmup over this share of the steps,
     cooldown_frac: float = 0.4         # constant, then linear cooldown over the last share
     final_lr_frac: float = 0.0         # LR at the end of the cooldown, relative to the peak
+    # spectral evaluation (spectra.py): activation covariance spectra at evaluations
+    spectra_every: int = 1             # measure at every k-th evaluation (and the last); 0: off
+    spectra_tokens: int = 131_072      # probe set: the first this-many val tokens, the same at every evaluation
+    spectra_batch_size: int = 16       # probe sequences per forward pass; a fixed unit, so any GPU count agrees
+    spectra_points: str = ""           # "" -> embed, every L{l}.mlp_resid, final; or names/globs "L0*.attn,final"
+    spectra_sublayers: bool = False    # with spectra_points="": all ten points of every block (4d-wide ones too)
+    spectra_head: tuple[int, int] = (1, 10)    # rank windows [a, b] of the power-law fits;
+    spectra_tail: tuple[int, int] = (30, 150)  # (10, 100) is the earlier protocol's tail
+    spectra_act_norm: str = "rms"      # rms: RMS-normalise residual-stream points per token | none
+    spectra_plots: bool = True         # plots/ at each spectral evaluation
     # checkpoints
     ckpt_every_tokens: int = 0         # 0: only at the end; -1: never
     ckpt_keep: int = 2                 # most recent checkpoints kept
@@ -96,7 +107,7 @@ class Config:
     wandb_name: str = ""               # "" -> run_name
 
 
-CHOICES = {"device": ("auto", "cpu", "cuda"), "optimizer": ("muon", "adamw"),
+CHOICES = {"device": ("auto", "cpu", "cuda"), "optimizer": ("muon", "adamw"), "spectra_act_norm": ("rms", "none"),
            "lr_scaling": ("none", "sqrt", "linear"), "wandb_mode": ("", "online", "offline", "disabled")}
 MODEL_KEYS = {f.name: f.type for f in dataclasses.fields(GPTConfig) if f.name != "seq_len"}
 TRAIN_KEYS = {k: v for k, v in get_type_hints(Config).items() if k not in ("model", "config_file")}
@@ -118,6 +129,11 @@ def coerce(key, value, typ, source, cli):
         if value is None or (cli and value.lower() in ("none", "auto")):
             return None
         return coerce(key, value, get_args(typ)[0], source, cli)
+    if get_origin(typ) is tuple:  # a rank window: (10, 100) in a file, 10,100 on the command line
+        items = [v for v in value.strip("()[] ").split(",")] if cli else value
+        if not isinstance(items, (tuple, list)) or len(items) != len(get_args(typ)):
+            raise ConfigError(f"{source}: {key}={raw!r} is not a pair of integers, e.g. (10, 100) or --{key}=10,100")
+        return tuple(coerce(key, v.strip() if cli else v, t, source, cli) for v, t in zip(items, get_args(typ)))
     if cli and typ is not str:
         words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
         try:
@@ -198,10 +214,22 @@ def check_config(cfg):
     for key in ("warmup_frac", "cooldown_frac", "final_lr_frac"):
         if not 0 <= getattr(cfg, key) <= 1:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be in [0, 1]")
+    for key in ("spectra_head", "spectra_tail"):
+        try:
+            spectra.check_window(key, getattr(cfg, key))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if cfg.spectra_every < 0:
+        raise ConfigError(f"spectra_every={cfg.spectra_every} must be >= 0 (0 switches spectra off)")
+    if cfg.spectra_every and cfg.spectra_tokens < 2 * cfg.seq_len:
+        raise ConfigError(f"spectra_tokens={cfg.spectra_tokens} is less than two sequences of seq_len={cfg.seq_len} "
+                          "(the probe set is split in two halves for the noise estimate)")
+    if cfg.spectra_batch_size <= 0:
+        raise ConfigError(f"spectra_batch_size={cfg.spectra_batch_size} must be positive")
     if cfg.warmup_frac + cfg.cooldown_frac > 1:
         raise ConfigError(f"warmup_frac + cooldown_frac = {cfg.warmup_frac + cfg.cooldown_frac} exceeds 1")
     try:
-        model_config(cfg)
+        spectra.select_points(model_config(cfg).n_layer, cfg.spectra_points, cfg.spectra_sublayers)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -256,12 +284,6 @@ def open_train_shards(pattern, tokens_per_step, budget_tokens, rank):
     return files
 
 
-def check_vocab(tokens, path, vocab_size):
-    top = int(tokens.max()) if len(tokens) else 0
-    if top >= vocab_size:
-        raise ShardError(f"{path}: token id {top} is outside the model's vocab_size={vocab_size}")
-
-
 class TrainLoader:
     """The global batch of one optimizer step is `batch_size` consecutive windows of seq_len + 1
     tokens (neighbours overlap by one token) starting at the current position of the shard stream.
@@ -308,22 +330,6 @@ class TrainLoader:
 
     def load_state_dict(self, state):
         self.state = dict(state)
-
-
-def load_val_tokens(files, n_tokens, vocab_size):
-    """The first n_tokens + 1 tokens of the val split: the fixed slice every evaluation uses."""
-    parts, have = [], 0
-    for path in files:
-        if have > n_tokens:
-            break
-        tokens = np.asarray(load_tokens(path)[: n_tokens + 1 - have], dtype=np.int64)
-        check_vocab(tokens, path, vocab_size)
-        parts.append(tokens)
-        have += len(tokens)
-    if have < n_tokens + 1:
-        raise ShardError(f"val_tokens={n_tokens} but the val shards {files} hold only {have} tokens; "
-                         f"lower val_tokens to at most {have - 1}")
-    return torch.from_numpy(np.concatenate(parts))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,16 +439,6 @@ def set_schedule(opts, step, n_steps, cfg):
 
 # ----------------------------------------------------------------------------------------------
 # Run directory, checkpoints, metrics, W&B
-
-
-def atomic_write(path, write):
-    """write(f) into path + '.tmp', fsync, rename: readers see the old file or the new, never half."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def checkpoints(run_dir):
@@ -673,14 +669,43 @@ def val_loss(model, val, cfg, rank, world, device, autocast):
     return (total[0] / total[1]).item()
 
 
-def evaluate(model, raw, val, cfg, rank, world, device, autocast):
-    """Everything measured at an evaluation, as metrics named per DESIGN.md."""
+def evaluate(model, raw, val, probe, cfg, rank, world, device, autocast, spectral):
+    """Everything measured at an evaluation: ({"val_loss": ...}, activation spectra or None).
+    The spectra come from `raw`, the uncompiled module (hooks need it), in eval mode without
+    gradients: parameters, .grad, optimizer state, RNG and the data position are untouched."""
     metrics = {"val_loss": val_loss(model, val, cfg, rank, world, device, autocast)}
-    # The spectral evaluation (activation and per-example gradient spectra) runs here, on `raw`
-    # (the uncompiled module) in eval mode, on a fixed probe set, and adds its act/... grad/...
-    # weight/... scalars to `metrics`; it must leave parameters, .grad, optimizer state, RNG and
-    # the data position untouched.
+    act = None
+    if spectral:
+        points = spectra.select_points(raw.cfg.n_layer, cfg.spectra_points, cfg.spectra_sublayers)
+        act = spectra.measure_activations(raw, probe, points, cfg.seq_len, cfg.spectra_batch_size,
+                                          cfg.spectra_act_norm, rank, world)
+    return metrics, act
+
+
+def log_spectra(run_dir, act, cfg, step, tokens, seen_notes):
+    """Rank 0: the scalar metrics of measured spectra (for metrics.jsonl and W&B), written to
+    spectra/act_<tokens>.npz and plots/, with the console table. Each distinct note warns once."""
+    head, tail = cfg.spectra_head, cfg.spectra_tail
+    prev, first = spectra.reference_spectra(run_dir, "act", tokens)
+    metrics, notes = spectra.summarise(act, "act", head, tail, prev, first, where=f"at step {step}")
+    for note in notes:
+        if note not in seen_notes:
+            seen_notes.add(note)
+            warnings.warn(note, stacklevel=1)
+    meta = dict(step=step, tokens=tokens, probe_tokens=(cfg.spectra_tokens // cfg.seq_len) * cfg.seq_len,
+                seq_len=cfg.seq_len, head=head, tail=tail, act_norm=cfg.spectra_act_norm)
+    spectra.write_outputs(run_dir, "act", tokens, act, metrics, meta, head, tail, plots=cfg.spectra_plots)
+    print(spectra.format_table(metrics, "act", list(act)))
     return metrics
+
+
+def rewind_spectra(run_dir, tokens):
+    """On resume: spectra saved after the checkpoint move to spectra/discarded/ (they are re-measured)."""
+    later = [f for t, f in spectra.spectra_files(run_dir, "act") if t > tokens]
+    if later:
+        os.makedirs(os.path.join(run_dir, "spectra", "discarded"), exist_ok=True)
+    for f in later:
+        os.replace(f, os.path.join(run_dir, "spectra", "discarded", os.path.basename(f)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -733,7 +758,10 @@ def train(cfg):
 
     # Everything that can fail on bad input fails here, before the run directory exists.
     train_files = open_train_shards(cfg.train_files, tokens_per_step, n_steps * tokens_per_step, rank)
-    val = load_val_tokens(find_shards(cfg.val_files), (cfg.val_tokens // cfg.seq_len) * cfg.seq_len, gcfg.vocab_size)
+    val = torch.from_numpy(load_prefix(find_shards(cfg.val_files), (cfg.val_tokens // cfg.seq_len) * cfg.seq_len,
+                                        gcfg.vocab_size))
+    probe = torch.from_numpy(load_prefix(find_shards(cfg.val_files), (cfg.spectra_tokens // cfg.seq_len) * cfg.seq_len,
+                                         gcfg.vocab_size, key="spectra_tokens")) if cfg.spectra_every else None
     run_dir = resolve_run_dir(cfg, rank)
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     if device.type == "cuda":
@@ -782,6 +810,7 @@ def train(cfg):
         wandb_sent_step = -1
         if cfg.resume:
             wandb_sent_step = rewind_metrics(run_dir, step)
+            rewind_spectra(run_dir, step * tokens_per_step)
         else:
             text = json.dumps(run_config, indent=2).encode()
             atomic_write(os.path.join(run_dir, "config.json"), lambda f: f.write(text))
@@ -802,14 +831,21 @@ def train(cfg):
         if log:
             log.sync()
 
+    seen_notes = set()
+
     def run_eval():
         """Evaluate and log; True when target_val_loss is reached."""
-        t0 = time.time()
-        metrics = evaluate(model, raw, val, cfg, rank, world, device, autocast)
+        t0, tokens = time.time(), step * tokens_per_step
+        # spectra at every spectra_every-th evaluation (counted in eval_every_tokens intervals) and the last
+        index = tokens // cfg.eval_every_tokens if cfg.eval_every_tokens > 0 else 0
+        spectral = cfg.spectra_every > 0 and (index % cfg.spectra_every == 0 or step == n_steps)
+        metrics, act = evaluate(model, raw, val, probe, cfg, rank, world, device, autocast, spectral)
         if log:
-            log.log(dict(step=step, tokens=step * tokens_per_step, **metrics, elapsed_s=elapsed()))
-            print(f"step {step:6d}/{n_steps} | tokens {human(step * tokens_per_step)} | "
-                  f"val_loss {metrics['val_loss']:.4f} | eval {time.time() - t0:.1f}s")
+            print(f"step {step:6d}/{n_steps} | tokens {human(tokens)} | val_loss {metrics['val_loss']:.4f} | "
+                  f"eval {time.time() - t0:.1f}s")
+            if act is not None:
+                metrics.update(log_spectra(run_dir, act, cfg, step, tokens, seen_notes))
+            log.log(dict(step=step, tokens=tokens, **metrics, elapsed_s=elapsed()))
         reached = 0 < cfg.target_val_loss and metrics["val_loss"] <= cfg.target_val_loss
         if reached and log:
             print(f"reached target_val_loss={cfg.target_val_loss} at {human(step * tokens_per_step)} tokens")

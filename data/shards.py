@@ -73,6 +73,39 @@ def load_tokens(path):
     return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
 
 
+def check_vocab(tokens, path, vocab_size):
+    top = int(tokens.max()) if len(tokens) else 0
+    if top >= vocab_size:
+        raise ShardError(f"{path}: token id {top} is outside the model's vocab_size={vocab_size}")
+
+
+def load_prefix(files, n_tokens, vocab_size, key="val_tokens"):
+    """The first n_tokens + 1 tokens of the shards as an int64 array: the fixed validation slice (and
+    the spectral probe set) that every evaluation uses. `key` names the setting in the error."""
+    parts, have = [], 0
+    for path in files:
+        if have > n_tokens:
+            break
+        tokens = np.asarray(load_tokens(path)[: n_tokens + 1 - have], dtype=np.int64)
+        check_vocab(tokens, path, vocab_size)
+        parts.append(tokens)
+        have += len(tokens)
+    if have < n_tokens + 1:
+        raise ShardError(f"{key}={n_tokens} but the shards {files} hold only {have} tokens; "
+                         f"lower {key} to at most {have - 1}")
+    return np.concatenate(parts)
+
+
+def atomic_write(path, write):
+    """write(f) into path + '.tmp', fsync, rename: readers see the old file or the new, never half."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def write_shard(path, tokens):
     """Write tokens (values < 2**16) as a shard, atomically: a reader never sees half a file."""
     tokens = np.asarray(tokens)
@@ -80,10 +113,4 @@ def write_shard(path, tokens):
         raise ShardError(f"{path}: token ids must fit in uint16, got range [{tokens.min()}, {tokens.max()}]")
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = (MAGIC, VERSION, tokens.size)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype(np.uint16).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: (f.write(header.tobytes()), f.write(tokens.astype(np.uint16).tobytes())))

@@ -9,7 +9,7 @@ import torch
 import train_gpt
 from conftest import DEMO, REPO
 from data import fineweb, prepare
-from data.shards import HEADER_BYTES, MAGIC, ShardError, find_shards, load_tokens, read_header, write_shard
+from data.shards import HEADER_BYTES, MAGIC, ShardError, find_shards, load_prefix, load_tokens, read_header, write_shard
 
 SHAKESPEARE = os.path.join(REPO, "data", "shakespeare")
 
@@ -70,7 +70,7 @@ def test_token_ids_beyond_the_vocabulary_are_named(tmp_path):
     path = str(tmp_path / "v_val_000000.bin")
     write_shard(path, [1, 2, 60000, 3])
     with pytest.raises(ShardError, match=rf"{re.escape(path)}: token id 60000 is outside the model's vocab_size"):
-        train_gpt.load_val_tokens([path], 3, 50304)
+        load_prefix([path], 3, 50304)
 
 
 def test_embedded_corpus_is_small_valid_gpt2_shakespeare():

@@ -7,8 +7,10 @@ import sys
 import pytest
 import torch
 
+import spectra
 import train_gpt
 from conftest import REPO, losses, read_metrics, tiny_args
+from data.shards import load_prefix
 from train_gpt import load_config, train
 
 
@@ -22,7 +24,10 @@ def test_tiny_run_end_to_end(tmp_path):
     for r in logs:
         assert set(r) == {"step", "tokens", "train_loss", "lr", "tokens_per_s", "elapsed_s"}
         assert r["tokens"] == r["step"] * 4 * 32
-    assert set(evals[0]) == {"step", "tokens", "val_loss", "elapsed_s"}
+    points = ["embed", "L00.mlp_resid", "L01.mlp_resid", "final"]
+    spectral = {f"act/{stat}/{p}" for stat in spectra.STATS for p in points}
+    assert set(evals[0]) == {"step", "tokens", "val_loss", "elapsed_s"} | spectral
+    assert [t for t, _ in spectra.spectra_files(run_dir, "act")] == [r["tokens"] for r in evals]
     assert evals[0]["val_loss"] > 10.5  # ~ln(50304) at initialisation
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 2.0
     with open(os.path.join(run_dir, "config.json")) as f:
@@ -41,7 +46,7 @@ def test_validation_loss_is_an_independent_mean_over_the_fixed_slice(tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.05)
-    val = train_gpt.load_val_tokens(sorted(glob.glob(cfg.val_files)), 320, gcfg.vocab_size)
+    val = torch.from_numpy(load_prefix(sorted(glob.glob(cfg.val_files)), 320, gcfg.vocab_size))
     got = train_gpt.val_loss(model, val, cfg, 0, 1, torch.device("cpu"), torch.autocast("cpu", enabled=False))
     # 10 sequences of 32 in batches of 3 (the last one short): the mean over all 320 tokens
     logits, _ = model(val[:-1].view(10, 32))

@@ -1,0 +1,638 @@
+"""
+Spectral measurement: how the activation covariance eigenvalues of each probe point decay.
+
+    python spectra.py act --ckpt runs/RUN/ckpt/step_00000100.pt [--data 'VAL_GLOB'] [--out DIR]
+
+Read top to bottom:
+
+1. Probe: the one small class that attaches forward hooks to named modules and detaches them.
+2. Covariance statistics (n, mean, M2): exact, streaming, mergeable. Each chunk of rows is centred
+   on its own mean in fp64, multiplied in fp32 with TF32 off, and added in fp64; chunks, batches
+   and DDP ranks combine with Chan's parallel update, so the result does not depend on how the
+   data was split (to fp64 round-off).
+3. Spectra and fits: eigenvalues in fp64, descending, 1-based ranks; alpha = -slope of the least
+   squares line of log lambda_i on log i over a rank window [a, b] (inclusive), with R^2 and the
+   slope's standard error; RankMe, participation ratio, stable rank, top-10 share; Jensen-Shannon
+   divergence between trace-normalised spectra.
+4. Activation measurement: one no-grad forward pass of the model in eval mode over a fixed probe
+   set, every requested point captured at once. The probe sequences alternate between two halves
+   with their own statistics; the full set is their merge, and the two halves' alphas give a
+   sampling-noise estimate without another pass.
+5. Files: spectra as .npz, the console table, plots.
+6. The command line for checkpoints.
+
+Nothing here knows about optimizers, data loaders or the training loop: the trainer asks for "the
+spectra of this model on these tokens" and logs what comes back.
+"""
+
+import argparse
+import glob
+import math
+import os
+import re
+import sys
+import warnings
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from data.shards import ShardError, atomic_write, find_shards, load_prefix
+from model import BLOCK_POINTS, GPT, GPTConfig, probe_point_names
+
+CHUNK_ROWS = 4096  # rows per fp32 product: bounds the fp32 rounding of each chunk's M2
+FP32_EPS = float(np.finfo(np.float32).eps)
+
+# ----------------------------------------------------------------------------------------------
+# 1. Probe
+
+
+class Probe:
+    """Forward hooks on named modules for the length of a `with` block: after each module runs,
+    fn(name, output) is called. What to do with the activations is the caller's business; leaving
+    the block always removes the hooks, so the model is exactly as before."""
+
+    def __init__(self, modules, fn):
+        self.modules, self.fn, self.handles = modules, fn, []
+
+    def __enter__(self):
+        for name, module in self.modules.items():
+            self.handles.append(module.register_forward_hook(
+                lambda _m, _inp, out, name=name: self.fn(name, out)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Covariance statistics
+
+
+class Stats(NamedTuple):
+    """Sufficient statistics of a set of row vectors: count, mean (fp64) and M2 = sum of outer
+    products of the centred rows (fp64). Covariance = M2 / (n - 1)."""
+    n: int
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+
+def empty_stats(width, device):
+    return Stats(0, torch.zeros(width, dtype=torch.float64, device=device),
+                 torch.zeros(width, width, dtype=torch.float64, device=device))
+
+
+@contextmanager
+def exact_fp32():
+    """fp32 matrix products in full fp32 (TF32 off) inside the block; the previous setting after."""
+    precision, cudnn_tf32 = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+
+
+def merge_stats(a, b):
+    """Chan et al.'s parallel update: the statistics of the union of two disjoint sets."""
+    if a is None or a.n == 0:
+        return b
+    if b is None or b.n == 0:
+        return a
+    n = a.n + b.n
+    delta = b.mean - a.mean
+    mean = a.mean + delta * (b.n / n)
+    m2 = a.m2 + b.m2 + torch.outer(delta, delta) * (a.n * b.n / n)
+    return Stats(n, mean, m2)
+
+
+def cov_stats(rows):
+    """Statistics of the rows of an (N, d) tensor. Each chunk is centred on its own fp64 mean before
+    the fp32 product, so a large common offset (mean >> spread) does not cancel catastrophically."""
+    out = None
+    for chunk in rows.split(CHUNK_ROWS):
+        x = chunk.double()
+        mean = x.mean(0)
+        c = (x - mean).float()
+        out = merge_stats(out, Stats(len(chunk), mean, (c.T @ c).double()))
+    return out
+
+
+def reduce_stats(s, dst=0):
+    """Under torch.distributed: the statistics of every rank's data together, complete on rank dst.
+    All ranks learn the global count and mean (one all-reduce of n and n * mean); M2 is Chan's
+    update over all ranks at once, M2 = sum_r [M2_r + n_r (mean_r - mean)(mean_r - mean)^T], summed
+    onto rank dst only. Reducing statistics, not activations, keeps the traffic at d^2 per point."""
+    if not dist.is_initialized():
+        return s
+    nm = torch.cat([torch.tensor([float(s.n)], dtype=torch.float64, device=s.mean.device), s.mean * s.n])
+    dist.all_reduce(nm)
+    n = int(round(nm[0].item()))
+    mean = nm[1:] / max(n, 1)
+    delta = s.mean - mean
+    m2 = s.m2 + torch.outer(delta, delta) * s.n
+    dist.reduce(m2, dst)
+    return Stats(n, mean, m2)
+
+
+def covariance(s):
+    """Unbiased covariance M2 / (n - 1)."""
+    return s.m2 / (s.n - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Spectra, fits and spectral metrics (numpy, fp64)
+
+
+def eigenvalues(s):
+    """Eigenvalues of the covariance in fp64, descending; NaN when it is undefined or non-finite."""
+    width = s.mean.numel()
+    if s.n < 2 or not torch.isfinite(s.m2).all():
+        return np.full(width, np.nan)
+    return torch.linalg.eigvalsh(covariance(s)).flip(0).cpu().numpy()
+
+
+def numerical_rank(values, limit):
+    """How many leading values are meaningful: at most `limit` (the rank the sample allows), and
+    above the round-off floor of fp32 products (numpy's matrix_rank convention: largest value times
+    width times fp32 epsilon). Values are descending, so these ranks are a prefix."""
+    if len(values) == 0 or not np.isfinite(values).all() or values[0] <= 0:
+        return 0
+    floor = values[0] * len(values) * FP32_EPS
+    return int(min(limit, np.count_nonzero(values > floor)))
+
+
+def fit_power_law(values, window, rank=None):
+    """Least squares of log values[i] on log i over ranks [a, b] (1-based, inclusive), clipped to the
+    first `rank` values: {alpha (= -slope), r2, se (slope's standard error), intercept (log scale),
+    lo, hi (the ranks used), clipped (hi < b)}. NaN where fewer than two ranks remain."""
+    a, b = window
+    rank = len(values) if rank is None else min(rank, len(values))
+    hi = min(b, rank)
+    out = dict(alpha=math.nan, r2=math.nan, se=math.nan, intercept=math.nan, lo=a, hi=hi, clipped=hi < b)
+    if hi - a + 1 < 2:
+        return out
+    x, y = np.log(np.arange(a, hi + 1)), np.log(values[a - 1:hi])
+    xc, yc = x - x.mean(), y - y.mean()
+    sxx = (xc ** 2).sum()
+    slope = (xc * yc).sum() / sxx
+    ssr = ((yc - slope * xc) ** 2).sum()
+    sst = (yc ** 2).sum()
+    out.update(alpha=-slope, intercept=y.mean() - slope * x.mean(), r2=1.0 - ssr / sst if sst > 0 else 1.0,
+               se=math.sqrt(ssr / (len(x) - 2) / sxx) if len(x) > 2 else math.nan)
+    return out
+
+
+def normalised(values):
+    """Non-negative part of a spectrum divided by its sum (a distribution over ranks); None if empty."""
+    p = np.clip(np.nan_to_num(values, nan=0.0), 0.0, None)
+    total = p.sum()
+    return p / total if total > 0 and np.isfinite(values).all() else None
+
+
+def rankme(values):
+    """exp(entropy) of the normalised spectrum: the number of equally strong modes it is worth."""
+    p = normalised(values)
+    if p is None:
+        return math.nan
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def participation_ratio(values):
+    """(sum lambda)^2 / sum lambda^2."""
+    p = normalised(values)
+    return math.nan if p is None else float(1.0 / (p ** 2).sum())
+
+
+def stable_rank(values):
+    """sum lambda / lambda_1 (for a covariance: ||X||_F^2 / ||X||_2^2 of the centred data)."""
+    p = normalised(values)
+    return math.nan if p is None else float(1.0 / p.max())
+
+
+def top_share(values, k=10):
+    """Share of the trace in the k leading modes."""
+    p = normalised(values)
+    return math.nan if p is None else float(p[:k].sum())
+
+
+def js_divergence(u, v):
+    """Jensen-Shannon divergence (bits, in [0, 1]) between two spectra, each truncated to their
+    common length and trace-normalised: 0 when the shapes agree, whatever the scale."""
+    k = min(len(u), len(v))
+    p, q = normalised(np.asarray(u)[:k]), normalised(np.asarray(v)[:k])
+    if p is None or q is None:
+        return math.nan
+    m = (p + q) / 2
+
+    def kl(a):
+        nz = a > 0
+        return (a[nz] * np.log2(a[nz] / m[nz])).sum()
+    return float(max(0.0, (kl(p) + kl(q)) / 2))
+
+
+STATS = ("alpha_head", "r2_head", "se_head", "alpha_head_noise", "alpha_tail", "r2_tail", "se_tail",
+         "alpha_tail_noise", "rankme", "pr", "stable_rank", "top10", "valid_rank", "js_prev", "js_first")
+
+
+def spectrum_metrics(values, limit, head, tail, halves=None, half_limits=None, prev=None, first=None):
+    """Every scalar of one spectrum, as {stat: value}. `limit` is the largest meaningful rank (for a
+    covariance of n samples and width d, min(d, n - 1)); `halves` are the spectra of the two halves of
+    the sample, whose alphas differ by sampling noise: alpha_*_noise = |alpha(half 0) - alpha(half 1)| / 2
+    estimates the standard deviation of the full-sample alpha (each half has twice its variance)."""
+    rank = numerical_rank(values, limit)
+    out = {}
+    for name, window in (("head", head), ("tail", tail)):
+        fit = fit_power_law(values, window, rank)
+        out[f"alpha_{name}"], out[f"r2_{name}"], out[f"se_{name}"] = fit["alpha"], fit["r2"], fit["se"]
+        noise = math.nan
+        if halves is not None:
+            a0, a1 = (fit_power_law(h, window, numerical_rank(h, lim))["alpha"] for h, lim in zip(halves, half_limits))
+            noise = abs(a0 - a1) / 2
+        out[f"alpha_{name}_noise"] = noise
+    valid = values[:rank]
+    out.update(rankme=rankme(valid), pr=participation_ratio(valid), stable_rank=stable_rank(valid),
+               top10=top_share(valid), valid_rank=rank,
+               js_prev=js_divergence(values, prev) if prev is not None else math.nan,
+               js_first=js_divergence(values, first) if first is not None else math.nan)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Activation spectra: one forward pass over the probe set, every point at once
+
+
+def default_points(n_layer, sublayers=False):
+    """The embedding, every block output (L{l}.mlp_resid) and `final`; with sublayers, every point."""
+    names = probe_point_names(n_layer)
+    return names if sublayers else [p for p in names if p in ("embed", "final") or p.endswith(".mlp_resid")]
+
+
+def select_points(n_layer, spec="", sublayers=False):
+    """Probe points from a comma-separated list of names or glob patterns ("L0*.attn,final"), or the
+    defaults when spec is empty. Raises ValueError naming an unknown entry and the valid names."""
+    if not spec:
+        return default_points(n_layer, sublayers)
+    names = probe_point_names(n_layer)
+    chosen = set()
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        regex = re.compile("^" + re.escape(item).replace(r"\*", ".*").replace(r"\?", ".") + "$")
+        hits = [p for p in names if regex.match(p)]
+        if not hits:
+            raise ValueError(f"spectra_points: {item!r} matches no probe point; valid names are embed, "
+                             f"L00.{{{','.join(BLOCK_POINTS)}}} ... {names[-2].split('.')[0]}.*, final")
+        chosen.update(hits)
+    return [p for p in names if p in chosen]
+
+
+def is_residual(point):
+    """Residual-stream points, RMS-normalised per token under act_norm="rms" (Spectral Lens protocol)."""
+    return point == "embed" or point.endswith(".attn_resid") or point.endswith(".mlp_resid")
+
+
+@torch.no_grad()
+def activation_stats(model, tokens, points, seq_len, batch_size=16, act_norm="rms", rank=0, world=1):
+    """{point: (half-0 Stats, half-1 Stats)} of the probe set, complete on rank 0 (None elsewhere).
+
+    tokens: 1-D tensor; its first len // seq_len whole sequences are the probe set. Sequences are
+    grouped in fixed batches of `batch_size`, batch b runs on rank b % world, and within a batch
+    even and odd sequences feed the two halves. Every batch is therefore computed identically
+    whatever the number of processes, and only the fp64 merge order differs.
+    The model runs in eval mode (no dropout) without gradients and in full fp32, and is restored to
+    its previous mode, so training RNG, parameters and .grad are untouched."""
+    taps = model.probe_points()
+    device = next(model.parameters()).device
+    n_seq = len(tokens) // seq_len
+    seqs = tokens[: n_seq * seq_len].view(n_seq, seq_len)
+    stats = {p: [None, None] for p in points}
+
+    def accumulate(name, x):
+        x = x.detach().float()
+        if act_norm == "rms" and is_residual(name):
+            x = F.rms_norm(x, (x.size(-1),))
+        for h in (0, 1):
+            rows = x[h::2].reshape(-1, x.size(-1))
+            if len(rows):
+                stats[name][h] = merge_stats(stats[name][h], cov_stats(rows))
+
+    was_training = model.training
+    model.eval()
+    try:
+        with Probe({p: taps[p] for p in points}, accumulate), exact_fp32():
+            for b in range(rank, math.ceil(n_seq / batch_size), world):
+                model.features(seqs[b * batch_size:(b + 1) * batch_size].to(device))
+    finally:
+        model.train(was_training)
+    # A rank that saw no batch does not know the widths: agree on them, then reduce.
+    widths = torch.tensor([next((s.mean.numel() for s in stats[p] if s is not None), 0) for p in points],
+                          device=device)
+    if dist.is_initialized():
+        dist.all_reduce(widths, op=dist.ReduceOp.MAX)
+    out = {}
+    for p, w in zip(points, widths.tolist()):
+        out[p] = tuple(reduce_stats(s if s is not None else empty_stats(w, device)) for s in stats[p])
+    return out if rank == 0 else None
+
+
+def measure_activations(model, tokens, points, seq_len, batch_size=16, act_norm="rms", rank=0, world=1):
+    """Activation spectra on rank 0 as {point: {eig, eig_half0, eig_half1, n, n_half0, n_half1,
+    width, rms}} (eigenvalues fp64 numpy, descending); None on other ranks."""
+    stats = activation_stats(model, tokens, points, seq_len, batch_size, act_norm, rank, world)
+    if stats is None:
+        return None
+    out = {}
+    for p, (h0, h1) in stats.items():
+        full = merge_stats(h0, h1)
+        out[p] = dict(eig=eigenvalues(full), eig_half0=eigenvalues(h0), eig_half1=eigenvalues(h1),
+                      n=full.n, n_half0=h0.n, n_half1=h1.n, width=full.mean.numel(),
+                      rms=act_norm == "rms" and is_residual(p))
+    return out
+
+
+def summarise(spectra, family, head, tail, prev=None, first=None, where=""):
+    """({'<family>/<stat>/<point>': value}, [warnings]) for measured spectra; prev / first are
+    {point: eigenvalues} of the previous and the first evaluation (for js_prev / js_first; without a
+    first, this is the first, and js_first is 0). A point with non-finite values gets NaN metrics and a
+    warning naming it and `where`."""
+    metrics, notes = {}, []
+    for p, s in spectra.items():
+        limit = min(s["width"], s["n"] - 1)
+        if not np.isfinite(s["eig"]).all():
+            notes.append(f"{family} spectrum of {p} {where}: non-finite values; its metrics are NaN")
+            values = dict.fromkeys(STATS, math.nan)
+        else:
+            if limit < s["width"]:
+                notes.append(f"{family} spectrum of {p}: {s['n']} probe tokens for width {s['width']}: the "
+                             f"spectrum is rank-deficient, fits are limited to ranks <= {limit}")
+            values = spectrum_metrics(s["eig"], limit, head, tail, (s["eig_half0"], s["eig_half1"]),
+                                      (min(s["width"], s["n_half0"] - 1), min(s["width"], s["n_half1"] - 1)),
+                                      (prev or {}).get(p), (first or {}).get(p, s["eig"]))
+            rank = values["valid_rank"]
+            if rank == 0:
+                notes.append(f"{family} spectrum of {p}: all values are zero (e.g. a zero-initialised "
+                             "projection); no fits")
+            for name, (a, b) in (("head", head), ("tail", tail)):
+                if 0 < rank < b:
+                    notes.append(f"{family} spectrum of {p}: {name} window [{a}, {b}] clipped to the "
+                                 f"{rank} valid ranks")
+        metrics.update({f"{family}/{k}/{p}": v for k, v in values.items()})
+    return metrics, notes
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Files: npz spectra, the console table, plots
+
+
+def spectra_path(run_dir, family, tokens):
+    return os.path.join(run_dir, "spectra", f"{family}_{tokens:012d}.npz")
+
+
+def save_spectra(path, spectra, meta):
+    """One npz: per point its eigenvalues (`<point>`) and those of the halves (`<point>@half0/1`),
+    plus `meta.<key>` entries (tokens, step, windows, ...). Written atomically."""
+    arrays = {f"meta.{k}": np.asarray(v) for k, v in meta.items()}
+    for p, s in spectra.items():
+        arrays[p] = s["eig"]
+        arrays[f"{p}@half0"], arrays[f"{p}@half1"] = s["eig_half0"], s["eig_half1"]
+        arrays[f"{p}@n"] = np.asarray([s["n"], s["n_half0"], s["n_half1"], s["width"]])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def load_spectra(path):
+    """({point: eigenvalues}, {meta key: value}) of a file written by save_spectra."""
+    with np.load(path) as z:
+        meta = {k[5:]: z[k].item() if z[k].ndim == 0 else z[k].tolist() for k in z.files if k.startswith("meta.")}
+        eig = {k: z[k] for k in z.files if not k.startswith("meta.") and "@" not in k}
+    return eig, meta
+
+
+def spectra_files(run_dir, family):
+    """[(tokens, path)] of a run's saved spectra, by tokens."""
+    files = glob.glob(os.path.join(run_dir, "spectra", f"{family}_*.npz"))
+    return sorted((int(os.path.basename(f)[len(family) + 1:-4]), f) for f in files)
+
+
+def reference_spectra(run_dir, family, tokens):
+    """(previous, first): the saved spectra of the latest evaluation before `tokens` and of the
+    earliest one, as {point: eigenvalues} (None where there is none). Read from disk, so a resumed
+    run or a later checkpoint measurement compares against the same references."""
+    earlier = [(t, f) for t, f in spectra_files(run_dir, family) if t < tokens]
+    if not earlier:
+        return None, None
+    return load_spectra(earlier[-1][1])[0], load_spectra(earlier[0][1])[0]
+
+
+def format_table(metrics, family, points):
+    """A compact console table: one row per point."""
+    def get(stat, p):
+        v = metrics.get(f"{family}/{stat}/{p}", math.nan)
+        return math.nan if v is None else v
+    width = max(len(p) for p in points)
+    lines = [f"  {'point':<{width}}  alpha_head  alpha_tail (+-noise)   R2_head  R2_tail  rankme"]
+    for p in points:
+        lines.append(f"  {p:<{width}}  {get('alpha_head', p):10.3f}  {get('alpha_tail', p):10.3f} "
+                     f"(+-{get('alpha_tail_noise', p):.3f})  {get('r2_head', p):8.3f} {get('r2_tail', p):8.3f} "
+                     f"{get('rankme', p):7.1f}")
+    return "\n".join(lines)
+
+
+def layer_of(point):
+    """Layer index of 'L05.mlp_resid' (5); embed is -1 and final is one past the last layer (None)."""
+    return -1 if point == "embed" else int(point[1:point.index(".")]) if point.startswith("L") else None
+
+
+def save_figure(fig, path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_spectra(path, eig, head, tail, title, max_lines=5):
+    """Log-log eigenvalues against rank for a few points (first, middle and last block outputs, embed
+    and final when present) with the fitted head and tail lines."""
+    plt = pyplot()
+    blocks = [p for p in eig if p.endswith(".mlp_resid")] or [p for p in eig if p not in ("embed", "final")]
+    picks = [p for p in ("embed",) if p in eig] + [blocks[i] for i in sorted({0, len(blocks) // 2, len(blocks) - 1})
+                                                   if blocks] + [p for p in ("final",) if p in eig]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for p in list(dict.fromkeys(picks))[:max_lines]:
+        values = eig[p]
+        rank = numerical_rank(values, len(values))
+        if rank < 2:
+            continue
+        line, = ax.loglog(np.arange(1, rank + 1), values[:rank], lw=1.2, label=p)
+        for window, style in ((head, ":"), (tail, "--")):
+            fit = fit_power_law(values, window, rank)
+            if math.isfinite(fit["alpha"]):
+                i = np.arange(fit["lo"], fit["hi"] + 1)
+                ax.loglog(i, np.exp(fit["intercept"]) * i ** -fit["alpha"], style, color="k", lw=1)
+        line.set_label(f"{p}  (head {fit_power_law(values, head, rank)['alpha']:.2f}, "
+                       f"tail {fit_power_law(values, tail, rank)['alpha']:.2f})")
+    ax.set(xlabel="rank i", ylabel="eigenvalue", title=title)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def plot_alpha_layers(path, metrics, family, points, title):
+    """alpha_head and alpha_tail against layer, one line per kind of point (mlp_resid, attn, ...)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharex=True)
+    kinds = {}
+    for p in points:
+        kinds.setdefault(p.split(".", 1)[1] if "." in p else "embed/final", []).append(p)
+    for ax, stat in zip(axes, ("alpha_head", "alpha_tail")):
+        for kind, ps in kinds.items():
+            xs = [layer_of(p) if layer_of(p) is not None else len(ps) for p in ps]
+            ys = [metrics.get(f"{family}/{stat}/{p}") for p in ps]
+            ax.plot(xs, [math.nan if y is None else y for y in ys], "o-", ms=3, label=kind)
+        ax.set(xlabel="layer (embed = -1)", ylabel=stat, title=stat)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def plot_alpha_tokens(path, run_dir, family, head, tail):
+    """alpha_head and alpha_tail of every block output against tokens, from the run's saved spectra."""
+    plt = pyplot()
+    series = {}
+    for tokens, f in spectra_files(run_dir, family):
+        eig, _ = load_spectra(f)
+        for p, values in eig.items():
+            if p.endswith(".mlp_resid") or "." not in p:
+                rank = numerical_rank(values, len(values))
+                series.setdefault(p, []).append((tokens, fit_power_law(values, head, rank)["alpha"],
+                                                 fit_power_law(values, tail, rank)["alpha"]))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharex=True)
+    cmap = plt.get_cmap("viridis")
+    for k, (p, rows) in enumerate(series.items()):
+        t, ah, at = zip(*rows)
+        color = cmap(k / max(1, len(series) - 1))
+        axes[0].plot(t, ah, ".-", color=color, label=p)
+        axes[1].plot(t, at, ".-", color=color, label=p)
+    for ax, stat in zip(axes, ("alpha_head", "alpha_tail")):
+        ax.set(xlabel="tokens", ylabel=stat, title=stat)
+    axes[1].legend(fontsize=6, ncol=2)
+    save_figure(fig, path)
+
+
+def write_outputs(run_dir, family, tokens, spectra, metrics, meta, head, tail, plots=True):
+    """The npz spectra and the plots of one evaluation into run_dir/spectra and run_dir/plots."""
+    save_spectra(spectra_path(run_dir, family, tokens), spectra, meta)
+    if plots:
+        eig = {p: s["eig"] for p, s in spectra.items()}
+        tag = f"{tokens:012d}"
+        title = f"{family} spectra at {tokens:,} tokens"
+        plot_spectra(os.path.join(run_dir, "plots", f"{family}_spectrum_{tag}.png"), eig, head, tail, title)
+        plot_alpha_layers(os.path.join(run_dir, "plots", f"{family}_alpha_layer_{tag}.png"), metrics, family,
+                          list(spectra), title)
+        plot_alpha_tokens(os.path.join(run_dir, "plots", f"{family}_alpha_tokens.png"), run_dir, family, head, tail)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Command line: the same measurement on a saved checkpoint
+
+
+def parse_window(text):
+    """'10,100' or '(10, 100)' -> (10, 100)."""
+    parts = [p for p in re.split(r"[,\s()\[\]]+", text) if p]
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rank window 'a,b' (e.g. 10,100)")
+    return int(parts[0]), int(parts[1])
+
+
+def check_window(name, window):
+    """A rank window [a, b] needs 1 <= a < b (two ranks at least for a line)."""
+    a, b = window
+    if not (isinstance(a, int) and isinstance(b, int)) or a < 1 or b <= a:
+        raise ValueError(f"{name}={tuple(window)} is not a rank window: need integers 1 <= a < b, "
+                         "e.g. (1, 10) or (10, 100)")
+
+
+def load_checkpoint_model(path, device):
+    """(model in eval mode, checkpoint dict without the weights) from a trainer checkpoint."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} not found (trainer checkpoints are runs/RUN/ckpt/step_*.pt)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt.pop("model"))
+    return model.to(device).eval(), ckpt
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="spectra.py", description=__doc__.split("\n\n")[1])
+    sub = ap.add_subparsers(dest="command", required=True)
+    act = sub.add_parser("act", help="activation spectra of a checkpoint")
+    act.add_argument("--ckpt", required=True, help="trainer checkpoint, runs/RUN/ckpt/step_*.pt")
+    act.add_argument("--data", help="val shard file or glob for the probe set (default: the run's val_files)")
+    act.add_argument("--out", help="directory for spectra/ and plots/ (default: the checkpoint's run directory)")
+    act.add_argument("--tokens", type=int, help="probe tokens (default: the run's spectra_tokens)")
+    act.add_argument("--seq_len", type=int, help="probe sequence length (default: the run's seq_len)")
+    act.add_argument("--points", help="comma-separated probe points or patterns (default: the run's)")
+    act.add_argument("--sublayers", type=int, choices=(0, 1), help="all ten points of every block")
+    act.add_argument("--head", type=parse_window, help="head window a,b (default: the run's spectra_head)")
+    act.add_argument("--tail", type=parse_window, help="tail window a,b, e.g. 10,100 (default: the run's)")
+    act.add_argument("--act_norm", choices=("rms", "none"), help="RMS-normalise residual-stream points")
+    act.add_argument("--batch_size", type=int, help="probe sequences per forward pass")
+    act.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    act.add_argument("--no_plots", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if args.device == "auto" else args.device)
+        model, ckpt = load_checkpoint_model(args.ckpt, device)
+        run = ckpt.get("config", {})
+
+        def setting(arg, key, default):
+            return arg if arg is not None else run.get(key, default)
+        seq_len = setting(args.seq_len, "seq_len", model.cfg.seq_len)
+        n_tokens = setting(args.tokens, "spectra_tokens", 131072)
+        head = tuple(setting(args.head, "spectra_head", (1, 10)))
+        tail = tuple(setting(args.tail, "spectra_tail", (30, 150)))
+        check_window("head", head)
+        check_window("tail", tail)
+        points = select_points(model.cfg.n_layer, setting(args.points, "spectra_points", ""),
+                               bool(setting(args.sublayers, "spectra_sublayers", False)))
+        act_norm = setting(args.act_norm, "spectra_act_norm", "rms")
+        data = setting(args.data, "val_files", None)
+        if data is None:
+            raise ValueError("--data is required: the checkpoint does not name its val_files")
+        tokens = torch.from_numpy(load_prefix(find_shards(data), (n_tokens // seq_len) * seq_len,
+                                              model.cfg.vocab_size, key="--tokens"))
+    except (ValueError, FileNotFoundError, ShardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    out = args.out or os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt)))
+    step, seen = ckpt.get("step", 0), ckpt.get("tokens", 0)
+    spectra = measure_activations(model, tokens, points, seq_len, setting(args.batch_size, "spectra_batch_size", 16),
+                                  act_norm)
+    prev, first = reference_spectra(out, "act", seen)
+    metrics, notes = summarise(spectra, "act", head, tail, prev, first, where=f"in {args.ckpt}")
+    for note in notes:
+        warnings.warn(note, stacklevel=1)
+    meta = dict(step=step, tokens=seen, probe_tokens=len(tokens) // seq_len * seq_len, seq_len=seq_len,
+                head=head, tail=tail, act_norm=act_norm, source=os.path.abspath(args.ckpt))
+    write_outputs(out, "act", seen, spectra, metrics, meta, head, tail, plots=not args.no_plots)
+    print(f"activation spectra of {args.ckpt} (step {step}, {seen:,} tokens) on {meta['probe_tokens']:,} probe tokens:")
+    print(format_table(metrics, "act", points))
+    print(f"wrote {spectra_path(out, 'act', seen)}" + ("" if args.no_plots else f" and plots in {out}/plots"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,414 @@
+import glob
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import spectra
+import train_gpt
+from conftest import REPO, losses, read_metrics, tiny_args
+from data.shards import find_shards, load_prefix
+from model import GPT, make_config
+from train_gpt import ConfigError, load_config, train
+
+VAL = "data/shakespeare/shakespeare_val_*.bin"
+
+
+def probe_tokens(n):
+    return torch.from_numpy(load_prefix(find_shards(VAL), n, 50304))[:n]
+
+
+def random_model(preset="modded", seed=0, **overrides):
+    """A small model with every weight random (zero-initialised projections would make points trivial)."""
+    torch.manual_seed(seed)
+    cfg = make_config(preset, "d12", **{**dict(n_layer=3, n_head=2, n_embd=32, seq_len=16), **overrides})
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
+def rel(a, b):
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+# ---- covariance accumulator ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_accumulator_equals_numpy_covariance_in_any_merge_order(offset, monkeypatch):
+    monkeypatch.setattr(spectra, "CHUNK_ROWS", 97)  # many chunks, uneven last one
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3000, 24, generator=g) * torch.linspace(3, 0.1, 24) + offset).float()
+    expected = np.cov(x.double().numpy(), rowvar=False)
+    parts = list(x.split([700, 1, 1299, 1000]))
+    stats = [spectra.cov_stats(p) for p in parts]
+    orders = ([0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1])
+    merged = []
+    for order in orders:
+        acc = None
+        for i in order:
+            acc = spectra.merge_stats(acc, stats[i])
+        merged.append(spectra.covariance(acc).numpy())
+        assert acc.n == 3000
+        assert rel(merged[-1], expected) < 1e-6  # fp32 products of centred chunks
+    # pairwise merges as a tree instead of a chain
+    tree = spectra.merge_stats(spectra.merge_stats(stats[0], stats[1]), spectra.merge_stats(stats[2], stats[3]))
+    for m in merged[1:] + [spectra.covariance(tree).numpy()]:
+        assert rel(m, merged[0]) < 1e-12  # merge order only changes fp64 round-off
+    assert np.allclose(spectra.merge_stats(None, stats[0]).m2, stats[0].m2)
+
+
+def test_eigenvalues_are_descending_fp64_of_the_covariance():
+    x = torch.randn(500, 10, dtype=torch.float32) * torch.arange(1, 11).float()
+    eig = spectra.eigenvalues(spectra.cov_stats(x))
+    expected = np.sort(np.linalg.eigvalsh(np.cov(x.double().numpy(), rowvar=False)))[::-1]
+    assert eig.dtype == np.float64 and np.all(np.diff(eig) <= 0)
+    assert rel(eig, expected) < 1e-6
+
+
+# ---- fits and metrics ------------------------------------------------------------------------
+
+
+def test_fit_recovers_an_exact_power_law():
+    i = np.arange(1, 301)
+    values = 3.7 * i ** -0.83
+    for window in ((1, 10), (30, 150), (10, 100)):
+        fit = spectra.fit_power_law(values, window)
+        assert fit["alpha"] == pytest.approx(0.83, abs=1e-12)
+        assert fit["r2"] == pytest.approx(1.0, abs=1e-12) and fit["se"] < 1e-12
+        assert math.exp(fit["intercept"]) == pytest.approx(3.7, rel=1e-10) and not fit["clipped"]
+
+
+def test_fit_matches_least_squares_with_r2_and_standard_error():
+    rng = np.random.default_rng(1)
+    values = np.sort(rng.lognormal(size=200))[::-1]
+    fit = spectra.fit_power_law(values, (5, 80))
+    x, y = np.log(np.arange(5, 81)), np.log(values[4:80])
+    X = np.stack([x, np.ones_like(x)], 1)
+    (slope, intercept), (ssr,), _, _ = np.linalg.lstsq(X, y, rcond=None)
+    assert fit["alpha"] == pytest.approx(-slope, rel=1e-10)
+    assert fit["r2"] == pytest.approx(1 - ssr / ((y - y.mean()) ** 2).sum(), rel=1e-10)
+    # OLS: var(slope) = s^2 [(X^T X)^-1]_00 with s^2 = SSR / (n - 2)
+    assert fit["se"] == pytest.approx(math.sqrt(ssr / (len(x) - 2) * np.linalg.inv(X.T @ X)[0, 0]), rel=1e-8)
+
+
+def test_windows_are_clipped_to_the_valid_rank_and_flagged():
+    values = np.arange(50, 0, -1.0)
+    fit = spectra.fit_power_law(values, (30, 150), rank=40)
+    assert (fit["lo"], fit["hi"], fit["clipped"]) == (30, 40, True)
+    assert math.isfinite(fit["alpha"])
+    assert math.isnan(spectra.fit_power_law(values, (30, 150), rank=30)["alpha"])  # one rank: no line
+
+
+def test_fit_recovers_alpha_from_samples_of_a_power_law_covariance():
+    alpha, d, n = 0.8, 256, 40000
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(n, d, generator=g, dtype=torch.float64)
+    x = (z * torch.arange(1, d + 1, dtype=torch.float64) ** (-alpha / 2)).float()
+    half0, half1 = spectra.cov_stats(x[0::2]), spectra.cov_stats(x[1::2])
+    eig = spectra.eigenvalues(spectra.merge_stats(half0, half1))
+    m = spectra.spectrum_metrics(eig, d, (1, 10), (10, 100), halves=(spectra.eigenvalues(half0),
+                                 spectra.eigenvalues(half1)), half_limits=(d, d))
+    assert m["alpha_tail"] == pytest.approx(alpha, abs=0.03)
+    assert m["alpha_head"] == pytest.approx(alpha, abs=0.1)
+    assert 0 < m["alpha_tail_noise"] < 0.03 and m["r2_tail"] > 0.99
+
+
+def test_effective_ranks_and_divergence_against_direct_formulas():
+    flat = np.ones(20)
+    assert spectra.rankme(flat) == pytest.approx(20) and spectra.participation_ratio(flat) == pytest.approx(20)
+    assert spectra.stable_rank(flat) == pytest.approx(20) and spectra.top_share(flat) == pytest.approx(0.5)
+    v = np.array([4.0, 2.0, 1.0, 1.0])
+    p = v / v.sum()
+    assert spectra.rankme(v) == pytest.approx(math.exp(-(p * np.log(p)).sum()))
+    assert spectra.participation_ratio(v) == pytest.approx(64 / 22)
+    assert spectra.stable_rank(v) == pytest.approx(2.0)
+    assert spectra.js_divergence(v, 7 * v) == pytest.approx(0, abs=1e-15)  # shape, not scale
+    assert spectra.js_divergence([1.0, 0.0], [0.0, 1.0]) == pytest.approx(1.0)  # disjoint: 1 bit
+    q = np.array([1.0, 1.0, 1.0, 1.0, 9.0]) / 4  # truncated to the common length 4, renormalised
+    pq, qq = p, np.full(4, 0.25)
+    mid = (pq + qq) / 2
+    expected = 0.5 * (pq * np.log2(pq / mid)).sum() + 0.5 * (qq * np.log2(qq / mid)).sum()
+    assert spectra.js_divergence(v, q) == pytest.approx(expected)
+
+
+# ---- one-pass measurement --------------------------------------------------------------------
+
+
+def manual_gpt2_points(model, idx):
+    """Every probe point of a gpt2-preset model, computed by hand from its weights."""
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    cfg, (B, T) = model.cfg, idx.shape
+    H, D = cfg.n_head, cfg.n_embd // cfg.n_head
+
+    def ln(x, name):
+        mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+        return (x - mu) / torch.sqrt(var + 1e-5) * sd[f"{name}.weight"] + sd[f"{name}.bias"]
+
+    def lin(x, name):
+        return x @ sd[f"{name}.weight"].T + sd[f"{name}.bias"]
+    x = sd["wte.weight"][idx] + sd["wpe.weight"][:T]
+    out = {"embed": x}
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    for layer in range(cfg.n_layer):
+        k, b = f"L{layer:02d}", f"blocks.{layer}"
+        h = out[f"{k}.ln1"] = ln(x, f"{b}.ln_1")
+        q, kk, v = (lin(h, f"{b}.attn.c_{n}").view(B, T, H, D).transpose(1, 2) for n in "qkv")
+        att = (q @ kk.transpose(-1, -2) / math.sqrt(D)).masked_fill(~mask, float("-inf")).softmax(-1)
+        a = out[f"{k}.attn"] = lin((att @ v).transpose(1, 2).reshape(B, T, -1), f"{b}.attn.c_proj")
+        x = out[f"{k}.attn_resid"] = x + a
+        h = out[f"{k}.ln2"] = ln(x, f"{b}.ln_2")
+        f = out[f"{k}.fc"] = lin(h, f"{b}.mlp.c_fc")
+        g = out[f"{k}.act"] = 0.5 * f * (1 + torch.erf(f / math.sqrt(2)))
+        m = out[f"{k}.proj"] = lin(g, f"{b}.mlp.c_proj")
+        x = out[f"{k}.mlp_resid"] = x + m
+    out["final"] = ln(x, "ln_f")
+    return out
+
+
+def test_captured_points_equal_a_manual_forward_pass():
+    model = random_model("gpt2", n_layer=2)
+    idx = probe_tokens(4 * 16).view(4, 16)
+    captured = {}
+    with spectra.Probe(model.probe_points(), lambda name, out: captured.__setitem__(name, out.detach().double())):
+        model.features(idx)
+    manual = manual_gpt2_points(model, idx)
+    assert list(captured) == list(manual) == list(model.probe_points()) and len(manual) == 2 + 2 * 8
+    for name, value in manual.items():
+        assert rel(captured[name], value) < 1e-5, name
+    assert all(not m._forward_hooks for m in model.modules())  # detached on exit
+
+
+def test_one_pass_spectra_equal_an_independent_covariance_of_every_point():
+    model = random_model("gpt2", n_layer=2)
+    tokens = probe_tokens(10 * 16)  # 10 sequences: batches of 4, 4 and 2
+    points = spectra.select_points(2, sublayers=True)
+    got = spectra.measure_activations(model, tokens, points, seq_len=16, batch_size=4, act_norm="rms")
+    manual = manual_gpt2_points(model, tokens.view(10, 16))
+    for p in points:
+        x = manual[p]
+        if spectra.is_residual(p):
+            x = x / torch.sqrt((x ** 2).mean(-1, keepdim=True))
+        halves = [x[0::2].reshape(-1, x.size(-1)).numpy(), x[1::2].reshape(-1, x.size(-1)).numpy()]
+        for key, rows in (("eig", np.concatenate(halves)), ("eig_half0", halves[0]), ("eig_half1", halves[1])):
+            expected = np.linalg.eigvalsh(np.cov(rows, rowvar=False))[::-1]
+            k = spectra.numerical_rank(expected, len(expected))
+            assert rel(got[p][key][:k], expected[:k]) < 1e-5, (p, key)
+        assert (got[p]["n"], got[p]["n_half0"], got[p]["n_half1"]) == (160, 80, 80)
+        assert got[p]["width"] == (128 if p.endswith((".fc", ".act")) else 32)
+    assert model.training  # restored
+
+
+def test_measurement_does_not_touch_training_state():
+    model = random_model(dropout=0.2)
+    model.train()
+    rng = torch.get_rng_state()
+    params = [p.detach().clone() for p in model.parameters()]
+    spectra.measure_activations(model, probe_tokens(64), spectra.select_points(3), 16, 2)
+    assert torch.equal(torch.get_rng_state(), rng) and model.training
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_non_finite_activations_give_nan_metrics_and_a_warning_naming_point_and_step():
+    model = random_model()
+    with torch.no_grad():
+        model.blocks[1].mlp.c_fc.weight[0, 0] = float("inf")
+    points = spectra.select_points(3, sublayers=True)
+    act = spectra.measure_activations(model, probe_tokens(64), points, 16, 2)
+    metrics, notes = spectra.summarise(act, "act", (1, 10), (30, 150), where="at step 7")
+    assert math.isfinite(metrics["act/alpha_head/L00.mlp_resid"]) and math.isfinite(metrics["act/rankme/L01.ln2"])
+    assert math.isnan(metrics["act/alpha_head/L01.fc"]) and math.isnan(metrics["act/rankme/final"])
+    assert any("L01.fc at step 7: non-finite" in n for n in notes)
+
+
+def test_too_few_probe_tokens_warn_and_limit_the_fits():
+    model = random_model(n_embd=64, n_head=2)
+    act = spectra.measure_activations(model, probe_tokens(48), ["L01.mlp_resid"], 16, 2)  # 48 tokens < width 64
+    metrics, notes = spectra.summarise(act, "act", (1, 10), (30, 150))
+    assert any("48 probe tokens for width 64" in n and "rank-deficient" in n for n in notes)
+    assert metrics["act/valid_rank/L01.mlp_resid"] <= 47
+    assert any("tail window [30, 150] clipped" in n for n in notes)
+    assert math.isfinite(metrics["act/alpha_tail/L01.mlp_resid"])
+
+
+def test_point_selection_and_unknown_names():
+    assert spectra.select_points(2) == ["embed", "L00.mlp_resid", "L01.mlp_resid", "final"]
+    assert len(spectra.select_points(2, sublayers=True)) == 2 + 2 * 8
+    assert spectra.select_points(12, "L1*.attn,final") == ["L10.attn", "L11.attn", "final"]
+    with pytest.raises(ValueError, match=r"'L00.mlp' matches no probe point; valid names are embed"):
+        spectra.select_points(2, "L00.mlp")
+
+
+DDP_WORKER = """
+import os, sys, numpy as np, torch, torch.distributed as dist
+sys.path.insert(0, {repo!r})
+import spectra
+from test_spectra import probe_tokens, random_model
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+model = random_model("modded")
+points = spectra.select_points(3, sublayers=True)
+act = spectra.measure_activations(model, probe_tokens(11 * 16), points, 16, 2, "rms", rank, world)
+if rank == 0:
+    np.savez({out!r}, **{{k + "|" + p: s[k] for p, s in act.items() for k in ("eig", "eig_half0", "eig_half1")}})
+dist.destroy_process_group()
+"""
+
+
+def test_two_processes_give_the_same_eigenvalues_as_one(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_WORKER.format(repo=REPO, out=str(tmp_path / "ddp.npz")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.join(REPO, "tests")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = spectra.measure_activations(random_model("modded"), probe_tokens(11 * 16),
+                                      spectra.select_points(3, sublayers=True), 16, 2, "rms")
+    ddp = np.load(tmp_path / "ddp.npz")
+    assert len(ddp.files) == 3 * len(one)
+    for p, s in one.items():
+        for key in ("eig", "eig_half0", "eig_half1"):
+            k = spectra.numerical_rank(s[key], len(s[key]))
+            assert k > 0 and rel(ddp[f"{key}|{p}"][:k], s[key][:k]) < 1e-10, (p, key)
+
+
+# ---- in the trainer and on checkpoints -------------------------------------------------------
+
+
+def test_spectra_on_and_off_give_identical_losses(tmp_path):
+    args = tiny_args(tmp_path, max_steps=8, eval_every_tokens=256, dropout=0.1, spectra_sublayers=1)
+    on = read_metrics(train(load_config(args + ["--run_name=on"])))
+    off = read_metrics(train(load_config(args + ["--run_name=off", "--spectra_every=0"])))
+    assert losses(on) == losses(off) and len(losses(on)) == 9  # bitwise, dropout included
+    assert any("act/alpha_tail/L01.act" in r for r in on) and not any("act/alpha_tail/L01.act" in r for r in off)
+
+
+def test_spectra_every_kth_evaluation_and_the_last(tmp_path):
+    run_dir = train(load_config(tiny_args(tmp_path, max_steps=10, eval_every_tokens=128, spectra_every=4)))
+    evals = [r for r in read_metrics(run_dir) if "val_loss" in r]
+    assert [r["step"] for r in evals] == list(range(11))
+    assert [r["step"] for r in evals if "act/alpha_head/embed" in r] == [0, 4, 8, 10]
+
+
+def test_demo_run_writes_metrics_npz_and_plots(tmp_path, capsys):
+    run_dir = train(load_config(tiny_args(tmp_path, max_steps=4, eval_every_tokens=256, spectra_plots=1,
+                                          spectra_tail="5,40", zero_init_proj=0)))
+    evals = [r for r in read_metrics(run_dir) if "val_loss" in r]
+    files = spectra.spectra_files(run_dir, "act")
+    assert [t for t, _ in files] == [0, 256, 512]
+    eig, meta = spectra.load_spectra(files[-1][1])
+    assert meta["tokens"] == 512 and meta["tail"] == [5, 40] and meta["probe_tokens"] == 512
+    last = evals[-1]
+    for p, values in eig.items():  # the logged scalars are the fits of the saved eigenvalues
+        fit = spectra.fit_power_law(values, (5, 40), spectra.numerical_rank(values, 63))
+        assert last[f"act/alpha_tail/{p}"] == pytest.approx(fit["alpha"], rel=1e-12)
+    first_eig, _ = spectra.load_spectra(files[0][1])
+    assert last["act/js_first/L01.mlp_resid"] == pytest.approx(
+        spectra.js_divergence(eig["L01.mlp_resid"], first_eig["L01.mlp_resid"]))
+    assert evals[0]["act/js_first/embed"] == 0 and evals[0]["act/js_prev/embed"] is None
+    plots = sorted(os.path.basename(f) for f in glob.glob(os.path.join(run_dir, "plots", "*.png")))
+    assert "act_alpha_tokens.png" in plots and "act_spectrum_000000000512.png" in plots
+    assert "act_alpha_layer_000000000512.png" in plots
+    out = capsys.readouterr().out
+    assert "alpha_head  alpha_tail" in out and "L01.mlp_resid" in out
+
+
+def test_resumed_run_has_the_same_spectral_metrics(tmp_path, monkeypatch):
+    args = tiny_args(tmp_path, max_steps=8, ckpt_every_tokens=384, eval_every_tokens=256)
+    full = read_metrics(train(load_config(args + ["--run_name=full"])))
+    real_next_step, calls = train_gpt.TrainLoader.next_step, []
+
+    def crash_in_step_6(self, grad_accum):  # after the checkpoint at step 3 and the evaluation at step 4
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt("simulated crash")
+        return real_next_step(self, grad_accum)
+    monkeypatch.setattr(train_gpt.TrainLoader, "next_step", crash_in_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(args + ["--run_name=part"]))
+    monkeypatch.setattr(train_gpt.TrainLoader, "next_step", real_next_step)
+    part_dir = os.path.join(tmp_path, "part")
+    train(load_config(args + ["--run_name=part", "--resume=1"]))
+    assert os.listdir(os.path.join(part_dir, "spectra", "discarded")) == ["act_000000000512.npz"]
+
+    def evals(records):  # js_prev / js_first come from the saved spectra: they must survive the crash too
+        return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in records if "val_loss" in r]
+    assert evals(read_metrics(part_dir)) == evals(full) and len(evals(full)) == 5
+
+
+def test_window_and_point_config_errors():
+    with pytest.raises(ConfigError, match=r"spectra_tail=\(100, 10\) is not a rank window"):
+        load_config(tiny_args("/tmp", spectra_tail="100,10"))
+    with pytest.raises(ConfigError, match=r"spectra_head=\(0, 10\) is not a rank window"):
+        load_config(tiny_args("/tmp", spectra_head="(0,10)"))
+    with pytest.raises(ConfigError, match=r"spectra_tail='10' is not a pair of integers"):
+        load_config(tiny_args("/tmp", spectra_tail="10"))
+    with pytest.raises(ConfigError, match=r"'L5.mlp_resid' matches no probe point"):
+        load_config(tiny_args("/tmp", spectra_points="L5.mlp_resid"))
+    assert load_config(tiny_args("/tmp", spectra_tail="10,100")).spectra_tail == (10, 100)
+
+
+def test_config_file_windows_must_be_integer_pairs(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("spectra_tail = (10, 100.5)\n")
+    with pytest.raises(ConfigError, match=r"c.py: spectra_tail=100.5 is not a valid int"):
+        load_config([str(path)])
+    path.write_text("spectra_tail = [10, 100]\nspectra_head = (2, 8)\n")
+    cfg = load_config([str(path)])
+    assert (cfg.spectra_head, cfg.spectra_tail) == ((2, 8), (10, 100))
+
+
+def test_checkpoint_command_writes_the_same_spectra_as_the_trainer(tmp_path):
+    run_dir = train(load_config(tiny_args(tmp_path, max_steps=4, eval_every_tokens=-1, spectra_every=1,
+                                          ckpt_every_tokens=0)))
+    assert spectra.spectra_files(run_dir, "act") == []  # no evaluations in this run
+    ckpt, = train_gpt.checkpoints(run_dir)
+    out = tmp_path / "measured"
+    r = subprocess.run([sys.executable, "spectra.py", "act", "--ckpt", ckpt, "--data", VAL, "--out", str(out),
+                        "--tail", "5,40"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "L01.mlp_resid" in r.stdout and "alpha_tail" in r.stdout
+    (tokens, path), = spectra.spectra_files(str(out), "act")
+    assert tokens == 4 * 4 * 32
+    got, meta = spectra.load_spectra(path)
+    assert meta["tail"] == [5, 40] and meta["step"] == 4
+    model, _ = spectra.load_checkpoint_model(ckpt, torch.device("cpu"))
+    again = spectra.measure_activations(model, probe_tokens(512), list(got), 32, 4, "rms")
+    for p in got:
+        np.testing.assert_array_equal(got[p], again[p]["eig"])
+    assert os.path.exists(out / "plots" / "act_alpha_tokens.png")
+
+
+def test_checkpoint_command_errors_name_the_problem(tmp_path):
+    r = subprocess.run([sys.executable, "spectra.py", "act", "--ckpt", str(tmp_path / "nope.pt")], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "nope.pt' not found" in r.stderr
+    r = subprocess.run([sys.executable, "spectra.py", "act", "--ckpt", "x.pt", "--tail", "5"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "is not a rank window" in r.stderr
+
+
+def test_rms_normalisation_applies_to_residual_points_only():
+    model = random_model()
+    tokens = probe_tokens(64)
+    points = ["L00.attn_resid", "L00.fc"]
+    on = spectra.measure_activations(model, tokens, points, 16, 2, "rms")
+    off = spectra.measure_activations(model, tokens, points, 16, 2, "none")
+    assert on["L00.attn_resid"]["rms"] and not on["L00.fc"]["rms"]
+    np.testing.assert_array_equal(on["L00.fc"]["eig"], off["L00.fc"]["eig"])
+    captured = {}
+    model.eval()
+    with spectra.Probe({"x": model.probe_points()["L00.attn_resid"]}, lambda n, o: captured.setdefault(n, o)):
+        with torch.no_grad():
+            model.features(tokens.view(4, 16))
+    x = F.rms_norm(captured["x"], (32,)).reshape(-1, 32).double().numpy()
+    expected = np.linalg.eigvalsh(np.cov(x, rowvar=False))[::-1]
+    assert rel(on["L00.attn_resid"]["eig"], expected) < 1e-5
