@@ -98,7 +98,7 @@ def test_resume_refuses_a_different_model(tmp_path):
 
 
 def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
-    common = tiny_args(tmp_path, max_steps=8, batch_size=8, eval_every_tokens=1024)
+    common = tiny_args(tmp_path, max_steps=8, batch_size=8, eval_every_tokens=1024, zero_init_proj=0)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "train_gpt.py", *common, "--run_name=ddp2", "--device_batch_size=2"],
@@ -109,6 +109,12 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
     assert [x[:2] for x in a] == [x[:2] for x in b] and len(a) == 7
     for (_, _, x), (_, _, y) in zip(a, b):
         assert y == pytest.approx(x, rel=1e-5)
+    # the spectra of the initial weights (identical in both runs): DDP reduces exact statistics
+    (t1, f1), (t2, f2) = (spectra.spectra_files(d, "act")[0] for d in (one, os.path.join(tmp_path, "ddp2")))
+    (e1, _), (e2, _) = spectra.load_spectra(f1), spectra.load_spectra(f2)
+    assert t1 == t2 == 0 and list(e1) == list(e2) == ["embed", "L00.mlp_resid", "L01.mlp_resid", "final"]
+    for p in e1:
+        assert abs(e1[p] - e2[p]).max() <= 1e-10 * e1[p][0], p
 
 
 def wandb_records(run_dir):
