@@ -16,7 +16,6 @@ Both times come from the same run on the same device, so the figure is a ratio, 
 Goals (issue 3): <= 10% for cpu_demo on CPU, <= 2% for d12 on one GPU.
 """
 
-import glob
 import json
 import os
 import statistics
@@ -29,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import spectra  # noqa: E402
 import train_gpt  # noqa: E402
+from train_throughput import bench_config  # noqa: E402
 
 
 def spectral_evals_at_cadence(cfg, n_steps, tokens_per_step):
@@ -64,17 +64,7 @@ def timed(fn, times, device):
 
 
 def main(argv):
-    steps, args = 40, []
-    for a in argv:
-        if a.startswith("--steps="):
-            steps = int(a.split("=", 1)[1])
-        else:
-            args.append(a)
-    cfg = train_gpt.load_config(args)
-    if not glob.glob(cfg.train_files) or not glob.glob(cfg.val_files):
-        print(f"note: {cfg.train_files} not found; reading the embedded corpus instead")
-        cfg.train_files = "data/shakespeare/shakespeare_train_*.bin"
-        cfg.val_files = "data/shakespeare/shakespeare_val_*.bin"
+    cfg, steps = bench_config(argv, steps=40)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tokens_per_step = cfg.batch_size * cfg.seq_len
     full_steps = train_gpt.total_steps(cfg)

@@ -60,8 +60,9 @@ def measured_matmul_flops(device, n=8192, reps=10):
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
-def main(argv):
-    steps = 300
+def bench_config(argv, steps):
+    """(config, --steps) from CONFIG.py [--steps=N] [--key=value ...]; the embedded corpus stands in
+    for absent shards (speed does not depend on which tokens are read)."""
     args = []
     for a in argv:
         if a.startswith("--steps="):
@@ -73,6 +74,11 @@ def main(argv):
         print(f"note: {cfg.train_files} not found; reading the embedded corpus instead")
         cfg.train_files = "data/shakespeare/shakespeare_train_*.bin"
         cfg.val_files = "data/shakespeare/shakespeare_val_*.bin"
+    return cfg, steps
+
+
+def main(argv):
+    cfg, steps = bench_config(argv, steps=300)
     cfg.max_steps, cfg.train_tokens = steps, 0
     cfg.log_every = max(1, steps // 20)
     cfg.eval_every_tokens, cfg.ckpt_every_tokens = -1, -1

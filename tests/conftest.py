@@ -20,6 +20,22 @@ def tiny_args(out_dir, **overrides):
     return [DEMO] + [f"--{k}={v}" for k, v in args.items()]
 
 
+def crash_in_step(monkeypatch, args, n):
+    """Run train_gpt on `args` until the loader is asked for step n's batch, then raise as a crash would."""
+    import train_gpt
+    real_next_step, calls = train_gpt.TrainLoader.next_step, []
+
+    def crashing(self, grad_accum):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt("simulated crash")
+        return real_next_step(self, grad_accum)
+    monkeypatch.setattr(train_gpt.TrainLoader, "next_step", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train_gpt.train(train_gpt.load_config(args))
+    monkeypatch.setattr(train_gpt.TrainLoader, "next_step", real_next_step)
+
+
 def read_metrics(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]

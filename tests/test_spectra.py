@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import spectra
 import train_gpt
-from conftest import REPO, losses, read_metrics, tiny_args
+from conftest import REPO, crash_in_step, losses, read_metrics, tiny_args
 from data.shards import find_shards, load_prefix
 from model import GPT, make_config
 from train_gpt import ConfigError, load_config, train
@@ -324,17 +324,7 @@ def test_demo_run_writes_metrics_npz_and_plots(tmp_path, capsys):
 def test_resumed_run_has_the_same_spectral_metrics(tmp_path, monkeypatch):
     args = tiny_args(tmp_path, max_steps=8, ckpt_every_tokens=384, eval_every_tokens=256)
     full = read_metrics(train(load_config(args + ["--run_name=full"])))
-    real_next_step, calls = train_gpt.TrainLoader.next_step, []
-
-    def crash_in_step_6(self, grad_accum):  # after the checkpoint at step 3 and the evaluation at step 4
-        calls.append(1)
-        if len(calls) == 6:
-            raise KeyboardInterrupt("simulated crash")
-        return real_next_step(self, grad_accum)
-    monkeypatch.setattr(train_gpt.TrainLoader, "next_step", crash_in_step_6)
-    with pytest.raises(KeyboardInterrupt):
-        train(load_config(args + ["--run_name=part"]))
-    monkeypatch.setattr(train_gpt.TrainLoader, "next_step", real_next_step)
+    crash_in_step(monkeypatch, args + ["--run_name=part"], 6)  # after the checkpoint at step 3, the eval at 4
     part_dir = os.path.join(tmp_path, "part")
     train(load_config(args + ["--run_name=part", "--resume=1"]))
     assert os.listdir(os.path.join(part_dir, "spectra", "discarded")) == ["act_000000000512.npz"]

@@ -9,7 +9,7 @@ import torch
 
 import spectra
 import train_gpt
-from conftest import REPO, losses, read_metrics, tiny_args
+from conftest import REPO, crash_in_step, losses, read_metrics, tiny_args
 from data.shards import load_prefix
 from train_gpt import load_config, train
 
@@ -58,18 +58,7 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, monkeypatch)
     args = tiny_args(tmp_path, max_steps=16, ckpt_every_tokens=768, eval_every_tokens=640, log_every=2, dropout=0.1)
     full = read_metrics(train(load_config(args + ["--run_name=full"])))
 
-    real_next_step = train_gpt.TrainLoader.next_step
-    calls = []
-
-    def crash_in_step_11(self, grad_accum):  # after the checkpoint at step 6, and after metrics at 8, 10
-        calls.append(1)
-        if len(calls) == 11:
-            raise KeyboardInterrupt("simulated crash")
-        return real_next_step(self, grad_accum)
-    monkeypatch.setattr(train_gpt.TrainLoader, "next_step", crash_in_step_11)
-    with pytest.raises(KeyboardInterrupt):
-        train(load_config(args + ["--run_name=part"]))
-    monkeypatch.setattr(train_gpt.TrainLoader, "next_step", real_next_step)
+    crash_in_step(monkeypatch, args + ["--run_name=part"], 11)  # after the checkpoint at step 6, metrics at 8, 10
     part_dir = os.path.join(tmp_path, "part")
     assert [os.path.basename(p) for p in train_gpt.checkpoints(part_dir)] == ["step_00000006.pt"]
     assert read_metrics(part_dir)[-1]["step"] == 10  # lines past the checkpoint exist before resuming
