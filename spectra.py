@@ -445,9 +445,9 @@ def format_table(metrics, family, points):
     return "\n".join(lines)
 
 
-def layer_of(point):
-    """Layer index of 'L05.mlp_resid' (5); embed is -1 and final is one past the last layer (None)."""
-    return -1 if point == "embed" else int(point[1:point.index(".")]) if point.startswith("L") else None
+def layer_of(point, n_layer):
+    """x position of a point in plots against layer: embed -1, L05.* 5, final n_layer."""
+    return -1 if point == "embed" else n_layer if point == "final" else int(point[1:point.index(".")])
 
 
 def save_figure(fig, path):
@@ -471,7 +471,7 @@ def plot_spectra(path, eig, head, tail, title, max_lines=5):
     blocks = [p for p in eig if p.endswith(".mlp_resid")] or [p for p in eig if p not in ("embed", "final")]
     picks = [p for p in ("embed",) if p in eig] + [blocks[i] for i in sorted({0, len(blocks) // 2, len(blocks) - 1})
                                                    if blocks] + [p for p in ("final",) if p in eig]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
     for p in list(dict.fromkeys(picks))[:max_lines]:
         values = eig[p]
         rank = numerical_rank(values, len(values))
@@ -491,18 +491,20 @@ def plot_spectra(path, eig, head, tail, title, max_lines=5):
 
 
 def plot_alpha_layers(path, metrics, family, points, title):
-    """alpha_head and alpha_tail against layer, one line per kind of point (mlp_resid, attn, ...)."""
+    """alpha_head and alpha_tail against layer, one line per kind of point (mlp_resid, attn, ...);
+    embed and final as single markers before the first and after the last layer."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharex=True)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharex=True, layout="constrained")
+    n_layer = 1 + max((layer_of(p, 0) for p in points if p not in ("embed", "final")), default=-1)
     kinds = {}
     for p in points:
-        kinds.setdefault(p.split(".", 1)[1] if "." in p else "embed/final", []).append(p)
+        kinds.setdefault(p.split(".", 1)[-1], []).append(p)
     for ax, stat in zip(axes, ("alpha_head", "alpha_tail")):
         for kind, ps in kinds.items():
-            xs = [layer_of(p) if layer_of(p) is not None else len(ps) for p in ps]
             ys = [metrics.get(f"{family}/{stat}/{p}") for p in ps]
-            ax.plot(xs, [math.nan if y is None else y for y in ys], "o-", ms=3, label=kind)
-        ax.set(xlabel="layer (embed = -1)", ylabel=stat, title=stat)
+            ax.plot([layer_of(p, n_layer) for p in ps], [math.nan if y is None else y for y in ys], "o-", ms=3,
+                    label=kind)
+        ax.set(xlabel="layer (embed = -1, final = L)", ylabel=stat, title=stat)
     axes[1].legend(fontsize=7)
     fig.suptitle(title)
     save_figure(fig, path)
@@ -519,7 +521,7 @@ def plot_alpha_tokens(path, run_dir, family, head, tail):
                 rank = numerical_rank(values, len(values))
                 series.setdefault(p, []).append((tokens, fit_power_law(values, head, rank)["alpha"],
                                                  fit_power_law(values, tail, rank)["alpha"]))
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharex=True)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharex=True, layout="constrained")
     cmap = plt.get_cmap("viridis")
     for k, (p, rows) in enumerate(series.items()):
         t, ah, at = zip(*rows)
