@@ -104,6 +104,11 @@ def probe_point_names(n_layer):
     return ["embed", *blocks, "final"]
 
 
+def probe_point_width(name, n_embd):
+    """Width of a probe point's activations: 4d for the MLP hidden points, d elsewhere."""
+    return 4 * n_embd if name.endswith((".fc", ".act")) else n_embd
+
+
 class Norm(nn.Module):
     def __init__(self, dim, kind, bias):
         super().__init__()

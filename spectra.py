@@ -27,6 +27,7 @@ spectra of this model on these tokens" and logs what comes back.
 
 import argparse
 import glob
+import json
 import math
 import os
 import re
@@ -41,10 +42,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data.shards import ShardError, atomic_write, find_shards, load_prefix
-from model import BLOCK_POINTS, GPT, GPTConfig, probe_point_names
+from model import BLOCK_POINTS, GPT, GPTConfig, probe_point_names, probe_point_width
 
 CHUNK_ROWS = 4096  # rows per fp32 product: bounds the fp32 rounding of each chunk's M2
-FP32_EPS = float(np.finfo(np.float32).eps)
+# Eigenvalues below FLOOR * lambda_1 are round-off, not signal. Against fp64, the fp32 products of
+# centred chunks keep eigenvalues above 8 fp32 epsilons (9.5e-7) of lambda_1 within about 0.1%
+# (bench/act_spectra.py: 8e-4 on 98 points of a random 12-layer model; tests/test_spectra.py on
+# steep, rotated and outlier spectra); deeper in the tail the relative error grows to 1% and more.
+FLOOR = 8 * float(np.finfo(np.float32).eps)
 
 # ----------------------------------------------------------------------------------------------
 # 1. Probe
@@ -160,13 +165,12 @@ def eigenvalues(s):
 
 
 def numerical_rank(values, limit):
-    """How many leading values are meaningful: at most `limit` (the rank the sample allows), and
-    above the round-off floor of fp32 products (numpy's matrix_rank convention: largest value times
-    width times fp32 epsilon). Values are descending, so these ranks are a prefix."""
+    """How many leading values are meaningful: at most `limit` (the rank the sample allows) and
+    above the round-off floor FLOOR * lambda_1 of the fp32 products. Values are descending, so these
+    ranks are a prefix."""
     if len(values) == 0 or not np.isfinite(values).all() or values[0] <= 0:
         return 0
-    floor = values[0] * len(values) * FP32_EPS
-    return int(min(limit, np.count_nonzero(values > floor)))
+    return int(min(limit, np.count_nonzero(values > values[0] * FLOOR)))
 
 
 def fit_power_law(values, window, rank=None):
@@ -198,7 +202,8 @@ def normalised(values):
 
 
 def rankme(values):
-    """exp(entropy) of the normalised spectrum: the number of equally strong modes it is worth."""
+    """exp(entropy) of the normalised spectrum: the number of equally strong modes it is worth.
+    Of covariance eigenvalues here (DESIGN.md); RankMe's paper normalises singular values instead."""
     p = normalised(values)
     if p is None:
         return math.nan
@@ -293,6 +298,12 @@ def select_points(n_layer, spec="", sublayers=False):
     return [p for p in names if p in chosen]
 
 
+def stats_memory(points, n_embd):
+    """Bytes of device memory the statistics of these points hold during a measurement: two fp64
+    M2 matrices (the halves) per point."""
+    return sum(2 * 8 * probe_point_width(p, n_embd) ** 2 for p in points)
+
+
 def is_residual(point):
     """Residual-stream points, RMS-normalised per token under act_norm="rms" (Spectral Lens protocol)."""
     return point == "embed" or point.endswith(".attn_resid") or point.endswith(".mlp_resid")
@@ -303,8 +314,8 @@ def activation_stats(model, tokens, points, seq_len, batch_size=16, act_norm="rm
     """{point: (half-0 Stats, half-1 Stats)} of the probe set, complete on rank 0 (None elsewhere).
 
     tokens: 1-D tensor; its first len // seq_len whole sequences are the probe set. Sequences are
-    grouped in fixed batches of `batch_size`, batch b runs on rank b % world, and within a batch
-    even and odd sequences feed the two halves. Every batch is therefore computed identically
+    grouped in fixed batches of `batch_size` and batch b runs on rank b % world; sequences with even
+    and odd index in the probe set feed the two halves. Every batch is therefore computed identically
     whatever the number of processes, and only the fp64 merge order differs.
     The model runs in eval mode (no dropout) without gradients and in full fp32, and is restored to
     its previous mode, so training RNG, parameters and .grad are untouched."""
@@ -313,13 +324,14 @@ def activation_stats(model, tokens, points, seq_len, batch_size=16, act_norm="rm
     n_seq = len(tokens) // seq_len
     seqs = tokens[: n_seq * seq_len].view(n_seq, seq_len)
     stats = {p: [None, None] for p in points}
+    first = [0]  # index of the current batch's first sequence in the probe set
 
     def accumulate(name, x):
         x = x.detach().float()
         if act_norm == "rms" and is_residual(name):
             x = F.rms_norm(x, (x.size(-1),))
         for h in (0, 1):
-            rows = x[h::2].reshape(-1, x.size(-1))
+            rows = x[(h - first[0]) % 2::2].reshape(-1, x.size(-1))
             if len(rows):
                 stats[name][h] = merge_stats(stats[name][h], cov_stats(rows))
 
@@ -328,6 +340,7 @@ def activation_stats(model, tokens, points, seq_len, batch_size=16, act_norm="rm
     try:
         with Probe({p: taps[p] for p in points}, accumulate), exact_fp32():
             for b in range(rank, math.ceil(n_seq / batch_size), world):
+                first[0] = b * batch_size
                 model.features(seqs[b * batch_size:(b + 1) * batch_size].to(device))
     finally:
         model.train(was_training)
@@ -359,9 +372,9 @@ def measure_activations(model, tokens, points, seq_len, batch_size=16, act_norm=
 
 def summarise(spectra, family, head, tail, prev=None, first=None, where=""):
     """({'<family>/<stat>/<point>': value}, [warnings]) for measured spectra; prev / first are
-    {point: eigenvalues} of the previous and the first evaluation (for js_prev / js_first; without a
-    first, this is the first, and js_first is 0). A point with non-finite values gets NaN metrics and a
-    warning naming it and `where`."""
+    {point: eigenvalues} of the previous and the first evaluation (for js_prev / js_first; a point
+    without a first is at its first evaluation, and js_first is 0). A point with non-finite values
+    gets NaN metrics and a warning naming it and `where`."""
     metrics, notes = {}, []
     for p, s in spectra.items():
         limit = min(s["width"], s["n"] - 1)
@@ -408,11 +421,13 @@ def save_spectra(path, spectra, meta):
 
 
 def load_spectra(path):
-    """({point: eigenvalues}, {meta key: value}) of a file written by save_spectra."""
+    """({point: eigenvalues}, {meta key: value}, {point: largest meaningful rank}) of a file written
+    by save_spectra; the rank limit is min(width, n - 1) of the sample behind the spectrum."""
     with np.load(path) as z:
         meta = {k[5:]: z[k].item() if z[k].ndim == 0 else z[k].tolist() for k in z.files if k.startswith("meta.")}
         eig = {k: z[k] for k in z.files if not k.startswith("meta.") and "@" not in k}
-    return eig, meta
+        limits = {k: int(min(z[f"{k}@n"][3], z[f"{k}@n"][0] - 1)) for k in eig if f"{k}@n" in z.files}
+    return eig, meta, limits
 
 
 def spectra_files(run_dir, family):
@@ -421,14 +436,27 @@ def spectra_files(run_dir, family):
     return sorted((int(os.path.basename(f)[len(family) + 1:-4]), f) for f in files)
 
 
-def reference_spectra(run_dir, family, tokens):
-    """(previous, first): the saved spectra of the latest evaluation before `tokens` and of the
-    earliest one, as {point: eigenvalues} (None where there is none). Read from disk, so a resumed
-    run or a later checkpoint measurement compares against the same references."""
-    earlier = [(t, f) for t, f in spectra_files(run_dir, family) if t < tokens]
-    if not earlier:
-        return None, None
-    return load_spectra(earlier[-1][1])[0], load_spectra(earlier[0][1])[0]
+SAME_PROBE = ("probe_tokens", "seq_len", "act_norm")  # meta that must agree for spectra to be compared
+
+
+def reference_spectra(run_dir, family, tokens, meta):
+    """(previous, first) as {point: eigenvalues} for js_prev / js_first, read from the run's saved
+    spectra before `tokens` that were measured on the same probe set (SAME_PROBE in `meta`): the
+    latest evaluation, and per point the earliest evaluation where that point had a non-zero
+    spectrum (zero-initialised projections have none at step 0). Read from disk, so a resumed run
+    compares against the same references as an uninterrupted one."""
+    prev, first = {}, {}
+    earlier = [f for t, f in spectra_files(run_dir, family) if t < tokens]
+    for i, f in enumerate(earlier):
+        eig, their_meta, _ = load_spectra(f)
+        if any(their_meta.get(k) != meta.get(k) for k in SAME_PROBE):
+            continue
+        for p, values in eig.items():
+            if p not in first and numerical_rank(values, len(values)) > 0:
+                first[p] = values
+        if i == len(earlier) - 1:
+            prev = eig
+    return prev, first
 
 
 def format_table(metrics, family, points):
@@ -464,7 +492,7 @@ def pyplot():
     return plt
 
 
-def plot_spectra(path, eig, head, tail, title, max_lines=5):
+def plot_spectra(path, eig, limits, head, tail, title, max_lines=5):
     """Log-log eigenvalues against rank for a few points (first, middle and last block outputs, embed
     and final when present) with the fitted head and tail lines."""
     plt = pyplot()
@@ -474,7 +502,7 @@ def plot_spectra(path, eig, head, tail, title, max_lines=5):
     fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
     for p in list(dict.fromkeys(picks))[:max_lines]:
         values = eig[p]
-        rank = numerical_rank(values, len(values))
+        rank = numerical_rank(values, limits[p])
         if rank < 2:
             continue
         line, = ax.loglog(np.arange(1, rank + 1), values[:rank], lw=1.2, label=p)
@@ -490,12 +518,11 @@ def plot_spectra(path, eig, head, tail, title, max_lines=5):
     save_figure(fig, path)
 
 
-def plot_alpha_layers(path, metrics, family, points, title):
+def plot_alpha_layers(path, metrics, family, points, n_layer, title):
     """alpha_head and alpha_tail against layer, one line per kind of point (mlp_resid, attn, ...);
     embed and final as single markers before the first and after the last layer."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharex=True, layout="constrained")
-    n_layer = 1 + max((layer_of(p, 0) for p in points if p not in ("embed", "final")), default=-1)
     kinds = {}
     for p in points:
         kinds.setdefault(p.split(".", 1)[-1], []).append(p)
@@ -515,10 +542,10 @@ def plot_alpha_tokens(path, run_dir, family, head, tail):
     plt = pyplot()
     series = {}
     for tokens, f in spectra_files(run_dir, family):
-        eig, _ = load_spectra(f)
+        eig, _, limits = load_spectra(f)
         for p, values in eig.items():
             if p.endswith(".mlp_resid") or "." not in p:
-                rank = numerical_rank(values, len(values))
+                rank = numerical_rank(values, limits.get(p, len(values)))  # as in the logged fits
                 series.setdefault(p, []).append((tokens, fit_power_law(values, head, rank)["alpha"],
                                                  fit_power_law(values, tail, rank)["alpha"]))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharex=True, layout="constrained")
@@ -534,16 +561,17 @@ def plot_alpha_tokens(path, run_dir, family, head, tail):
     save_figure(fig, path)
 
 
-def write_outputs(run_dir, family, tokens, spectra, metrics, meta, head, tail, plots=True):
+def write_outputs(run_dir, family, tokens, spectra, metrics, meta, head, tail, n_layer, plots=True):
     """The npz spectra and the plots of one evaluation into run_dir/spectra and run_dir/plots."""
     save_spectra(spectra_path(run_dir, family, tokens), spectra, meta)
     if plots:
         eig = {p: s["eig"] for p, s in spectra.items()}
+        limits = {p: min(s["width"], s["n"] - 1) for p, s in spectra.items()}
         tag = f"{tokens:012d}"
         title = f"{family} spectra at {tokens:,} tokens"
-        plot_spectra(os.path.join(run_dir, "plots", f"{family}_spectrum_{tag}.png"), eig, head, tail, title)
+        plot_spectra(os.path.join(run_dir, "plots", f"{family}_spectrum_{tag}.png"), eig, limits, head, tail, title)
         plot_alpha_layers(os.path.join(run_dir, "plots", f"{family}_alpha_layer_{tag}.png"), metrics, family,
-                          list(spectra), title)
+                          list(spectra), n_layer, title)
         plot_alpha_tokens(os.path.join(run_dir, "plots", f"{family}_alpha_tokens.png"), run_dir, family, head, tail)
 
 
@@ -572,9 +600,20 @@ def load_checkpoint_model(path, device):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} not found (trainer checkpoints are runs/RUN/ckpt/step_*.pt)")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path} is not a trainer checkpoint (no 'model' and 'model_config' entries); "
+                         "checkpoints are written by train_gpt.py to runs/RUN/ckpt/step_*.pt")
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt.pop("model"))
     return model.to(device).eval(), ckpt
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available; use --device cpu")
+    return torch.device(name)
 
 
 def main(argv=None):
@@ -583,11 +622,12 @@ def main(argv=None):
     act = sub.add_parser("act", help="activation spectra of a checkpoint")
     act.add_argument("--ckpt", required=True, help="trainer checkpoint, runs/RUN/ckpt/step_*.pt")
     act.add_argument("--data", help="val shard file or glob for the probe set (default: the run's val_files)")
-    act.add_argument("--out", help="directory for spectra/ and plots/ (default: the checkpoint's run directory)")
+    act.add_argument("--out", help="directory for spectra/ and plots/ (default: RUN/measured/ beside RUN/ckpt/; "
+                                   "the trainer's own RUN/spectra/ is never written)")
     act.add_argument("--tokens", type=int, help="probe tokens (default: the run's spectra_tokens)")
     act.add_argument("--seq_len", type=int, help="probe sequence length (default: the run's seq_len)")
-    act.add_argument("--points", help="comma-separated probe points or patterns (default: the run's)")
-    act.add_argument("--sublayers", type=int, choices=(0, 1), help="all ten points of every block")
+    act.add_argument("--points", help="comma-separated probe points or globs (default: the run's)")
+    act.add_argument("--sublayers", type=int, choices=(0, 1), help="every probe point of every block")
     act.add_argument("--head", type=parse_window, help="head window a,b (default: the run's spectra_head)")
     act.add_argument("--tail", type=parse_window, help="tail window a,b, e.g. 10,100 (default: the run's)")
     act.add_argument("--act_norm", choices=("rms", "none"), help="RMS-normalise residual-stream points")
@@ -596,8 +636,7 @@ def main(argv=None):
     act.add_argument("--no_plots", action="store_true")
     args = ap.parse_args(argv)
     try:
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              "cpu" if args.device == "auto" else args.device)
+        device = pick_device(args.device)
         model, ckpt = load_checkpoint_model(args.ckpt, device)
         run = ckpt.get("config", {})
 
@@ -605,6 +644,13 @@ def main(argv=None):
             return arg if arg is not None else run.get(key, default)
         seq_len = setting(args.seq_len, "seq_len", model.cfg.seq_len)
         n_tokens = setting(args.tokens, "spectra_tokens", 131072)
+        batch_size = setting(args.batch_size, "spectra_batch_size", 16)
+        if not 0 < seq_len <= model.cfg.seq_len:
+            raise ValueError(f"--seq_len {seq_len}: the model takes 1 to {model.cfg.seq_len} tokens per sequence")
+        if n_tokens < 2 * seq_len:
+            raise ValueError(f"--tokens {n_tokens} is less than two sequences of {seq_len} (the two halves)")
+        if batch_size <= 0:
+            raise ValueError(f"--batch_size {batch_size} must be positive")
         head = tuple(setting(args.head, "spectra_head", (1, 10)))
         tail = tuple(setting(args.tail, "spectra_tail", (30, 150)))
         check_window("head", head)
@@ -620,20 +666,23 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    out = args.out or os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt)))
+    out = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))), "measured")
     step, seen = ckpt.get("step", 0), ckpt.get("tokens", 0)
-    spectra = measure_activations(model, tokens, points, seq_len, setting(args.batch_size, "spectra_batch_size", 16),
-                                  act_norm)
-    prev, first = reference_spectra(out, "act", seen)
+    meta = dict(step=step, tokens=seen, probe_tokens=(n_tokens // seq_len) * seq_len, seq_len=seq_len,
+                head=head, tail=tail, act_norm=act_norm, source=os.path.abspath(args.ckpt))
+    spectra = measure_activations(model, tokens, points, seq_len, batch_size, act_norm)
+    prev, first = reference_spectra(out, "act", seen, meta)
     metrics, notes = summarise(spectra, "act", head, tail, prev, first, where=f"in {args.ckpt}")
     for note in notes:
         warnings.warn(note, stacklevel=1)
-    meta = dict(step=step, tokens=seen, probe_tokens=len(tokens) // seq_len * seq_len, seq_len=seq_len,
-                head=head, tail=tail, act_norm=act_norm, source=os.path.abspath(args.ckpt))
-    write_outputs(out, "act", seen, spectra, metrics, meta, head, tail, plots=not args.no_plots)
+    write_outputs(out, "act", seen, spectra, metrics, meta, head, tail, model.cfg.n_layer, plots=not args.no_plots)
+    scalars = os.path.join(out, "spectra", f"act_{seen:012d}.json")
+    text = json.dumps({"step": step, "tokens": seen, **{k: None if isinstance(v, float) and not math.isfinite(v)
+                                                         else v for k, v in metrics.items()}}, indent=1)
+    atomic_write(scalars, lambda f: f.write(text.encode()))
     print(f"activation spectra of {args.ckpt} (step {step}, {seen:,} tokens) on {meta['probe_tokens']:,} probe tokens:")
     print(format_table(metrics, "act", points))
-    print(f"wrote {spectra_path(out, 'act', seen)}" + ("" if args.no_plots else f" and plots in {out}/plots"))
+    print(f"wrote {spectra_path(out, 'act', seen)}, {scalars}" + ("" if args.no_plots else f" and {out}/plots/"))
 
 
 if __name__ == "__main__":

@@ -682,19 +682,33 @@ def evaluate(model, raw, val, probe, cfg, rank, world, device, autocast, spectra
     return metrics, act
 
 
-def log_spectra(run_dir, act, cfg, step, tokens, seen_notes):
+def crossed_multiple(every, tokens, tokens_per_step):
+    """Did the step that ended at `tokens` cross a multiple of `every` (> 0)? (eval/ckpt cadence)"""
+    return every > 0 and tokens // every > (tokens - tokens_per_step) // every
+
+
+def spectral_eval(cfg, step, n_steps, tokens_per_step):
+    """Does the evaluation at `step` measure spectra? Evaluations happen at step 0 and at every step
+    that crosses a multiple of eval_every_tokens; spectra at every spectra_every-th of them (the
+    first included) and at the last step."""
+    index = sum(crossed_multiple(cfg.eval_every_tokens, s * tokens_per_step, tokens_per_step)
+                for s in range(1, step + 1))
+    return cfg.spectra_every > 0 and (index % cfg.spectra_every == 0 or step == n_steps)
+
+
+def log_spectra(run_dir, act, cfg, n_layer, step, tokens, seen_notes):
     """Rank 0: the scalar metrics of measured spectra (for metrics.jsonl and W&B), written to
     spectra/act_<tokens>.npz and plots/, with the console table. Each distinct note warns once."""
     head, tail = cfg.spectra_head, cfg.spectra_tail
-    prev, first = spectra.reference_spectra(run_dir, "act", tokens)
+    meta = dict(step=step, tokens=tokens, probe_tokens=(cfg.spectra_tokens // cfg.seq_len) * cfg.seq_len,
+                seq_len=cfg.seq_len, head=head, tail=tail, act_norm=cfg.spectra_act_norm)
+    prev, first = spectra.reference_spectra(run_dir, "act", tokens, meta)
     metrics, notes = spectra.summarise(act, "act", head, tail, prev, first, where=f"at step {step}")
     for note in notes:
         if note not in seen_notes:
             seen_notes.add(note)
             warnings.warn(note, stacklevel=1)
-    meta = dict(step=step, tokens=tokens, probe_tokens=(cfg.spectra_tokens // cfg.seq_len) * cfg.seq_len,
-                seq_len=cfg.seq_len, head=head, tail=tail, act_norm=cfg.spectra_act_norm)
-    spectra.write_outputs(run_dir, "act", tokens, act, metrics, meta, head, tail, plots=cfg.spectra_plots)
+    spectra.write_outputs(run_dir, "act", tokens, act, metrics, meta, head, tail, n_layer, plots=cfg.spectra_plots)
     print(spectra.format_table(metrics, "act", list(act)))
     return metrics
 
@@ -747,8 +761,11 @@ def train(cfg):
     cfg.device_batch_size, grad_accum = batch_layout(cfg, world)
     n_steps = total_steps(cfg)
     tokens_per_step = cfg.batch_size * cfg.seq_len
+    points = spectra.select_points(gcfg.n_layer, cfg.spectra_points, cfg.spectra_sublayers) if cfg.spectra_every else []
     derived = dict(world_size=world, grad_accum=grad_accum, tokens_per_step=tokens_per_step, total_steps=n_steps,
-                   total_tokens=n_steps * tokens_per_step, lr_factor=round(lr_factor(cfg), 6))
+                   total_tokens=n_steps * tokens_per_step, lr_factor=round(lr_factor(cfg), 6),
+                   spectra_points=len(points),
+                   spectra_memory_gib=round(spectra.stats_memory(points, gcfg.n_embd) / 2**30, 3))
     if cfg.dry_run:
         with torch.device("meta"):
             raw = GPT(gcfg)
@@ -820,6 +837,9 @@ def train(cfg):
 
     t_start, start_step = time.time(), step
 
+    def crossed(every, tokens):
+        return crossed_multiple(every, tokens, tokens_per_step)
+
     def elapsed():
         return elapsed_before + time.time() - t_start  # wall clock of the run, across resumes
 
@@ -836,23 +856,19 @@ def train(cfg):
     def run_eval():
         """Evaluate and log; True when target_val_loss is reached."""
         t0, tokens = time.time(), step * tokens_per_step
-        # spectra at every spectra_every-th evaluation (counted in eval_every_tokens intervals) and the last
-        index = tokens // cfg.eval_every_tokens if cfg.eval_every_tokens > 0 else 0
-        spectral = cfg.spectra_every > 0 and (index % cfg.spectra_every == 0 or step == n_steps)
+        # spectra at every spectra_every-th evaluation (the first included) and at the last step
+        spectral = spectral_eval(cfg, step, n_steps, tokens_per_step)
         metrics, act = evaluate(model, raw, val, probe, cfg, rank, world, device, autocast, spectral)
         if log:
             print(f"step {step:6d}/{n_steps} | tokens {human(tokens)} | val_loss {metrics['val_loss']:.4f} | "
                   f"eval {time.time() - t0:.1f}s")
             if act is not None:
-                metrics.update(log_spectra(run_dir, act, cfg, step, tokens, seen_notes))
+                metrics.update(log_spectra(run_dir, act, cfg, gcfg.n_layer, step, tokens, seen_notes))
             log.log(dict(step=step, tokens=tokens, **metrics, elapsed_s=elapsed()))
         reached = 0 < cfg.target_val_loss and metrics["val_loss"] <= cfg.target_val_loss
         if reached and log:
             print(f"reached target_val_loss={cfg.target_val_loss} at {human(step * tokens_per_step)} tokens")
         return reached
-
-    def crossed(every, tokens):  # did this step's tokens cross a multiple of `every`?
-        return every > 0 and tokens // every > (tokens - tokens_per_step) // every
 
     done = run_eval() if step == 0 and cfg.eval_every_tokens >= 0 else False
     t_interval, interval_step, train_time = time.time(), step, 0.0  # throughput counts training time only

@@ -46,7 +46,7 @@ from data.shards import find_shards, load_prefix  # noqa: E402
 from model import GPT, make_config  # noqa: E402
 
 SCALED_TOLERANCE = 1e-6  # largest |eigenvalue difference| / lambda_1 accepted as "the same spectra"
-ALPHA_TOLERANCE = 1e-4   # largest difference of a fitted exponent
+ALPHA_TOLERANCE = 1e-4   # largest difference of a fitted exponent (its sampling noise is ~1e-2)
 WINDOWS = ((1, 10), (30, 150))  # the trainer's default head and tail windows
 RMS_EPS = float(np.finfo(np.float32).eps)  # F.rms_norm's default eps for fp32 activations
 

@@ -32,19 +32,12 @@ from train_throughput import bench_config  # noqa: E402
 
 
 def spectral_evals_at_cadence(cfg, n_steps, tokens_per_step):
-    """How many evaluations of a full run measure spectra, by the trainer's rule: evaluations at the
-    start, at every crossing of eval_every_tokens and at the end; spectra at every spectra_every-th
-    (counted in eval_every_tokens intervals) and at the last."""
-    if cfg.eval_every_tokens < 0 or cfg.spectra_every == 0:
+    """How many evaluations of a full run measure spectra, by the trainer's own rule."""
+    if cfg.eval_every_tokens < 0:
         return 0
-    count = 1  # step 0
-    for step in range(1, n_steps + 1):
-        tokens, every = step * tokens_per_step, cfg.eval_every_tokens
-        crossed = every > 0 and tokens // every > (tokens - tokens_per_step) // every
-        if step == n_steps or crossed:
-            index = tokens // every if every > 0 else 0
-            count += index % cfg.spectra_every == 0 or step == n_steps
-    return count
+    evals = [0] + [s for s in range(1, n_steps + 1) if s == n_steps or
+                   train_gpt.crossed_multiple(cfg.eval_every_tokens, s * tokens_per_step, tokens_per_step)]
+    return sum(train_gpt.spectral_eval(cfg, s, n_steps, tokens_per_step) for s in evals)
 
 
 def timed(fn, times, device):

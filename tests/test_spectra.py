@@ -1,4 +1,5 @@
 import glob
+import json
 import math
 import os
 import subprocess
@@ -173,16 +174,63 @@ def manual_gpt2_points(model, idx):
     return out
 
 
-def test_captured_points_equal_a_manual_forward_pass():
-    model = random_model("gpt2", n_layer=2)
+def manual_modded_points(model, idx):
+    """Every probe point of a modded-preset model (rotary, RMS norms, QK-norm, relu^2, value
+    embeddings, U-net skips), computed by hand from its weights."""
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    cfg, (B, T) = model.cfg, idx.shape
+    L, H, D = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
+
+    def rms(x):
+        return x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + torch.finfo(torch.float64).eps)
+
+    def rotate(x):  # (B, H, T, D): channel pairs (i, i + D/2) rotated by t / base^(2i/D)
+        freq = cfg.rope_base ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+        angle = torch.arange(T, dtype=torch.float64)[:, None] * freq
+        x1, x2 = x[..., :D // 2], x[..., D // 2:]
+        return torch.cat([x1 * angle.cos() + x2 * angle.sin(), x2 * angle.cos() - x1 * angle.sin()], -1)
+    x = sd["wte.weight"][idx]
+    out = {"embed": x}
+    n_ve, skips = min(3, L // 2), []
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    for layer in range(L):
+        k, b = f"L{layer:02d}", f"blocks.{layer}"
+        if layer >= L - L // 2:
+            x = x + sd["skip_weights"][layer - (L - L // 2)] * skips.pop()
+        h = out[f"{k}.ln1"] = rms(x)
+        q, kk, v = (h @ sd[f"{b}.attn.c_{n}.weight"].T for n in "qkv")
+        q, kk = (rotate(rms(t.view(B, T, H, D)).transpose(1, 2)) for t in (q, kk))
+        table = layer if layer < n_ve else layer - (L - n_ve) if layer >= L - n_ve else None
+        if table is not None:
+            lam = sd[f"{b}.attn.ve_lambdas"]
+            v = lam[0] * v + lam[1] * sd[f"value_embeds.{table}.weight"][idx]
+        v = v.view(B, T, H, D).transpose(1, 2)
+        att = (q @ kk.transpose(-1, -2) / math.sqrt(D)).masked_fill(~mask, float("-inf")).softmax(-1)
+        a = out[f"{k}.attn"] = (att @ v).transpose(1, 2).reshape(B, T, -1) @ sd[f"{b}.attn.c_proj.weight"].T
+        x = out[f"{k}.attn_resid"] = x + a
+        h = out[f"{k}.ln2"] = rms(x)
+        f = out[f"{k}.fc"] = h @ sd[f"{b}.mlp.c_fc.weight"].T
+        g = out[f"{k}.act"] = torch.relu(f) ** 2
+        m = out[f"{k}.proj"] = g @ sd[f"{b}.mlp.c_proj.weight"].T
+        x = out[f"{k}.mlp_resid"] = x + m
+        if layer < L // 2:
+            skips.append(x)
+    out["final"] = rms(x)
+    return out
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "modded"])
+def test_captured_points_equal_a_manual_forward_pass(preset):
+    model = random_model(preset, n_layer=6) if preset == "modded" else random_model(preset, n_layer=2)
     idx = probe_tokens(4 * 16).view(4, 16)
     captured = {}
     with spectra.Probe(model.probe_points(), lambda name, out: captured.__setitem__(name, out.detach().double())):
         model.features(idx)
-    manual = manual_gpt2_points(model, idx)
-    assert list(captured) == list(manual) == list(model.probe_points()) and len(manual) == 2 + 2 * 8
+    manual = (manual_modded_points if preset == "modded" else manual_gpt2_points)(model, idx)
+    assert list(captured) == list(manual) == list(model.probe_points())
+    assert len(manual) == 2 + model.cfg.n_layer * 8
     for name, value in manual.items():
-        assert rel(captured[name], value) < 1e-5, name
+        assert rel(captured[name], value) < 1e-4, name
     assert all(not m._forward_hooks for m in model.modules())  # detached on exit
 
 
@@ -257,7 +305,10 @@ rank, world = dist.get_rank(), dist.get_world_size()
 model = random_model("modded")
 points = spectra.select_points(3, sublayers=True)
 act = spectra.measure_activations(model, probe_tokens(11 * 16), points, 16, 2, "rms", rank, world)
+# 3 sequences in one batch of 4: rank 1 has no batch at all
+lone = spectra.measure_activations(model, probe_tokens(3 * 16), ["L01.fc"], 16, 4, "rms", rank, world)
 if rank == 0:
+    act["lone"] = lone["L01.fc"]
     np.savez({out!r}, **{{k + "|" + p: s[k] for p, s in act.items() for k in ("eig", "eig_half0", "eig_half1")}})
 dist.destroy_process_group()
 """
@@ -270,8 +321,9 @@ def test_two_processes_give_the_same_eigenvalues_as_one(tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    one = spectra.measure_activations(random_model("modded"), probe_tokens(11 * 16),
-                                      spectra.select_points(3, sublayers=True), 16, 2, "rms")
+    model = random_model("modded")
+    one = spectra.measure_activations(model, probe_tokens(11 * 16), spectra.select_points(3, sublayers=True), 16, 2)
+    one["lone"] = spectra.measure_activations(model, probe_tokens(3 * 16), ["L01.fc"], 16, 4)["L01.fc"]
     ddp = np.load(tmp_path / "ddp.npz")
     assert len(ddp.files) == 3 * len(one)
     for p, s in one.items():
@@ -304,13 +356,14 @@ def test_demo_run_writes_metrics_npz_and_plots(tmp_path, capsys):
     evals = [r for r in read_metrics(run_dir) if "val_loss" in r]
     files = spectra.spectra_files(run_dir, "act")
     assert [t for t, _ in files] == [0, 256, 512]
-    eig, meta = spectra.load_spectra(files[-1][1])
+    eig, meta, limits = spectra.load_spectra(files[-1][1])
     assert meta["tokens"] == 512 and meta["tail"] == [5, 40] and meta["probe_tokens"] == 512
     last = evals[-1]
     for p, values in eig.items():  # the logged scalars are the fits of the saved eigenvalues
-        fit = spectra.fit_power_law(values, (5, 40), spectra.numerical_rank(values, 63))
+        assert limits[p] == 64  # min(width 64, 512 probe tokens - 1)
+        fit = spectra.fit_power_law(values, (5, 40), spectra.numerical_rank(values, limits[p]))
         assert last[f"act/alpha_tail/{p}"] == pytest.approx(fit["alpha"], rel=1e-12)
-    first_eig, _ = spectra.load_spectra(files[0][1])
+    first_eig, _, _ = spectra.load_spectra(files[0][1])
     assert last["act/js_first/L01.mlp_resid"] == pytest.approx(
         spectra.js_divergence(eig["L01.mlp_resid"], first_eig["L01.mlp_resid"]))
     assert evals[0]["act/js_first/embed"] == 0 and evals[0]["act/js_prev/embed"] is None
@@ -357,24 +410,28 @@ def test_config_file_windows_must_be_integer_pairs(tmp_path):
 
 
 def test_checkpoint_command_writes_the_same_spectra_as_the_trainer(tmp_path):
-    run_dir = train(load_config(tiny_args(tmp_path, max_steps=4, eval_every_tokens=-1, spectra_every=1,
-                                          ckpt_every_tokens=0)))
-    assert spectra.spectra_files(run_dir, "act") == []  # no evaluations in this run
+    run_dir = train(load_config(tiny_args(tmp_path, max_steps=4, eval_every_tokens=0, ckpt_every_tokens=0,
+                                          spectra_tail="5,40")))
     ckpt, = train_gpt.checkpoints(run_dir)
-    out = tmp_path / "measured"
-    r = subprocess.run([sys.executable, "spectra.py", "act", "--ckpt", ckpt, "--data", VAL, "--out", str(out),
-                        "--tail", "5,40"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "spectra.py", "act", "--ckpt", ckpt, "--data", VAL], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "L01.mlp_resid" in r.stdout and "alpha_tail" in r.stdout
-    (tokens, path), = spectra.spectra_files(str(out), "act")
-    assert tokens == 4 * 4 * 32
-    got, meta = spectra.load_spectra(path)
-    assert meta["tail"] == [5, 40] and meta["step"] == 4
-    model, _ = spectra.load_checkpoint_model(ckpt, torch.device("cpu"))
-    again = spectra.measure_activations(model, probe_tokens(512), list(got), 32, 4, "rms")
+    out = os.path.join(run_dir, "measured")  # the default: beside ckpt/, never the trainer's own spectra/
+    (tokens, path), = spectra.spectra_files(out, "act")
+    trained = dict(spectra.spectra_files(run_dir, "act"))
+    assert tokens == 4 * 4 * 32 and set(trained) == {0, tokens}
+    got, meta, _ = spectra.load_spectra(path)
+    mine, _, _ = spectra.load_spectra(trained[tokens])
+    assert meta["tail"] == [5, 40] and meta["step"] == 4 and list(got) == list(mine)
     for p in got:
-        np.testing.assert_array_equal(got[p], again[p]["eig"])
-    assert os.path.exists(out / "plots" / "act_alpha_tokens.png")
+        np.testing.assert_array_equal(got[p], mine[p])
+    with open(os.path.join(out, "spectra", f"act_{tokens:012d}.json")) as f:
+        scalars = json.load(f)
+    last = read_metrics(run_dir)[-1]
+    for key in ("act/alpha_tail/L01.mlp_resid", "act/rankme/embed", "act/r2_head/final"):
+        assert scalars[key] == last[key]
+    assert os.path.exists(os.path.join(out, "plots", "act_alpha_tokens.png"))
 
 
 def test_checkpoint_command_errors_name_the_problem(tmp_path):
@@ -384,6 +441,11 @@ def test_checkpoint_command_errors_name_the_problem(tmp_path):
     r = subprocess.run([sys.executable, "spectra.py", "act", "--ckpt", "x.pt", "--tail", "5"], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "is not a rank window" in r.stderr
+    bogus = tmp_path / "bogus.pt"
+    torch.save({"weights": torch.zeros(2)}, bogus)
+    r = subprocess.run([sys.executable, "spectra.py", "act", "--ckpt", str(bogus)], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "is not a trainer checkpoint" in r.stderr
 
 
 def test_rms_normalisation_applies_to_residual_points_only():
@@ -402,3 +464,47 @@ def test_rms_normalisation_applies_to_residual_points_only():
     x = F.rms_norm(captured["x"], (32,)).reshape(-1, 32).double().numpy()
     expected = np.linalg.eigvalsh(np.cov(x, rowvar=False))[::-1]
     assert rel(on["L00.attn_resid"]["eig"], expected) < 1e-5
+
+
+@pytest.mark.parametrize("alpha, outlier", [(2.0, 100.0), (3.0, 1.0), (4.0, 1.0)])
+def test_steep_and_outlier_spectra_keep_their_accurate_ranks(alpha, outlier):
+    d, n = 256, 8192
+    g = torch.Generator().manual_seed(0)
+    scales = torch.arange(1, d + 1, dtype=torch.float64) ** (-alpha / 2)
+    scales[0] *= math.sqrt(outlier)  # one direction `outlier` times stronger in variance
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))  # rotated off the axes
+    x = ((torch.randn(n, d, generator=g, dtype=torch.float64) * scales) @ q.T).float()
+    eig = spectra.eigenvalues(spectra.cov_stats(x))
+    exact = np.linalg.eigvalsh(np.cov(x.double().numpy(), rowvar=False))[::-1]
+    rank = spectra.numerical_rank(eig, d)
+    assert rank == np.count_nonzero(exact > spectra.FLOOR * exact[0]) or abs(rank - np.count_nonzero(
+        exact > spectra.FLOOR * exact[0])) <= 1  # the floor cuts the exact spectrum at the same place
+    assert rank >= {2.0: 90, 3.0: 90, 4.0: 28}[alpha]  # down to ~1e-6 of lambda_1 (outlier included)
+    assert np.all(np.abs(eig[:rank] / exact[:rank] - 1) < 0.002)  # every kept eigenvalue within 0.2%
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_halves_alternate_over_the_whole_probe_set(batch_size):
+    model = random_model()
+    act = spectra.measure_activations(model, probe_tokens(7 * 16), ["L00.mlp_resid"], 16, batch_size)
+    s = act["L00.mlp_resid"]
+    assert (s["n_half0"], s["n_half1"]) == (4 * 16, 3 * 16)  # sequences 0,2,4,6 and 1,3,5
+    metrics, _ = spectra.summarise(act, "act", (1, 10), (11, 30))
+    assert math.isfinite(metrics["act/alpha_tail_noise/L00.mlp_resid"])
+
+
+def test_js_first_uses_the_first_evaluation_where_a_point_has_a_spectrum(tmp_path):
+    meta = dict(probe_tokens=64, seq_len=16, act_norm="rms")
+    zero, grown, later = np.zeros(8), np.arange(8, 0, -1.0), np.arange(8, 0, -1.0) ** 2
+
+    def save(tokens, spectrum):
+        s = dict(eig=spectrum, eig_half0=spectrum, eig_half1=spectrum, n=64, n_half0=32, n_half1=32, width=8)
+        spectra.save_spectra(spectra.spectra_path(str(tmp_path), "act", tokens), {"L00.attn": s}, meta)
+    save(0, zero)
+    save(100, grown)
+    save(150, later)
+    prev, first = spectra.reference_spectra(str(tmp_path), "act", 200, meta)
+    np.testing.assert_array_equal(first["L00.attn"], grown)
+    np.testing.assert_array_equal(prev["L00.attn"], later)
+    prev, first = spectra.reference_spectra(str(tmp_path), "act", 200, {**meta, "probe_tokens": 128})
+    assert prev == {} and first == {}  # another probe set: nothing to compare with

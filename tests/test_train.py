@@ -100,7 +100,7 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
         assert y == pytest.approx(x, rel=1e-5)
     # the spectra of the initial weights (identical in both runs): DDP reduces exact statistics
     (t1, f1), (t2, f2) = (spectra.spectra_files(d, "act")[0] for d in (one, os.path.join(tmp_path, "ddp2")))
-    (e1, _), (e2, _) = spectra.load_spectra(f1), spectra.load_spectra(f2)
+    (e1, _, _), (e2, _, _) = spectra.load_spectra(f1), spectra.load_spectra(f2)
     assert t1 == t2 == 0 and list(e1) == list(e2) == ["embed", "L00.mlp_resid", "L01.mlp_resid", "final"]
     for p in e1:
         assert abs(e1[p] - e2[p]).max() <= 1e-10 * e1[p][0], p
