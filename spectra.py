@@ -161,7 +161,10 @@ def eigenvalues(s):
     width = s.mean.numel()
     if s.n < 2 or not torch.isfinite(s.m2).all():
         return np.full(width, np.nan)
-    return torch.linalg.eigvalsh(covariance(s)).flip(0).cpu().numpy()
+    try:
+        return torch.linalg.eigvalsh(covariance(s)).flip(0).cpu().numpy()
+    except torch.linalg.LinAlgError:  # did not converge: report NaN metrics rather than stop the run
+        return np.full(width, np.nan)
 
 
 def numerical_rank(values, limit):

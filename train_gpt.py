@@ -92,7 +92,7 @@ class Config:
     spectra_tokens: int = 131_072      # probe set: the first this-many val tokens, the same at every evaluation
     spectra_batch_size: int = 16       # probe sequences per forward pass; a fixed unit, so any GPU count agrees
     spectra_points: str = ""           # "" -> embed, every L{l}.mlp_resid, final; or names/globs "L0*.attn,final"
-    spectra_sublayers: bool = False    # with spectra_points="": all ten points of every block (4d-wide ones too)
+    spectra_sublayers: bool = False    # with spectra_points="": every probe point of every block (4d-wide ones too)
     spectra_head: tuple[int, int] = (1, 10)    # rank windows [a, b] of the power-law fits;
     spectra_tail: tuple[int, int] = (30, 150)  # (10, 100) is the earlier protocol's tail
     spectra_act_norm: str = "rms"      # rms: RMS-normalise residual-stream points per token | none
