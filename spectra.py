@@ -42,7 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data.shards import ShardError, atomic_write, find_shards, load_prefix
-from model import BLOCK_POINTS, GPT, GPTConfig, probe_point_names, probe_point_width
+from model import BLOCK_POINTS, GPT, GPTConfig, layer_key, probe_point_names, probe_point_width
 
 CHUNK_ROWS = 4096  # rows per fp32 product: bounds the fp32 rounding of each chunk's M2
 # Eigenvalues below FLOOR * lambda_1 are round-off, not signal. Against fp64, the fp32 products of
@@ -380,16 +380,18 @@ def summarise(spectra, family, head, tail, prev=None, first=None, where=""):
     gets NaN metrics and a warning naming it and `where`."""
     metrics, notes = {}, []
     for p, s in spectra.items():
-        limit = min(s["width"], s["n"] - 1)
+        limit = s.get("limit", min(s["width"], s["n"] - 1))  # a covariance loses one rank to centring
         if not np.isfinite(s["eig"]).all():
             notes.append(f"{family} spectrum of {p} {where}: non-finite values; its metrics are NaN")
             values = dict.fromkeys(STATS, math.nan)
         else:
-            if limit < s["width"]:
+            if limit < s["width"] and "limit" not in s:  # a covariance from fewer tokens than its width
                 notes.append(f"{family} spectrum of {p}: {s['n']} probe tokens for width {s['width']}: the "
                              f"spectrum is rank-deficient, fits are limited to ranks <= {limit}")
-            values = spectrum_metrics(s["eig"], limit, head, tail, (s["eig_half0"], s["eig_half1"]),
-                                      (min(s["width"], s["n_half0"] - 1), min(s["width"], s["n_half1"] - 1)),
+            halves = (s["eig_half0"], s["eig_half1"]) if "eig_half0" in s else None
+            half_limits = (s.get("limit_half0", min(s["width"], s.get("n_half0", 0) - 1)),
+                           s.get("limit_half1", min(s["width"], s.get("n_half1", 0) - 1)))
+            values = spectrum_metrics(s["eig"], limit, head, tail, halves, half_limits,
                                       (prev or {}).get(p), (first or {}).get(p, s["eig"]))
             rank = values["valid_rank"]
             if rank == 0:
@@ -404,6 +406,285 @@ def summarise(spectra, family, head, tail, prev=None, first=None, where=""):
 
 
 # ----------------------------------------------------------------------------------------------
+# 4b. Per-example gradient spectra: batched passes, no per-example backward
+#
+# One example is one sequence, its loss the mean cross-entropy over its tokens. For a Linear
+# y = x W^T the gradient of example i is g_i = vec(B_i^T A_i), A_i (T x d_in) the layer's inputs
+# and B_i (T x d_out) the loss gradient at its outputs. Sequences in a batch do not interact, so
+# one backward of the summed per-sequence losses yields every B_i at once; torch.autograd.grad
+# asks only for the outputs of the chosen layers, so no parameter gradient is computed, .grad is
+# never written, and nothing below the lowest chosen layer runs backward. The spectrum is that of
+# G = [g_1; ...; g_n]: singular values = sqrt(eig(K)), K = G G^T (n x n, fp64).
+#
+# DDP: probe batch b runs on rank b % world, so every g_i is computed exactly as in one process;
+# the rows of G are then all-gathered and K is formed on rank 0 in sample order. Exchanging G
+# (n x P per matrix, bounded by grad_spectra_max_gb per pass) is simple and exact; splitting the
+# matrices between ranks instead would leave every rank running every sample.
+
+LINEAR_NAMES = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def default_layers(n_layer, k=5):
+    """k evenly spaced layers, the first and the last included."""
+    return sorted({round(i * (n_layer - 1) / (k - 1)) for i in range(k)}) if n_layer > 1 else [0]
+
+
+def select_linears(model_names, n_layer, matrices="attn.c_proj", layers=""):
+    """Names like 'L05.attn.c_proj' for the chosen matrices ('attn.c_proj,mlp.c_proj') in the chosen
+    layers ('' = 5 evenly spaced, 'all', or '0,5,11'). ValueError names what does not exist."""
+    kinds = [m.strip() for m in matrices.split(",") if m.strip()]
+    for m in kinds:
+        if m not in LINEAR_NAMES:
+            raise ValueError(f"grad_matrices: {m!r} is not a matrix of a block; valid names are "
+                             f"{', '.join(LINEAR_NAMES)}")
+    if layers in ("", None):
+        idx = default_layers(n_layer)
+    elif layers == "all":
+        idx = list(range(n_layer))
+    else:
+        try:
+            idx = sorted({int(v) for v in str(layers).split(",") if v.strip()})
+        except ValueError:
+            raise ValueError(f"grad_layers={layers!r}: expected '', 'all' or layer numbers like '0,5,11'") from None
+        if not idx or idx[0] < 0 or idx[-1] >= n_layer:
+            raise ValueError(f"grad_layers={layers!r}: layers run from 0 to {n_layer - 1}")
+    names = [f"{layer_key(i, n_layer)}.{m}" for i in idx for m in kinds]
+    missing = [n for n in names if n not in model_names]
+    if missing:
+        raise ValueError(f"no matrix {missing[0]!r} in this model; valid names look like {sorted(model_names)[:3]}")
+    return names
+
+
+def per_example_outputs(model, linears, idx, targets):
+    """{name: (A, B)} for one batch: each Linear's input A (b, T, d_in) and the gradient B (b, T,
+    d_out) of every sequence's own mean loss at its output, from one forward and one backward."""
+    captured = {}
+
+    def keep(name, inp, out):
+        captured[name] = (inp[0].detach(), out)
+    handles = [m.register_forward_hook(lambda _m, inp, out, name=name: keep(name, inp, out))
+               for name, m in linears.items()]
+    try:
+        with torch.enable_grad():
+            logits, _ = model(idx)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+            per_sequence = loss.view(idx.shape).mean(1).sum()  # d/d out_i of this = grad of loss_i alone
+            outs = [captured[n][1] for n in linears]
+            grads = torch.autograd.grad(per_sequence, outs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (captured[n][0].double(), g.detach().double()) for n, g in zip(linears, grads)}
+
+
+def per_example_rows(A, B, rows):
+    """Per-example gradients restricted to output units `rows` (a slice): (b, |rows| * d_in)."""
+    return torch.einsum("bto,bti->boi", B[:, :, rows], A).flatten(1)
+
+
+def token_gram(Ai, Bi, Aj, Bj):
+    """<g_i, g_j> for every pair of a batch i and a batch j without forming g: the sum over token
+    pairs of (A_i A_j^T) * (B_i B_j^T), cheaper than materialising g when T^2 (d_in + d_out) is
+    small against d_in d_out."""
+    return (torch.einsum("itd,jsd->ijts", Ai, Aj) * torch.einsum("ite,jse->ijts", Bi, Bj)).sum((2, 3))
+
+
+def gram_method(n, T, d_in, d_out, method="auto"):
+    """'token_gram' or 'materialise' by a FLOP estimate: pairs x T^2 (d_in + d_out) against
+    n T d_in d_out to build G plus pairs x d_in d_out for K."""
+    if method != "auto":
+        return method
+    pairs = n * (n + 1) / 2
+    return "token_gram" if pairs * T * T * (d_in + d_out) < n * T * d_in * d_out + pairs * d_in * d_out \
+        else "materialise"
+
+
+def gather_rows(rows, index, n, rank, world):
+    """The rows this rank computed (with their sample indices) assembled in sample order on every
+    rank: (n, width). One process: just the reordering."""
+    if world > 1:
+        count = torch.tensor([len(index)], device=rows.device)
+        counts = [torch.zeros_like(count) for _ in range(world)]
+        dist.all_gather(counts, count)
+        most = max(int(c) for c in counts)
+        pad = torch.zeros(most, rows.size(1), dtype=rows.dtype, device=rows.device)
+        pad[:len(index)] = rows
+        idx = torch.full((most,), -1, dtype=torch.long, device=rows.device)
+        idx[:len(index)] = torch.tensor(index, device=rows.device)
+        all_rows, all_idx = [torch.zeros_like(pad) for _ in range(world)], [torch.zeros_like(idx) for _ in range(world)]
+        dist.all_gather(all_rows, pad)
+        dist.all_gather(all_idx, idx)
+        rows, index = torch.cat(all_rows), torch.cat(all_idx)
+        keep = index >= 0
+        rows, index = rows[keep], index[keep]
+    else:
+        index = torch.tensor(index, device=rows.device)
+    out = torch.zeros(n, rows.size(1), dtype=rows.dtype, device=rows.device)
+    out[index] = rows
+    return out
+
+
+@torch.no_grad()
+def gradient_grams(model, tokens, names, seq_len, n_samples, batch_size=8, max_gb=8.0, method="auto",
+                   rank=0, world=1):
+    """{name: K} (n x n fp64, on rank 0; None elsewhere): the Gram of the per-example gradients of
+    each named Linear over the first n_samples sequences of `tokens` (windows of seq_len + 1).
+    Materialised G is built in column blocks of output units, as many per pass over the probe set
+    as max_gb allows, so the whole of G is held only when it fits. The model is used in eval mode
+    and restored; parameters, .grad and RNG are untouched."""
+    linears_all = model.linears()
+    linears = {n: linears_all[n] for n in names}
+    device = next(model.parameters()).device
+    windows = tokens[: n_samples * seq_len + 1].unfold(0, seq_len + 1, seq_len)[:n_samples]
+    n = len(windows)
+    batches = [list(range(b, min(b + batch_size, n))) for b in range(0, n, batch_size)]
+    mine = [batches[b] for b in range(rank, len(batches), world)]
+    grams = {}
+    budget = max(1, int(max_gb * 2 ** 30 / 8))  # fp64 entries of G held at once
+    jobs, token = [], []
+    for name, lin in linears.items():
+        d_out, d_in = lin.weight.shape
+        if gram_method(n, seq_len, d_in, d_out, method) == "token_gram":
+            token.append(name)
+            continue
+        step = max(1, min(d_out, budget // max(1, n * d_in)))
+        jobs += [(name, slice(o, min(o + step, d_out))) for o in range(0, d_out, step)]
+    # group column blocks into passes that fit the budget
+    passes, current, used = [], [], 0
+    for name, rows in jobs:
+        size = n * (rows.stop - rows.start) * linears[name].weight.shape[1]
+        if current and used + size > budget:
+            passes.append(current)
+            current, used = [], 0
+        current.append((name, rows))
+        used += size
+    if current or token:
+        passes.append(current)
+    was_training = model.training
+    model.eval()
+    try:
+        for p, job_list in enumerate(passes):
+            need = {name for name, _ in job_list} | (set(token) if p == 0 else set())
+            pass_linears = {k: v for k, v in linears.items() if k in need}
+            blocks = {j: [] for j in range(len(job_list))}
+            index = []
+            saved = {name: [] for name in token} if p == 0 else {}
+            for batch in mine:
+                w = windows[batch].to(device)
+                ab = per_example_outputs(model, pass_linears, w[:, :-1], w[:, 1:])
+                index += batch
+                for j, (name, rows) in enumerate(job_list):
+                    blocks[j].append(per_example_rows(*ab[name], rows))
+                for name in saved:
+                    saved[name].append(ab[name])
+            for j, (name, rows) in enumerate(job_list):
+                G = gather_rows(torch.cat(blocks[j]), index, n, rank, world)
+                blocks[j] = None
+                if rank == 0:
+                    grams[name] = grams.get(name, 0) + G @ G.T
+            for name in saved:
+                A = gather_rows(torch.cat([a for a, _ in saved[name]]).flatten(1), index, n, rank, world)
+                B = gather_rows(torch.cat([b for _, b in saved[name]]).flatten(1), index, n, rank, world)
+                if rank == 0:
+                    d_out, d_in = linears[name].weight.shape
+                    A, B = A.view(n, seq_len, d_in), B.view(n, seq_len, d_out)
+                    K = torch.zeros(n, n, dtype=torch.float64, device=device)
+                    for i in range(0, n, batch_size):
+                        for j in range(0, n, batch_size):
+                            K[i:i + batch_size, j:j + batch_size] = token_gram(
+                                A[i:i + batch_size], B[i:i + batch_size], A[j:j + batch_size], B[j:j + batch_size])
+                    grams[name] = K
+    finally:
+        model.train(was_training)
+    return grams if rank == 0 else None
+
+
+def gram_spectrum(K):
+    """Singular values of G from K = G G^T: sqrt of its eigenvalues (fp64), descending; NaN if K is not finite."""
+    if not torch.isfinite(K).all():
+        return np.full(len(K), np.nan)
+    return np.sqrt(np.clip(torch.linalg.eigvalsh(K).flip(0).cpu().numpy(), 0.0, None))
+
+
+def noise_scale(K):
+    """Gradient noise scale B_simple = tr(Sigma) / |mean g|^2 from the Gram alone: |mean g|^2 =
+    sum(K) / n^2 and tr(Sigma) = (tr K - n |mean g|^2) / (n - 1), the unbiased per-example covariance."""
+    n = len(K)
+    mean_sq = K.sum().item() / n ** 2
+    trace = (torch.trace(K).item() - n * mean_sq) / (n - 1)
+    return trace / mean_sq if mean_sq > 0 else math.nan
+
+
+def measure_gradients(model, tokens, names, seq_len, n_samples, batch_size=8, max_gb=8.0, method="auto",
+                      rank=0, world=1):
+    """Gradient spectra on rank 0 as {name: {eig (singular values), eig_half0, eig_half1, n, ...,
+    width, limit..., noise_scale}} in the form summarise() takes; None on other ranks. The halves
+    are the even and odd samples: sub-Grams of the same K, no extra pass."""
+    grams = gradient_grams(model, tokens, names, seq_len, n_samples, batch_size, max_gb, method, rank, world)
+    if grams is None:
+        return None
+    out = {}
+    for name, K in grams.items():
+        n, P = len(K), model.linears()[name].weight.numel()
+        out[name] = dict(eig=gram_spectrum(K), eig_half0=gram_spectrum(K[0::2, 0::2]),
+                         eig_half1=gram_spectrum(K[1::2, 1::2]), n=n, n_half0=(n + 1) // 2, n_half1=n // 2,
+                         width=P, limit=min(n, P), limit_half0=min((n + 1) // 2, P), limit_half1=min(n // 2, P),
+                         noise_scale=noise_scale(K))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 4c. Weight spectra (no data)
+
+
+def density_exponent(values):
+    """WeightWatcher-style power-law fit of the eigenvalue density p(lambda) ~ lambda^-a of the
+    eigenvalues lambda = sigma^2: for each candidate x_min the maximum-likelihood exponent
+    a = 1 + k / sum log(lambda / x_min) over the k values >= x_min, keeping the x_min whose fit has
+    the smallest Kolmogorov-Smirnov distance (Clauset, Shalizi & Newman). Returns (a, x_min, ks).
+    For a rank-ordered decay lambda_i ~ i^-r the density exponent is a = 1 + 1/r."""
+    lam = np.sort(np.asarray(values, dtype=np.float64))
+    lam = lam[lam > 0]
+    best = (math.nan, math.nan, math.inf)
+    for k in range(len(lam) - 1):  # candidate x_min = lam[k]; at least 2 values in the tail
+        tail = lam[k:]
+        logs = np.log(tail / tail[0])
+        if logs.sum() <= 0:
+            continue
+        a = 1 + len(tail) / logs.sum()
+        empirical = np.arange(1, len(tail) + 1) / len(tail)
+        model_cdf = 1 - (tail / tail[0]) ** (1 - a)
+        ks = float(np.max(np.abs(empirical - model_cdf)))
+        if ks < best[2]:
+            best = (float(a), float(tail[0]), ks)
+    return best
+
+
+def measure_weights(model, names):
+    """{name: {eig (singular values, fp64, descending), n, width, limit, density: (a, x_min, ks)}}."""
+    out = {}
+    for name in names:
+        W = model.linears()[name].weight.detach().double()
+        sv = torch.linalg.svdvals(W).cpu().numpy()
+        out[name] = dict(eig=sv, n=len(sv), width=len(sv), limit=len(sv), density=density_exponent(sv ** 2))
+    return out
+
+
+def extra_metrics(family, spectra):
+    """Scalars beyond the rank fits: grad/noise_scale/<m>; weight/alpha_density, density_xmin and
+    density_ks/<m> (the density exponent, distinct from the rank exponent alpha_*: a = 1 + 1/alpha)."""
+    out = {}
+    for name, s in spectra.items():
+        if "noise_scale" in s:
+            out[f"{family}/noise_scale/{name}"] = s["noise_scale"]
+        if "density" in s:
+            a, x_min, ks = s["density"]
+            out.update({f"{family}/alpha_density/{name}": a, f"{family}/density_xmin/{name}": x_min,
+                        f"{family}/density_ks/{name}": ks})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # 5. Files: npz spectra, the console table, plots
 
 
@@ -412,13 +693,16 @@ def spectra_path(run_dir, family, tokens):
 
 
 def save_spectra(path, spectra, meta):
-    """One npz: per point its eigenvalues (`<point>`) and those of the halves (`<point>@half0/1`),
-    plus `meta.<key>` entries (tokens, step, windows, ...). Written atomically."""
+    """One npz: per point its eigen- or singular values (`<point>`), those of the halves
+    (`<point>@half0/1`), `<point>@n` = [n, n_half0, n_half1, width, largest meaningful rank], plus
+    `meta.<key>` entries (tokens, step, windows, ...). Written atomically."""
     arrays = {f"meta.{k}": np.asarray(v) for k, v in meta.items()}
     for p, s in spectra.items():
         arrays[p] = s["eig"]
-        arrays[f"{p}@half0"], arrays[f"{p}@half1"] = s["eig_half0"], s["eig_half1"]
-        arrays[f"{p}@n"] = np.asarray([s["n"], s["n_half0"], s["n_half1"], s["width"]])
+        if "eig_half0" in s:
+            arrays[f"{p}@half0"], arrays[f"{p}@half1"] = s["eig_half0"], s["eig_half1"]
+        limit = s.get("limit", min(s["width"], s["n"] - 1))
+        arrays[f"{p}@n"] = np.asarray([s["n"], s.get("n_half0", 0), s.get("n_half1", 0), s["width"], limit])
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
@@ -429,7 +713,7 @@ def load_spectra(path):
     with np.load(path) as z:
         meta = {k[5:]: z[k].item() if z[k].ndim == 0 else z[k].tolist() for k in z.files if k.startswith("meta.")}
         eig = {k: z[k] for k in z.files if not k.startswith("meta.") and "@" not in k}
-        limits = {k: int(min(z[f"{k}@n"][3], z[f"{k}@n"][0] - 1)) for k in eig if f"{k}@n" in z.files}
+        limits = {k: int(z[f"{k}@n"][4]) for k in eig if f"{k}@n" in z.files}
     return eig, meta, limits
 
 
@@ -541,13 +825,15 @@ def plot_alpha_layers(path, metrics, family, points, n_layer, title):
 
 
 def plot_alpha_tokens(path, run_dir, family, head, tail):
-    """alpha_head and alpha_tail of every block output against tokens, from the run's saved spectra."""
+    """alpha_head and alpha_tail against tokens from the run's saved spectra: every block output (and
+    embed, final) for activations, every matrix for gradients and weights."""
     plt = pyplot()
     series = {}
     for tokens, f in spectra_files(run_dir, family):
         eig, _, limits = load_spectra(f)
+        blocks_only = any(p.endswith(".mlp_resid") for p in eig)  # activations: block outputs, embed, final
         for p, values in eig.items():
-            if p.endswith(".mlp_resid") or "." not in p:
+            if not blocks_only or p.endswith(".mlp_resid") or "." not in p:
                 rank = numerical_rank(values, limits.get(p, len(values)))  # as in the logged fits
                 series.setdefault(p, []).append((tokens, fit_power_law(values, head, rank)["alpha"],
                                                  fit_power_law(values, tail, rank)["alpha"]))
@@ -569,7 +855,7 @@ def write_outputs(run_dir, family, tokens, spectra, metrics, meta, head, tail, n
     save_spectra(spectra_path(run_dir, family, tokens), spectra, meta)
     if plots:
         eig = {p: s["eig"] for p, s in spectra.items()}
-        limits = {p: min(s["width"], s["n"] - 1) for p, s in spectra.items()}
+        limits = {p: s.get("limit", min(s["width"], s["n"] - 1)) for p, s in spectra.items()}
         tag = f"{tokens:012d}"
         title = f"{family} spectra at {tokens:,} tokens"
         plot_spectra(os.path.join(run_dir, "plots", f"{family}_spectrum_{tag}.png"), eig, limits, head, tail, title)

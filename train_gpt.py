@@ -97,6 +97,14 @@ class Config:
     spectra_tail: tuple[int, int] = (30, 150)  # (10, 100) is the earlier protocol's tail
     spectra_act_norm: str = "rms"      # rms: RMS-normalise residual-stream points per token | none
     spectra_plots: bool = True         # plots/ at each spectral evaluation
+    # per-example gradient spectra (and the weights' own spectra) of chosen Linear layers
+    grad_spectra_every: int = 1        # at every k-th spectral evaluation (and the last); 0: off
+    grad_samples: int = 512            # examples: the first this-many val sequences, one example each
+    grad_matrices: str = "attn.c_proj" # comma-separated from attn.c_q/c_k/c_v/c_proj, mlp.c_fc/c_proj
+    grad_layers: str = ""              # "" -> 5 evenly spaced layers, first and last included; "all"; or "0,5,11"
+    grad_batch_size: int = 8           # examples per forward/backward (a fixed unit, like spectra_batch_size)
+    grad_spectra_max_gb: float = 8.0   # per-example gradients (fp64) held at once; more goes in column blocks
+    grad_spectra_method: str = "auto"  # auto | materialise | token_gram (see spectra.gram_method)
     # checkpoints
     ckpt_every_tokens: int = 0         # 0: only at the end; -1: never
     ckpt_keep: int = 2                 # most recent checkpoints kept
@@ -108,6 +116,7 @@ class Config:
 
 
 CHOICES = {"device": ("auto", "cpu", "cuda"), "optimizer": ("muon", "adamw"), "spectra_act_norm": ("rms", "none"),
+           "grad_spectra_method": ("auto", "materialise", "token_gram"),
            "lr_scaling": ("none", "sqrt", "linear"), "wandb_mode": ("", "online", "offline", "disabled")}
 MODEL_KEYS = {f.name: f.type for f in dataclasses.fields(GPTConfig) if f.name != "seq_len"}
 TRAIN_KEYS = {k: v for k, v in get_type_hints(Config).items() if k not in ("model", "config_file")}
@@ -226,10 +235,17 @@ def check_config(cfg):
                           "(the probe set is split in two halves for the noise estimate)")
     if cfg.spectra_batch_size <= 0:
         raise ConfigError(f"spectra_batch_size={cfg.spectra_batch_size} must be positive")
+    if cfg.grad_spectra_every < 0 or cfg.grad_batch_size <= 0 or cfg.grad_spectra_max_gb <= 0:
+        raise ConfigError("grad_spectra_every must be >= 0, grad_batch_size and grad_spectra_max_gb positive")
+    if cfg.spectra_every and cfg.grad_spectra_every and cfg.grad_samples < 2:
+        raise ConfigError(f"grad_samples={cfg.grad_samples}: per-example gradient spectra need at least 2 examples")
     if cfg.warmup_frac + cfg.cooldown_frac > 1:
         raise ConfigError(f"warmup_frac + cooldown_frac = {cfg.warmup_frac + cfg.cooldown_frac} exceeds 1")
     try:
-        spectra.select_points(model_config(cfg).n_layer, cfg.spectra_points, cfg.spectra_sublayers)
+        gcfg = model_config(cfg)
+        spectra.select_points(gcfg.n_layer, cfg.spectra_points, cfg.spectra_sublayers)
+        with torch.device("meta"):
+            spectra.select_linears(GPT(gcfg).linears(), gcfg.n_layer, cfg.grad_matrices, cfg.grad_layers)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -670,16 +686,54 @@ def val_loss(model, val, cfg, rank, world, device, autocast):
 
 
 def evaluate(model, raw, val, probe, cfg, rank, world, device, autocast, spectral):
-    """Everything measured at an evaluation: ({"val_loss": ...}, activation spectra or None).
-    The spectra come from `raw`, the uncompiled module (hooks need it), in eval mode without
-    gradients: parameters, .grad, optimizer state, RNG and the data position are untouched."""
+    """Everything measured at an evaluation: ({"val_loss": ...}, {family: spectra}) with families
+    act, grad and weight as `spectral` asks (None on ranks other than 0). Spectra come from `raw`,
+    the uncompiled module (hooks need it), in eval mode: parameters, .grad, optimizer state, RNG
+    and the data position are untouched."""
     metrics = {"val_loss": val_loss(model, val, cfg, rank, world, device, autocast)}
-    act = None
-    if spectral:
+    measured = {}
+    if "act" in spectral:
         points = spectra.select_points(raw.cfg.n_layer, cfg.spectra_points, cfg.spectra_sublayers)
-        act = spectra.measure_activations(raw, probe, points, cfg.seq_len, cfg.spectra_batch_size,
-                                          cfg.spectra_act_norm, rank, world)
-    return metrics, act
+        measured["act"] = spectra.measure_activations(raw, probe, points, cfg.seq_len, cfg.spectra_batch_size,
+                                                      cfg.spectra_act_norm, rank, world)
+    if "grad" in spectral:
+        names = spectra.select_linears(raw.linears(), raw.cfg.n_layer, cfg.grad_matrices, cfg.grad_layers)
+        measured["grad"] = spectra.measure_gradients(raw, probe, names, cfg.seq_len, cfg.grad_samples,
+                                                     cfg.grad_batch_size, cfg.grad_spectra_max_gb,
+                                                     cfg.grad_spectra_method, rank, world)
+        measured["weight"] = spectra.measure_weights(raw, names) if rank == 0 else None
+    return metrics, measured
+
+
+def log_spectra(run_dir, family, measured, cfg, n_layer, step, tokens, seen_notes):
+    """Rank 0: the scalar metrics of one family of measured spectra (for metrics.jsonl and W&B),
+    written to spectra/<family>_<tokens>.npz and plots/, with the console table. Each distinct
+    note warns once."""
+    head, tail = cfg.spectra_head, cfg.spectra_tail
+    n_probe = cfg.spectra_tokens // cfg.seq_len if family == "act" else cfg.grad_samples
+    meta = dict(step=step, tokens=tokens, probe_tokens=n_probe * cfg.seq_len, seq_len=cfg.seq_len, head=head,
+                tail=tail, act_norm=cfg.spectra_act_norm)
+    prev, first = spectra.reference_spectra(run_dir, family, tokens, meta)
+    metrics, notes = spectra.summarise(measured, family, head, tail, prev, first, where=f"at step {step}")
+    metrics.update(spectra.extra_metrics(family, measured))
+    for note in notes:
+        if note not in seen_notes:
+            seen_notes.add(note)
+            warnings.warn(note, stacklevel=1)
+    spectra.write_outputs(run_dir, family, tokens, measured, metrics, meta, head, tail, n_layer,
+                          plots=cfg.spectra_plots)
+    print(f"{family} spectra:\n" + spectra.format_table(metrics, family, list(measured)))
+    return metrics
+
+
+def rewind_spectra(run_dir, tokens):
+    """On resume: spectra saved after the checkpoint move to spectra/discarded/ (they are re-measured)."""
+    later = [f for family in ("act", "grad", "weight") for t, f in spectra.spectra_files(run_dir, family)
+             if t > tokens]
+    if later:
+        os.makedirs(os.path.join(run_dir, "spectra", "discarded"), exist_ok=True)
+    for f in later:
+        os.replace(f, os.path.join(run_dir, "spectra", "discarded", os.path.basename(f)))
 
 
 def crossed_multiple(every, tokens, tokens_per_step):
@@ -688,38 +742,16 @@ def crossed_multiple(every, tokens, tokens_per_step):
 
 
 def spectral_eval(cfg, step, n_steps, tokens_per_step):
-    """Does the evaluation at `step` measure spectra? Evaluations happen at step 0 and at every step
-    that crosses a multiple of eval_every_tokens; spectra at every spectra_every-th of them (the
-    first included) and at the last step."""
+    """Which spectra the evaluation at `step` measures: a subset of {"act", "grad"}. Evaluations
+    happen at step 0 and at every step that crosses a multiple of eval_every_tokens; activation
+    spectra at every spectra_every-th of them (the first included), gradient and weight spectra at
+    every grad_spectra_every-th of those, and both at the last step."""
     index = sum(crossed_multiple(cfg.eval_every_tokens, s * tokens_per_step, tokens_per_step)
                 for s in range(1, step + 1))
-    return cfg.spectra_every > 0 and (index % cfg.spectra_every == 0 or step == n_steps)
-
-
-def log_spectra(run_dir, act, cfg, n_layer, step, tokens, seen_notes):
-    """Rank 0: the scalar metrics of measured spectra (for metrics.jsonl and W&B), written to
-    spectra/act_<tokens>.npz and plots/, with the console table. Each distinct note warns once."""
-    head, tail = cfg.spectra_head, cfg.spectra_tail
-    meta = dict(step=step, tokens=tokens, probe_tokens=(cfg.spectra_tokens // cfg.seq_len) * cfg.seq_len,
-                seq_len=cfg.seq_len, head=head, tail=tail, act_norm=cfg.spectra_act_norm)
-    prev, first = spectra.reference_spectra(run_dir, "act", tokens, meta)
-    metrics, notes = spectra.summarise(act, "act", head, tail, prev, first, where=f"at step {step}")
-    for note in notes:
-        if note not in seen_notes:
-            seen_notes.add(note)
-            warnings.warn(note, stacklevel=1)
-    spectra.write_outputs(run_dir, "act", tokens, act, metrics, meta, head, tail, n_layer, plots=cfg.spectra_plots)
-    print(spectra.format_table(metrics, "act", list(act)))
-    return metrics
-
-
-def rewind_spectra(run_dir, tokens):
-    """On resume: spectra saved after the checkpoint move to spectra/discarded/ (they are re-measured)."""
-    later = [f for t, f in spectra.spectra_files(run_dir, "act") if t > tokens]
-    if later:
-        os.makedirs(os.path.join(run_dir, "spectra", "discarded"), exist_ok=True)
-    for f in later:
-        os.replace(f, os.path.join(run_dir, "spectra", "discarded", os.path.basename(f)))
+    last = step == n_steps
+    act = cfg.spectra_every > 0 and (index % cfg.spectra_every == 0 or last)
+    grad = act and cfg.grad_spectra_every > 0 and (index % (cfg.spectra_every * cfg.grad_spectra_every) == 0 or last)
+    return {family for family, on in (("act", act), ("grad", grad)) if on}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -777,8 +809,12 @@ def train(cfg):
     train_files = open_train_shards(cfg.train_files, tokens_per_step, n_steps * tokens_per_step, rank)
     val = torch.from_numpy(load_prefix(find_shards(cfg.val_files), (cfg.val_tokens // cfg.seq_len) * cfg.seq_len,
                                         gcfg.vocab_size))
-    probe = torch.from_numpy(load_prefix(find_shards(cfg.val_files), (cfg.spectra_tokens // cfg.seq_len) * cfg.seq_len,
-                                         gcfg.vocab_size, key="spectra_tokens")) if cfg.spectra_every else None
+    # one probe slice of the val split serves both: activation spectra read its first spectra_tokens,
+    # gradient spectra its first grad_samples sequences (+1 token for the last target)
+    n_probe = max(cfg.spectra_tokens // cfg.seq_len * cfg.seq_len,
+                  cfg.grad_samples * cfg.seq_len if cfg.grad_spectra_every else 0)
+    probe = torch.from_numpy(load_prefix(find_shards(cfg.val_files), n_probe, gcfg.vocab_size,
+                                         key="spectra_tokens / grad_samples x seq_len")) if cfg.spectra_every else None
     run_dir = resolve_run_dir(cfg, rank)
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     if device.type == "cuda":
@@ -858,12 +894,12 @@ def train(cfg):
         t0, tokens = time.time(), step * tokens_per_step
         # spectra at every spectra_every-th evaluation (the first included) and at the last step
         spectral = spectral_eval(cfg, step, n_steps, tokens_per_step)
-        metrics, act = evaluate(model, raw, val, probe, cfg, rank, world, device, autocast, spectral)
+        metrics, measured = evaluate(model, raw, val, probe, cfg, rank, world, device, autocast, spectral)
         if log:
             print(f"step {step:6d}/{n_steps} | tokens {human(tokens)} | val_loss {metrics['val_loss']:.4f} | "
                   f"eval {time.time() - t0:.1f}s")
-            if act is not None:
-                metrics.update(log_spectra(run_dir, act, cfg, gcfg.n_layer, step, tokens, seen_notes))
+            for family, spec in measured.items():
+                metrics.update(log_spectra(run_dir, family, spec, cfg, gcfg.n_layer, step, tokens, seen_notes))
             log.log(dict(step=step, tokens=tokens, **metrics, elapsed_s=elapsed()))
         reached = 0 < cfg.target_val_loss and metrics["val_loss"] <= cfg.target_val_loss
         if reached and log:

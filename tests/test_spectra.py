@@ -380,7 +380,8 @@ def test_resumed_run_has_the_same_spectral_metrics(tmp_path, monkeypatch):
     crash_in_step(monkeypatch, args + ["--run_name=part"], 6)  # after the checkpoint at step 3, the eval at 4
     part_dir = os.path.join(tmp_path, "part")
     train(load_config(args + ["--run_name=part", "--resume=1"]))
-    assert os.listdir(os.path.join(part_dir, "spectra", "discarded")) == ["act_000000000512.npz"]
+    assert sorted(os.listdir(os.path.join(part_dir, "spectra", "discarded"))) == [
+        f"{family}_000000000512.npz" for family in ("act", "grad", "weight")]
 
     def evals(records):  # js_prev / js_first come from the saved spectra: they must survive the crash too
         return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in records if "val_loss" in r]

@@ -26,6 +26,10 @@ def test_tiny_run_end_to_end(tmp_path):
         assert r["tokens"] == r["step"] * 4 * 32
     points = ["embed", "L00.mlp_resid", "L01.mlp_resid", "final"]
     spectral = {f"act/{stat}/{p}" for stat in spectra.STATS for p in points}
+    mats = ["L00.attn.c_proj", "L01.attn.c_proj"]
+    spectral |= {f"{family}/{stat}/{m}" for family in ("grad", "weight") for stat in spectra.STATS for m in mats}
+    spectral |= {f"grad/noise_scale/{m}" for m in mats}
+    spectral |= {f"weight/{stat}/{m}" for stat in ("alpha_density", "density_xmin", "density_ks") for m in mats}
     assert set(evals[0]) == {"step", "tokens", "val_loss", "elapsed_s"} | spectral
     assert [t for t, _ in spectra.spectra_files(run_dir, "act")] == [r["tokens"] for r in evals]
     assert evals[0]["val_loss"] > 10.5  # ~ln(50304) at initialisation
