@@ -1,0 +1,198 @@
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import spectra
+import train_gpt
+from conftest import REPO, losses, read_metrics, tiny_args
+from test_spectra import probe_tokens, random_model, rel
+from train_gpt import ConfigError, load_config, train
+
+
+def windows(tokens, n, T):
+    return tokens[: n * T + 1].unfold(0, T + 1, T)[:n]
+
+
+def per_example_loop(model, tokens, names, T, n):
+    """The seed protocol: one backward per example, its weight gradients as the rows of G."""
+    weights = {name: model.linears()[name].weight for name in names}
+    rows = {name: [] for name in names}
+    model.eval()
+    for w in windows(tokens, n, T):
+        model.zero_grad(set_to_none=True)
+        logits, _ = model(w[None, :-1])
+        F.cross_entropy(logits[0], w[1:]).backward()
+        for name in names:
+            rows[name].append(weights[name].grad.double().flatten().clone())
+    model.zero_grad(set_to_none=True)
+    return {name: torch.stack(r) for name, r in rows.items()}
+
+
+def singular_values(G):
+    return torch.linalg.svdvals(G).numpy()
+
+
+def test_singular_values_equal_a_batch_size_one_loop():
+    model = random_model(n_layer=3)
+    tokens, T, n = probe_tokens(13 * 16 + 1), 16, 13
+    names = ["L00.attn.c_proj", "L02.attn.c_proj", "L01.mlp.c_fc", "L01.attn.c_q"]
+    got = spectra.measure_gradients(model, tokens, names, T, n, batch_size=5)  # batches of 5, 5, 3
+    assert all(p.grad is None for p in model.parameters())  # no parameter gradient was written
+    for name, G in per_example_loop(model, tokens, names, T, n).items():
+        expected = singular_values(G)
+        k = spectra.numerical_rank(expected, n)
+        assert k == n and rel(got[name]["eig"][:k], expected[:k]) < 1e-5, name
+        assert got[name]["n"] == n and got[name]["width"] == G.shape[1]
+
+
+def test_singular_values_equal_vmap_of_grad():
+    from torch.func import functional_call, grad, vmap
+    model = random_model(n_layer=2).eval()
+    tokens, T, n = probe_tokens(6 * 16 + 1), 16, 6
+    name = "L01.mlp.c_proj"
+    key = "blocks.1.mlp.c_proj.weight"
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_of(weight, x, y):
+        logits, _ = functional_call(model, {**params, key: weight}, (x[None],))
+        return F.cross_entropy(logits[0], y)
+    w = windows(tokens, n, T)
+    G = vmap(grad(loss_of), in_dims=(None, 0, 0))(params[key], w[:, :-1], w[:, 1:]).flatten(1).double()
+    got = spectra.measure_gradients(model, tokens, [name], T, n, batch_size=4)
+    assert rel(got[name]["eig"], singular_values(G)) < 1e-5
+
+
+def test_blocked_token_gram_and_materialised_grams_agree():
+    model = random_model(n_layer=2)
+    tokens, T, n = probe_tokens(10 * 16 + 1), 16, 10
+    names = ["L00.attn.c_proj", "L01.mlp.c_fc"]
+    whole = spectra.gradient_grams(model, tokens, names, T, n, batch_size=4, method="materialise")
+    # 10 x 32 x 8 fp64 entries per block of 8 output rows: several column blocks and passes
+    blocked = spectra.gradient_grams(model, tokens, names, T, n, batch_size=4, max_gb=10 * 32 * 8 * 8 / 2**30,
+                                     method="materialise")
+    tg = spectra.gradient_grams(model, tokens, names, T, n, batch_size=4, method="token_gram")
+    for name in names:
+        assert rel(blocked[name], whole[name]) < 1e-12 and rel(tg[name], whole[name]) < 1e-12
+        assert torch.allclose(whole[name], whole[name].T)
+
+
+def test_gram_method_follows_the_cost_estimate():
+    assert spectra.gram_method(512, 1024, 768, 768) == "materialise"  # long sequences: build G
+    assert spectra.gram_method(64, 4, 3072, 768) == "token_gram"  # short sequences, wide matrix
+    assert spectra.gram_method(64, 4, 3072, 768, "materialise") == "materialise"
+
+
+def test_noise_scale_of_linear_regression_equals_its_closed_form():
+    rng = np.random.default_rng(0)
+    n, d = 200, 5
+    X, w = rng.normal(size=(n, d)), rng.normal(size=d)
+    y = X @ w + rng.normal(size=n) + 0.5  # residuals with a mean: the mean gradient is not zero
+    G = (X @ (0.3 * w) - y)[:, None] * X  # per-example gradients of 0.5 (x.w' - y)^2 at w' = 0.3 w
+    mean = G.mean(0)
+    closed = np.trace(np.cov(G, rowvar=False)) / (mean @ mean)
+    K = torch.from_numpy(G @ G.T)
+    assert spectra.noise_scale(K) == pytest.approx(closed, rel=1e-10)
+
+
+def test_weight_spectra_and_density_exponent():
+    model = random_model(n_layer=2)
+    got = spectra.measure_weights(model, ["L01.mlp.c_fc"])["L01.mlp.c_fc"]
+    W = model.linears()["L01.mlp.c_fc"].weight.detach().double().numpy()
+    assert rel(got["eig"], np.linalg.svd(W, compute_uv=False)) < 1e-12
+    # rank-ordered lambda_i = i^-r has density exponent 1 + 1/r
+    for r in (0.5, 1.0, 2.0):
+        a, x_min, ks = spectra.density_exponent(np.arange(1, 5001, dtype=np.float64) ** -r)
+        assert a == pytest.approx(1 + 1 / r, rel=0.05) and ks < 0.05
+    pareto = (1 - np.random.default_rng(1).random(20000)) ** (-1 / 2.0)  # density exponent 3
+    assert spectra.density_exponent(pareto)[0] == pytest.approx(3.0, abs=0.1)
+
+
+def test_non_finite_gradients_give_nan_metrics_and_a_warning():
+    model = random_model(n_layer=2)
+    with torch.no_grad():
+        model.blocks[1].mlp.c_fc.weight[0, 0] = float("nan")
+    got = spectra.measure_gradients(model, probe_tokens(4 * 16 + 1), ["L01.attn.c_proj"], 16, 4, batch_size=2)
+    metrics, notes = spectra.summarise(got, "grad", (1, 10), (30, 150), where="at step 3")
+    assert math.isnan(metrics["grad/alpha_head/L01.attn.c_proj"])
+    assert any("L01.attn.c_proj at step 3: non-finite" in n for n in notes)
+
+
+def test_few_samples_clip_the_windows_with_a_warning():
+    model = random_model(n_layer=2)
+    got = spectra.measure_gradients(model, probe_tokens(12 * 16 + 1), ["L00.attn.c_proj"], 16, 12, batch_size=4)
+    metrics, notes = spectra.summarise(got, "grad", (1, 10), (5, 150))
+    assert any("tail window [5, 150] clipped to the 12 valid ranks" in n for n in notes)
+    assert math.isfinite(metrics["grad/alpha_tail/L00.attn.c_proj"])
+    assert metrics["grad/valid_rank/L00.attn.c_proj"] == 12
+
+
+def test_matrix_and_layer_selection_and_errors():
+    names = random_model(n_layer=12, n_embd=16).linears()
+    assert spectra.default_layers(12) == [0, 3, 6, 8, 11] and spectra.default_layers(2) == [0, 1]
+    assert spectra.select_linears(names, 12) == [f"L{i:02d}.attn.c_proj" for i in (0, 3, 6, 8, 11)]
+    assert spectra.select_linears(names, 12, "mlp.c_proj,attn.c_v", "all")[:2] == ["L00.mlp.c_proj", "L00.attn.c_v"]
+    with pytest.raises(ValueError, match=r"'attn.proj' is not a matrix of a block; valid names are attn.c_q, "):
+        spectra.select_linears(names, 12, "attn.proj")
+    with pytest.raises(ValueError, match=r"layers run from 0 to 11"):
+        spectra.select_linears(names, 12, "attn.c_proj", "3,12")
+    with pytest.raises(ConfigError, match=r"'mlp.fc' is not a matrix of a block"):
+        load_config(tiny_args("/tmp", grad_matrices="mlp.fc"))
+
+
+def test_gradient_spectra_leave_the_training_trajectory_unchanged(tmp_path):
+    args = tiny_args(tmp_path, max_steps=6, eval_every_tokens=256, dropout=0.1, grad_matrices="attn.c_proj,mlp.c_fc")
+    on_dir = train(load_config(args + ["--run_name=on"]))
+    off_dir = train(load_config(args + ["--run_name=off", "--grad_spectra_every=0"]))
+    on, off = read_metrics(on_dir), read_metrics(off_dir)
+    assert losses(on) == losses(off) and any("grad/alpha_head/L01.mlp.c_fc" in r for r in on)
+    assert not any("grad/alpha_head/L01.mlp.c_fc" in r for r in off)
+    a, b = (torch.load(train_gpt.checkpoints(d)[-1], weights_only=True) for d in (on_dir, off_dir))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for sa, sb in zip(a["optimizers"], b["optimizers"]):
+        for pa, pb in zip(sa["state"].values(), sb["state"].values()):
+            assert all(torch.equal(pa[k], pb[k]) for k in pa if torch.is_tensor(pa[k]))
+    assert all(torch.equal(x, y) for x, y in zip(a["rng"][0].values(), b["rng"][0].values()) if x is not None)
+    assert a["data"] == b["data"]
+    files = dict(spectra.spectra_files(on_dir, "grad"))
+    assert sorted(files) == [0, 256, 512, 768]
+    sv, meta, limits = spectra.load_spectra(files[768])
+    assert set(sv) == {"L00.attn.c_proj", "L00.mlp.c_fc", "L01.attn.c_proj", "L01.mlp.c_fc"}
+    assert limits["L00.mlp.c_fc"] == 8  # 8 samples
+    assert spectra.spectra_files(on_dir, "weight")[-1][0] == 768
+
+
+DDP_WORKER = """
+import sys, numpy as np, torch, torch.distributed as dist
+sys.path.insert(0, {repo!r})
+import spectra
+from test_spectra import probe_tokens, random_model
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+model = random_model("modded", n_layer=2)
+names = ["L00.attn.c_proj", "L01.mlp.c_fc"]
+got = spectra.measure_gradients(model, probe_tokens(7 * 16 + 1), names, 16, 7, 2, 8.0, "auto", rank, world)
+tg = spectra.measure_gradients(model, probe_tokens(7 * 16 + 1), names, 16, 7, 2, 8.0, "token_gram", rank, world)
+if rank == 0:
+    np.savez({out!r}, **{{n: got[n]["eig"] for n in names}}, **{{"tg" + n: tg[n]["eig"] for n in names}})
+dist.destroy_process_group()
+"""
+
+
+def test_two_processes_give_the_same_singular_values_as_one(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_WORKER.format(repo=REPO, out=str(tmp_path / "ddp.npz")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.join(REPO, "tests")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ddp = np.load(tmp_path / "ddp.npz")
+    names = ["L00.attn.c_proj", "L01.mlp.c_fc"]
+    one = spectra.measure_gradients(random_model("modded", n_layer=2), probe_tokens(7 * 16 + 1), names, 16, 7, 2)
+    for name in names:  # 4 batches (2, 2, 2, 1): rank 0 takes batches 0 and 2, rank 1 batches 1 and 3
+        assert rel(ddp[name], one[name]["eig"]) < 1e-10 and rel(ddp["tg" + name], one[name]["eig"]) < 1e-10
