@@ -32,16 +32,18 @@ from train_throughput import bench_config  # noqa: E402
 
 
 def spectral_evals_at_cadence(cfg, n_steps, tokens_per_step):
-    """How many evaluations of a full run measure spectra, by the trainer's own rule."""
+    """{"act": n, "grad": m}: how many evaluations of a full run measure each family of spectra, by
+    the trainer's own rule (weight spectra go with the gradient ones)."""
     if cfg.eval_every_tokens < 0:
-        return 0
+        return {"act": 0, "grad": 0}
     evals = [0] + [s for s in range(1, n_steps + 1) if s == n_steps or
                    train_gpt.crossed_multiple(cfg.eval_every_tokens, s * tokens_per_step, tokens_per_step)]
-    return sum(train_gpt.spectral_eval(cfg, s, n_steps, tokens_per_step) for s in evals)
+    kinds = [train_gpt.spectral_eval(cfg, s, n_steps, tokens_per_step) for s in evals]
+    return {family: sum(family in k for k in kinds) for family in ("act", "grad")}
 
 
-def timed(fn, times, device):
-    """fn wrapped to append its wall time (after the device has finished earlier work) to `times`."""
+def timed(fn, times, device, key):
+    """fn wrapped to add its wall time (after the device has finished earlier work) to times[key(args)]."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -51,9 +53,16 @@ def timed(fn, times, device):
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
         sync()
-        times.append(time.perf_counter() - t0)
+        times.setdefault(key(args), []).append(time.perf_counter() - t0)
         return out
     return wrapper
+
+
+def per_eval(times, parts):
+    """Seconds per evaluation of a family: the median over evaluations (the first, which imports
+    and warms up, left out when there are enough) of the sum of its parts."""
+    totals = [sum(ts) for ts in zip(*(times[p] for p in parts))]
+    return statistics.median(totals[1:] if len(totals) > 2 else totals), totals
 
 
 def main(argv):
@@ -61,18 +70,21 @@ def main(argv):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tokens_per_step = cfg.batch_size * cfg.seq_len
     full_steps = train_gpt.total_steps(cfg)
-    n_spectral = spectral_evals_at_cadence(cfg, full_steps, tokens_per_step)
+    n_evals = spectral_evals_at_cadence(cfg, full_steps, tokens_per_step)
 
-    # the measured run: same model, batch and spectral settings; evaluations every steps/4 steps
+    # the measured run: same model, batch and spectral settings; every family at every evaluation,
+    # evaluations every steps/4 steps
     cfg.max_steps, cfg.train_tokens = steps, 0
     cfg.log_every = max(1, steps // 8)
     cfg.eval_every_tokens, cfg.spectra_every = max(1, steps // 4) * tokens_per_step, 1
+    cfg.grad_spectra_every = 1 if cfg.grad_spectra_every else 0
     cfg.ckpt_every_tokens, cfg.wandb_mode, cfg.run_name = -1, "disabled", "bench"
     cfg.val_tokens = cfg.seq_len * cfg.device_batch_size if cfg.device_batch_size else cfg.seq_len
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
-    measure, write = [], []
-    spectra.measure_activations = timed(spectra.measure_activations, measure, device)
-    train_gpt.log_spectra = timed(train_gpt.log_spectra, write, device)
+    times = {}
+    for fn in ("measure_activations", "measure_gradients", "measure_weights"):
+        setattr(spectra, fn, timed(getattr(spectra, fn), times, device, key=lambda args, fn=fn: fn))
+    train_gpt.log_spectra = timed(train_gpt.log_spectra, times, device, key=lambda args: f"log_{args[1]}")
     with tempfile.TemporaryDirectory() as tmp:
         cfg.out_dir = tmp
         run_dir = train_gpt.train(cfg)
@@ -82,22 +94,29 @@ def main(argv):
             records = [json.loads(line) for line in f]
     rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
     tps = statistics.median(rates[len(rates) // 4:])
-    per_eval = [m + w for m, w in zip(measure, write)]
-    t_eval = statistics.median(per_eval[1:] if len(per_eval) > 2 else per_eval)
     train_s = full_steps * tokens_per_step / tps
-    share = n_spectral * t_eval / train_s
+    t_act, act_all = per_eval(times, ("measure_activations", "log_act"))
+    t_grad, grad_all = per_eval(times, ("measure_gradients", "measure_weights", "log_grad", "log_weight")) \
+        if "measure_gradients" in times else (0.0, [])
+    share_act, share_grad = n_evals["act"] * t_act / train_s, n_evals["grad"] * t_grad / train_s
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    n_points = len(spectra.select_points(train_gpt.model_config(cfg).n_layer, cfg.spectra_points,
-                                         cfg.spectra_sublayers))
-    print(f"\n== {cfg.config_file} on {world} x {name}: {n_points} probe points, "
-          f"{cfg.spectra_tokens:,} probe tokens, eval_every_tokens={cfg.eval_every_tokens:,} in the bench run")
+    gcfg = train_gpt.model_config(cfg)
+    n_points = len(spectra.select_points(gcfg.n_layer, cfg.spectra_points, cfg.spectra_sublayers))
+    with torch.device("meta"):
+        n_mats = len(spectra.select_linears(train_gpt.GPT(gcfg).linears(), gcfg.n_layer, cfg.grad_matrices,
+                                            cfg.grad_layers))
+    print(f"\n== {cfg.config_file} on {world} x {name}: {n_points} probe points on {cfg.spectra_tokens:,} tokens; "
+          f"{n_mats} matrices on {cfg.grad_samples} sequences")
     print(f"training tokens/s                  {tps:,.0f}  (median of {len(rates)} log intervals)")
-    print(f"spectral evaluation                {t_eval:.3f} s median of {len(per_eval)} "
-          f"(measure {statistics.median(measure):.3f} s + fits/files/plots {statistics.median(write):.3f} s; "
-          f"first {per_eval[0]:.3f} s)")
+    print(f"activation spectra per evaluation  {t_act:.3f} s  (measure "
+          f"{statistics.median(times['measure_activations']):.3f} s; all: {', '.join(f'{t:.2f}' for t in act_all)})")
+    if grad_all:
+        print(f"grad + weight spectra per eval     {t_grad:.3f} s  (measure gradients "
+              f"{statistics.median(times['measure_gradients']):.3f} s; all: {', '.join(f'{t:.2f}' for t in grad_all)})")
     print(f"full run at the config's cadence   {full_steps} steps, {train_s:,.0f} s of training, "
-          f"{n_spectral} spectral evaluations")
-    print(f"spectral share of training time    {share:.4f}  ({100 * share:.2f}%)")
+          f"{n_evals['act']} activation and {n_evals['grad']} gradient spectral evaluations")
+    print(f"spectral share of training time    {share_act + share_grad:.4f}  ({100 * (share_act + share_grad):.2f}%: "
+          f"activations {100 * share_act:.2f}%, gradients and weights {100 * share_grad:.2f}%)")
 
 
 if __name__ == "__main__":

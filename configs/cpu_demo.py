@@ -16,5 +16,6 @@ eval_every_tokens = 40_000
 ckpt_every_tokens = 80_000
 log_every = 10
 spectra_tokens = 16_384  # activation spectra at every evaluation on 128 val sequences
-grad_samples = 64        # per-example gradient spectra of attn.c_proj in every layer from 64 sequences
+grad_samples = 48        # per-example gradient spectra of attn.c_proj in every layer from 48 sequences ...
+grad_spectra_every = 2   # ... at every other evaluation (each costs about 6 training steps here)
 lr_scaling = "none"  # the default learning rates as they are, at this small batch

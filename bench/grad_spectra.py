@@ -1,0 +1,299 @@
+"""
+Per-example gradient spectra: our batched Gram method against the seed protocol's batch-size-1 loop.
+
+    python bench/grad_spectra.py [--samples 64] [--seq_len 128] [--matrices attn.c_proj] [--layers all]
+                                 [--batch_size 8] [--max_gb 8] [--blocks 4] [--repeats 3] [--device auto]
+    python bench/grad_spectra.py --profile d12 --samples 512 --seq_len 1024      # one GPU
+
+Both methods measure the singular values of the same G on the same model and probe set: row i of G
+is the gradient of one chosen Linear's weight for example i (one sequence of --seq_len tokens, its
+loss the mean cross-entropy over its tokens; the first --samples windows of the embedded corpus):
+
+  ours      spectra.measure_gradients: batched forward/backward passes give each layer's inputs A_i
+            and output gradients B_i, g_i = vec(B_i^T A_i) in fp64 (or the token-Gram), K = G G^T
+            accumulated in column blocks of G bounded by --max_gb; singular values = sqrt(eig(K))
+  baseline  the seed protocol, written here independently: for each example, zero the gradients,
+            forward the single sequence, backward its mean loss, copy every chosen weight's .grad
+            (fp64) into row i of G; singular values with torch.linalg.svdvals(G)
+
+and prints both times, the speedup (a ratio; timing is never asserted), the largest relative
+singular-value difference over the meaningful ranks (spectra.numerical_rank of the baseline's
+values) and the largest |difference| / sigma_1. It also prints the memory plan of the Gram
+accumulation (the largest block of G held at once against n x P x 8 bytes for G whole; on CUDA the
+measured peak too), and runs ours again with a --max_gb small enough that each matrix needs --blocks
+column blocks, to show the blocked result equals the unblocked one. Exits 1 if the relative error
+exceeds 1e-5: the two methods then disagree on the spectra.
+Defaults are the CPU tiny config of configs/cpu_demo.py with random weights (every parameter
+~ N(0, 0.02), so the zero-initialised projections are not zero). For stable CPU timings, run with
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1.
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+
+# One BLAS thread for numpy, as in bench/act_spectra.py (an explicit OPENBLAS_NUM_THREADS wins).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import spectra  # noqa: E402
+from data.shards import ShardError, find_shards, load_prefix  # noqa: E402
+from model import GPT, PROFILES, make_config  # noqa: E402
+
+RELATIVE_TOLERANCE = 1e-5  # largest relative singular-value difference accepted as "the same spectra"
+TINY = dict(n_layer=4, n_head=4, n_embd=128)  # configs/cpu_demo.py
+SPLITS = ("val", "train")  # the probe set comes from the val split, or the train split if val is too short
+
+
+def random_model(sizes, seq_len, device, seed=0):
+    """A modded GPT with every parameter ~ N(0, 0.02), in eval mode on `device`."""
+    torch.manual_seed(seed)
+    model = GPT(make_config("modded", "d12", seq_len=seq_len, **sizes))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    return model.to(device).eval()
+
+
+def probe_tokens(n_samples, seq_len, vocab_size):
+    """(1-D int64 tensor of n_samples * seq_len + 1 tokens, split name): the corpus' val split when
+    it is long enough, else its train split."""
+    n_tokens = n_samples * seq_len
+    for split in SPLITS:
+        files = find_shards(os.path.join(ROOT, f"data/shakespeare/shakespeare_{split}_*.bin"))
+        try:
+            return torch.from_numpy(load_prefix(files, n_tokens, vocab_size, key="samples x seq_len")), split
+        except ShardError:
+            if split == SPLITS[-1]:
+                raise
+    raise AssertionError("unreachable")
+
+
+def windows(tokens, n, seq_len):
+    """(n, seq_len + 1): windows taken with stride seq_len, as spectra.gradient_grams takes them."""
+    return tokens[: n * seq_len + 1].unfold(0, seq_len + 1, seq_len)[:n]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# The seed protocol: one backward per example
+
+
+def baseline_spectra(model, tokens, names, seq_len, n):
+    """{name: singular values (fp64 numpy, descending)} from G built one example at a time."""
+    device = next(model.parameters()).device
+    linears = model.linears()
+    weights = {name: linears[name].weight for name in names}
+    G = {name: torch.zeros(n, w.numel(), dtype=torch.float64, device=device) for name, w in weights.items()}
+    for i, w in enumerate(windows(tokens, n, seq_len).to(device)):
+        model.zero_grad(set_to_none=True)
+        logits, _ = model(w[None, :-1])
+        F.cross_entropy(logits[0], w[1:]).backward()
+        for name, weight in weights.items():
+            G[name][i] = weight.grad.flatten().double()
+    model.zero_grad(set_to_none=True)
+    out = {name: torch.linalg.svdvals(g).cpu().numpy() for name, g in G.items()}
+    del G
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The memory plan of spectra.gradient_grams, recomputed from its rule
+
+
+def gram_plan(model, names, n, seq_len, max_gb, method):
+    """(materialised names, token-Gram names, passes: [[(name, rows in block)]]) as gradient_grams
+    plans them: output rows per block = max(1, min(d_out, budget // (n d_in))), blocks grouped into
+    passes while their entries fit the budget."""
+    budget = max(1, int(max_gb * 2 ** 30 / 8))
+    linears = model.linears()
+    dense, token, jobs = [], [], []
+    for name in names:
+        d_out, d_in = linears[name].weight.shape
+        if spectra.gram_method(n, seq_len, d_in, d_out, method) == "token_gram":
+            token.append(name)
+            continue
+        dense.append(name)
+        step = max(1, min(d_out, budget // max(1, n * d_in)))
+        jobs += [(name, min(step, d_out - o)) for o in range(0, d_out, step)]
+    passes, current, used = [], [], 0
+    for name, rows in jobs:
+        size = n * rows * linears[name].weight.shape[1]
+        if current and used + size > budget:
+            passes.append(current)
+            current, used = [], 0
+        current.append((name, rows))
+        used += size
+    if current:
+        passes.append(current)
+    return dense, token, passes
+
+
+def peak_block_bytes(model, passes, n):
+    """Bytes of G held at once in the fullest pass (fp64): n x rows x d_in x 8 summed over its blocks."""
+    linears = model.linears()
+    return max((sum(n * rows * linears[name].weight.shape[1] * 8 for name, rows in p) for p in passes), default=0)
+
+
+def blocking_max_gb(model, names, n, blocks):
+    """A max_gb with which the widest chosen matrix needs `blocks` column blocks (each pass then holds
+    one block): budget = n x ceil(d_out / blocks) x d_in entries."""
+    linears = model.linears()
+    entries = max(n * math.ceil(linears[m].weight.shape[0] / blocks) * linears[m].weight.shape[1] for m in names)
+    return (entries + 0.5) * 8 / 2 ** 30
+
+
+def mb(n_bytes):
+    return f"{n_bytes / 2 ** 20:,.1f} MB"
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing and comparison
+
+
+def best_time(fn, repeats, device):
+    """(smallest wall time in seconds over `repeats` calls, the last result), the device synchronised."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def relative_difference(ours, base, limit):
+    """Largest |ours - base| / base over the meaningful ranks of the baseline (numerical_rank, at most
+    `limit` = min(n, P)); 0 for an all-zero spectrum, inf if either side is not finite."""
+    if not (np.isfinite(ours).all() and np.isfinite(base).all()):
+        return float("inf")
+    k = spectra.numerical_rank(base, limit)
+    if k == 0:
+        return 0.0
+    return float(np.max(np.abs(ours[:k] - base[:k]) / base[:k]))
+
+
+def scaled_difference(ours, base):
+    """Largest |ours - base| / sigma_1 over all ranks."""
+    if not (np.isfinite(ours).all() and np.isfinite(base).all()):
+        return float("inf")
+    m = min(len(ours), len(base))
+    return float(np.max(np.abs(ours[:m] - base[:m])) / base[0]) if base[0] > 0 else 0.0
+
+
+def worst(diffs):
+    name = max(diffs, key=diffs.get)
+    return diffs[name], name
+
+
+def resolve_sizes(args):
+    """n_layer, n_head, n_embd: the --profile's (modded preset) or the tiny config's, explicit options win."""
+    sizes = dict(PROFILES[args.profile]) if args.profile else dict(TINY)
+    for key in sizes:
+        if getattr(args, key) is not None:
+            sizes[key] = getattr(args, key)
+    return sizes
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+    ap.add_argument("--profile", choices=sorted(PROFILES), default=None,
+                    help="model sizes of a profile (modded preset); default: the cpu_demo tiny config")
+    ap.add_argument("--n_layer", type=int, default=None)
+    ap.add_argument("--n_head", type=int, default=None)
+    ap.add_argument("--n_embd", type=int, default=None)
+    ap.add_argument("--seq_len", type=int, default=128)
+    ap.add_argument("--samples", type=int, default=64, help="examples (sequences), the rows of G")
+    ap.add_argument("--matrices", default="attn.c_proj", help="comma-separated block Linears")
+    ap.add_argument("--layers", default="all", help="'all', '' (5 evenly spaced) or '0,2,3'")
+    ap.add_argument("--batch_size", type=int, default=8, help="sequences per pass of ours")
+    ap.add_argument("--max_gb", type=float, default=8.0, help="ours: G entries held at once, in GiB")
+    ap.add_argument("--method", choices=("auto", "materialise", "token_gram"), default="auto")
+    ap.add_argument("--blocks", type=int, default=4, help="column blocks per matrix of the blocked run; 0 skips it")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of ours after one warm-up (best is reported)")
+    ap.add_argument("--baseline_repeats", type=int, default=1, help="timed runs of the baseline")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args(argv)
+
+    device = spectra.pick_device(args.device)
+    sizes = resolve_sizes(args)
+    model = random_model(sizes, args.seq_len, device)
+    tokens, split = probe_tokens(args.samples, args.seq_len, model.cfg.vocab_size)
+    names = spectra.select_linears(set(model.linears()), sizes["n_layer"], args.matrices, args.layers)
+    n = args.samples
+    P = {name: model.linears()[name].weight.numel() for name in names}
+    threads = f"{torch.get_num_threads()} torch threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    print(f"model: modded, {sizes['n_layer']} layers, width {sizes['n_embd']}, {sizes['n_head']} heads, random "
+          f"weights, {device.type}, {threads}, OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}")
+    print(f"probe set: {n} sequences x {args.seq_len} tokens ({split} split); {len(names)} matrices "
+          f"({args.matrices}, layers {args.layers}), P = {sorted(set(P.values()))} weights each; "
+          f"ours: batch {args.batch_size}, max_gb {args.max_gb:g}, method {args.method}")
+
+    def ours(max_gb=args.max_gb):
+        return spectra.measure_gradients(model, tokens, names, args.seq_len, n, args.batch_size, max_gb, args.method)
+
+    ours()  # warm-up: first-call allocations and kernel selection are not part of the method
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        held = torch.cuda.memory_allocated(device)
+    t_ours, ours_out = best_time(ours, args.repeats, device)
+    measured = torch.cuda.max_memory_allocated(device) - held if device.type == "cuda" else None
+
+    blocked = None
+    dense, token, passes = gram_plan(model, names, n, args.seq_len, args.max_gb, args.method)
+    if args.blocks > 0 and dense:
+        small_gb = blocking_max_gb(model, dense, n, args.blocks)
+        t_blocked, blocked = best_time(lambda: ours(small_gb), 1, device)
+        _, _, small_passes = gram_plan(model, names, n, args.seq_len, small_gb, args.method)
+
+    t_base, base_out = best_time(lambda: baseline_spectra(model, tokens, names, args.seq_len, n),
+                                 args.baseline_repeats, device)
+
+    rel = {m: relative_difference(ours_out[m]["eig"], base_out[m], min(n, P[m])) for m in names}
+    scaled = {m: scaled_difference(ours_out[m]["eig"], base_out[m]) for m in names}
+    ranks = [spectra.numerical_rank(base_out[m], min(n, P[m])) for m in names]
+    (rel_max, rel_at), (scaled_max, scaled_at) = worst(rel), worst(scaled)
+    print(f"ours (batched, Gram of G):          {t_ours:8.3f} s  (best of {args.repeats})")
+    print(f"baseline (one backward per example): {t_base:7.3f} s  (best of {args.baseline_repeats})")
+    print(f"speedup: {t_base / t_ours:.1f}x (goal >= 1.5x on the CPU tiny config; >= 20x for d12 at n=512, "
+          f"T=1024 on one GPU)")
+    print(f"max relative singular-value error:  {rel_max:.2e} (at {rel_at}; over the meaningful ranks, "
+          f"{min(ranks)}..{max(ranks)} of {n}; tolerance {RELATIVE_TOLERANCE:.0e})")
+    print(f"max |difference| / sigma_1:         {scaled_max:.2e} (at {scaled_at})")
+
+    whole = sum(n * P[m] * 8 for m in names)
+    note = f"; {len(token)} token-Gram matrices hold A, B instead" if token else ""
+    print(f"memory: largest block of G held at once {mb(peak_block_bytes(model, passes, n))} "
+          f"({len(passes)} pass{'es' * (len(passes) != 1)} over the probe set) vs G whole {mb(whole)} "
+          f"(n x P x 8 bytes, all {len(names)} matrices){note}")
+    if measured is not None:
+        print(f"memory: measured peak of ours above the model {mb(measured)} (torch.cuda.max_memory_allocated)")
+    if blocked is not None:
+        block_diff = max(float(np.max(np.abs(blocked[m]["eig"] - ours_out[m]["eig"]) / ours_out[m]["eig"][0]))
+                         for m in names)
+        block_rel = max(relative_difference(blocked[m]["eig"], ours_out[m]["eig"], min(n, P[m])) for m in names)
+        print(f"blocked (max_gb {small_gb:.3g}, {args.blocks} column blocks per matrix, {len(small_passes)} passes): "
+              f"largest block {mb(peak_block_bytes(model, small_passes, n))}, time {t_blocked:.3f} s = "
+              f"{t_blocked / t_ours:.1f}x ours; max relative difference to unblocked {block_rel:.2e}, "
+              f"max |difference| / sigma_1 {block_diff:.2e}")
+    elif args.blocks > 0:
+        print("blocked: every chosen matrix uses the token-Gram (no G is materialised), so max_gb does not apply")
+    if not rel_max <= RELATIVE_TOLERANCE:
+        print("FAIL: the two methods disagree on the singular values")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
