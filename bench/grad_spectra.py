@@ -2,7 +2,7 @@
 Per-example gradient spectra: our batched Gram method against the seed protocol's batch-size-1 loop.
 
     python bench/grad_spectra.py [--samples 64] [--seq_len 128] [--matrices attn.c_proj] [--layers all]
-                                 [--batch_size 8] [--max_gb 8] [--blocks 4] [--repeats 3] [--device auto]
+                                 [--batch_size 8] [--max_gb 8] [--blocks 2] [--repeats 3] [--device auto]
     python bench/grad_spectra.py --profile d12 --samples 512 --seq_len 1024      # one GPU
 
 Both methods measure the singular values of the same G on the same model and probe set: row i of G
@@ -221,7 +221,9 @@ def main(argv=None):
     ap.add_argument("--batch_size", type=int, default=8, help="sequences per pass of ours")
     ap.add_argument("--max_gb", type=float, default=8.0, help="ours: G entries held at once, in GiB")
     ap.add_argument("--method", choices=("auto", "materialise", "token_gram"), default="auto")
-    ap.add_argument("--blocks", type=int, default=4, help="column blocks per matrix of the blocked run; 0 skips it")
+    ap.add_argument("--blocks", type=int, default=2,
+                    help="column blocks per matrix of the blocked run (one pass over the probe set each; 4 x "
+                         "4 matrices take ~70 s on 2 CPU cores, hence 2); 0 skips it")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of ours after one warm-up (best is reported)")
     ap.add_argument("--baseline_repeats", type=int, default=1, help="timed runs of the baseline")
     ap.add_argument("--device", default="auto")
