@@ -1,5 +1,6 @@
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -34,6 +35,19 @@ def crash_in_step(monkeypatch, args, n):
     with pytest.raises(KeyboardInterrupt):
         train_gpt.train(train_gpt.load_config(args))
     monkeypatch.setattr(train_gpt.TrainLoader, "next_step", real_next_step)
+
+
+def torchrun_worker(tmp_path, source):
+    """Run `source` (a script template with {repo} and {out}) as 2 gloo processes under torchrun;
+    returns the npz that rank 0 saved to {out}."""
+    import numpy as np
+    script, out = tmp_path / "worker.py", tmp_path / "ddp.npz"
+    script.write_text(source.format(repo=REPO, out=str(out)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.join(REPO, "tests")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return np.load(out)
 
 
 def read_metrics(run_dir):

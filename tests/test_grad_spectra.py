@@ -1,7 +1,4 @@
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,7 +7,7 @@ import torch.nn.functional as F
 
 import spectra
 import train_gpt
-from conftest import REPO, losses, read_metrics, tiny_args
+from conftest import torchrun_worker, losses, read_metrics, tiny_args
 from test_spectra import probe_tokens, random_model, rel
 from train_gpt import ConfigError, load_config, train
 
@@ -146,7 +143,8 @@ def test_matrix_and_layer_selection_and_errors():
 
 
 def test_gradient_spectra_leave_the_training_trajectory_unchanged(tmp_path):
-    args = tiny_args(tmp_path, max_steps=6, eval_every_tokens=256, dropout=0.1, grad_matrices="attn.c_proj,mlp.c_fc")
+    args = tiny_args(tmp_path, max_steps=6, eval_every_tokens=256, dropout=0.1, grad_matrices="attn.c_proj,mlp.c_fc",
+                     grad_spectra_every=1)
     on_dir = train(load_config(args + ["--run_name=on"]))
     off_dir = train(load_config(args + ["--run_name=off", "--grad_spectra_every=0"]))
     on, off = read_metrics(on_dir), read_metrics(off_dir)
@@ -185,13 +183,7 @@ dist.destroy_process_group()
 
 
 def test_two_processes_give_the_same_singular_values_as_one(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(DDP_WORKER.format(repo=REPO, out=str(tmp_path / "ddp.npz")))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.join(REPO, "tests")}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ddp = np.load(tmp_path / "ddp.npz")
+    ddp = torchrun_worker(tmp_path, DDP_WORKER)
     names = ["L00.attn.c_proj", "L01.mlp.c_fc"]
     one = spectra.measure_gradients(random_model("modded", n_layer=2), probe_tokens(7 * 16 + 1), names, 16, 7, 2)
     for name in names:  # 4 batches (2, 2, 2, 1): rank 0 takes batches 0 and 2, rank 1 batches 1 and 3

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import spectra
 import train_gpt
-from conftest import REPO, crash_in_step, losses, read_metrics, tiny_args
+from conftest import REPO, torchrun_worker, crash_in_step, losses, read_metrics, tiny_args
 from data.shards import find_shards, load_prefix
 from model import GPT, make_config
 from train_gpt import ConfigError, load_config, train
@@ -315,16 +315,10 @@ dist.destroy_process_group()
 
 
 def test_two_processes_give_the_same_eigenvalues_as_one(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(DDP_WORKER.format(repo=REPO, out=str(tmp_path / "ddp.npz")))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.join(REPO, "tests")}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    ddp = torchrun_worker(tmp_path, DDP_WORKER)
     model = random_model("modded")
     one = spectra.measure_activations(model, probe_tokens(11 * 16), spectra.select_points(3, sublayers=True), 16, 2)
     one["lone"] = spectra.measure_activations(model, probe_tokens(3 * 16), ["L01.fc"], 16, 4)["L01.fc"]
-    ddp = np.load(tmp_path / "ddp.npz")
     assert len(ddp.files) == 3 * len(one)
     for p, s in one.items():
         for key in ("eig", "eig_half0", "eig_half1"):
