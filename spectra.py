@@ -800,7 +800,7 @@ def plot_spectra(path, eig, limits, head, tail, title, max_lines=5):
                 ax.loglog(i, np.exp(fit["intercept"]) * i ** -fit["alpha"], style, color="k", lw=1)
         line.set_label(f"{p}  (head {fit_power_law(values, head, rank)['alpha']:.2f}, "
                        f"tail {fit_power_law(values, tail, rank)['alpha']:.2f})")
-    ax.set(xlabel="rank i", ylabel="eigenvalue", title=title)
+    ax.set(xlabel="rank i", ylabel="eigenvalue" if title.startswith("act") else "singular value", title=title)
     ax.legend(fontsize=7)
     save_figure(fig, path)
 
