@@ -1,7 +1,9 @@
 """
-Spectral measurement: how the activation covariance eigenvalues of each probe point decay.
+Spectral measurement: how the activation covariance eigenvalues of each probe point, and the
+singular values of per-example gradients and of weights, decay.
 
     python spectra.py act --ckpt runs/RUN/ckpt/step_00000100.pt [--data 'VAL_GLOB'] [--out DIR]
+    python spectra.py grad --ckpt runs/RUN/ckpt/step_00000100.pt [--matrices attn.c_proj] [--layers all]
 
 Read top to bottom:
 
@@ -18,6 +20,9 @@ Read top to bottom:
    set, every requested point captured at once. The probe sequences alternate between two halves
    with their own statistics; the full set is their merge, and the two halves' alphas give a
    sampling-noise estimate without another pass.
+4b. Per-example gradient spectra: the singular values of G (rows = per-example gradients of a
+   weight) from batched forward/backward passes, via the Gram K = G G^T; gradient noise scale.
+4c. Weight spectra: singular values of the weights, and the density exponent of their squares.
 5. Files: spectra as .npz, the console table, plots.
 6. The command line for checkpoints.
 
@@ -905,25 +910,36 @@ def pick_device(name):
     return torch.device(name)
 
 
-def main(argv=None):
+def parse_args(argv):
     ap = argparse.ArgumentParser(prog="spectra.py", description=__doc__.split("\n\n")[1])
     sub = ap.add_subparsers(dest="command", required=True)
     act = sub.add_parser("act", help="activation spectra of a checkpoint")
-    act.add_argument("--ckpt", required=True, help="trainer checkpoint, runs/RUN/ckpt/step_*.pt")
-    act.add_argument("--data", help="val shard file or glob for the probe set (default: the run's val_files)")
-    act.add_argument("--out", help="directory for spectra/ and plots/ (default: RUN/measured/ beside RUN/ckpt/; "
-                                   "the trainer's own RUN/spectra/ is never written)")
+    grad = sub.add_parser("grad", help="per-example gradient and weight spectra of a checkpoint")
+    for p in (act, grad):  # settings default to the run's own, from the checkpoint's config
+        p.add_argument("--ckpt", required=True, help="trainer checkpoint, runs/RUN/ckpt/step_*.pt")
+        p.add_argument("--data", help="val shard file or glob for the probe set (default: the run's val_files)")
+        p.add_argument("--out", help="directory for spectra/ and plots/ (default: RUN/measured/ beside RUN/ckpt/; "
+                                     "the trainer's own RUN/spectra/ is never written)")
+        p.add_argument("--seq_len", type=int, help="probe sequence length (default: the run's seq_len)")
+        p.add_argument("--head", type=parse_window, help="head window a,b (default: the run's spectra_head)")
+        p.add_argument("--tail", type=parse_window, help="tail window a,b, e.g. 10,100 (default: the run's)")
+        p.add_argument("--batch_size", type=int, help="probe sequences per forward pass")
+        p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+        p.add_argument("--no_plots", action="store_true")
     act.add_argument("--tokens", type=int, help="probe tokens (default: the run's spectra_tokens)")
-    act.add_argument("--seq_len", type=int, help="probe sequence length (default: the run's seq_len)")
     act.add_argument("--points", help="comma-separated probe points or globs (default: the run's)")
     act.add_argument("--sublayers", type=int, choices=(0, 1), help="every probe point of every block")
-    act.add_argument("--head", type=parse_window, help="head window a,b (default: the run's spectra_head)")
-    act.add_argument("--tail", type=parse_window, help="tail window a,b, e.g. 10,100 (default: the run's)")
     act.add_argument("--act_norm", choices=("rms", "none"), help="RMS-normalise residual-stream points")
-    act.add_argument("--batch_size", type=int, help="probe sequences per forward pass")
-    act.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    act.add_argument("--no_plots", action="store_true")
-    args = ap.parse_args(argv)
+    grad.add_argument("--samples", type=int, help="examples (sequences) (default: the run's grad_samples)")
+    grad.add_argument("--matrices", help="e.g. attn.c_proj,mlp.c_proj (default: the run's grad_matrices)")
+    grad.add_argument("--layers", help="'' (5 evenly spaced), 'all' or '0,5,11' (default: the run's)")
+    grad.add_argument("--max_gb", type=float, help="per-example gradients held at once (default: the run's)")
+    grad.add_argument("--method", choices=("auto", "materialise", "token_gram"))
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         device = pick_device(args.device)
         model, ckpt = load_checkpoint_model(args.ckpt, device)
@@ -932,46 +948,63 @@ def main(argv=None):
         def setting(arg, key, default):
             return arg if arg is not None else run.get(key, default)
         seq_len = setting(args.seq_len, "seq_len", model.cfg.seq_len)
-        n_tokens = setting(args.tokens, "spectra_tokens", 131072)
-        batch_size = setting(args.batch_size, "spectra_batch_size", 16)
+        if args.command == "act":
+            n_seq = setting(args.tokens, "spectra_tokens", 131072) // seq_len
+            batch_size = setting(args.batch_size, "spectra_batch_size", 16)
+        else:
+            n_seq = setting(args.samples, "grad_samples", 512)
+            batch_size = setting(args.batch_size, "grad_batch_size", 8)
         if not 0 < seq_len <= model.cfg.seq_len:
             raise ValueError(f"--seq_len {seq_len}: the model takes 1 to {model.cfg.seq_len} tokens per sequence")
-        if n_tokens < 2 * seq_len:
-            raise ValueError(f"--tokens {n_tokens} is less than two sequences of {seq_len} (the two halves)")
+        if n_seq < 2:
+            raise ValueError(f"--{'tokens' if args.command == 'act' else 'samples'}: fewer than two sequences of "
+                             f"{seq_len} tokens (the two halves need one each)")
         if batch_size <= 0:
             raise ValueError(f"--batch_size {batch_size} must be positive")
         head = tuple(setting(args.head, "spectra_head", (1, 10)))
         tail = tuple(setting(args.tail, "spectra_tail", (30, 150)))
         check_window("head", head)
         check_window("tail", tail)
-        points = select_points(model.cfg.n_layer, setting(args.points, "spectra_points", ""),
-                               bool(setting(args.sublayers, "spectra_sublayers", False)))
-        act_norm = setting(args.act_norm, "spectra_act_norm", "rms")
+        act_norm = setting(getattr(args, "act_norm", None), "spectra_act_norm", "rms")
+        if args.command == "act":
+            names = select_points(model.cfg.n_layer, setting(args.points, "spectra_points", ""),
+                                  bool(setting(args.sublayers, "spectra_sublayers", False)))
+        else:
+            names = select_linears(model.linears(), model.cfg.n_layer, setting(args.matrices, "grad_matrices",
+                                   "attn.c_proj"), setting(args.layers, "grad_layers", ""))
         data = setting(args.data, "val_files", None)
         if data is None:
             raise ValueError("--data is required: the checkpoint does not name its val_files")
-        tokens = torch.from_numpy(load_prefix(find_shards(data), (n_tokens // seq_len) * seq_len,
-                                              model.cfg.vocab_size, key="--tokens"))
+        tokens = torch.from_numpy(load_prefix(find_shards(data), n_seq * seq_len, model.cfg.vocab_size,
+                                              key="--tokens / --samples x seq_len"))
     except (ValueError, FileNotFoundError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     out = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))), "measured")
     step, seen = ckpt.get("step", 0), ckpt.get("tokens", 0)
-    meta = dict(step=step, tokens=seen, probe_tokens=(n_tokens // seq_len) * seq_len, seq_len=seq_len,
-                head=head, tail=tail, act_norm=act_norm, source=os.path.abspath(args.ckpt))
-    spectra = measure_activations(model, tokens, points, seq_len, batch_size, act_norm)
-    prev, first = reference_spectra(out, "act", seen, meta)
-    metrics, notes = summarise(spectra, "act", head, tail, prev, first, where=f"in {args.ckpt}")
-    for note in notes:
-        warnings.warn(note, stacklevel=1)
-    write_outputs(out, "act", seen, spectra, metrics, meta, head, tail, model.cfg.n_layer, plots=not args.no_plots)
-    scalars = os.path.join(out, "spectra", f"act_{seen:012d}.json")
-    text = json.dumps({"step": step, "tokens": seen, **{k: None if isinstance(v, float) and not math.isfinite(v)
-                                                         else v for k, v in metrics.items()}}, indent=1)
-    atomic_write(scalars, lambda f: f.write(text.encode()))
-    print(f"activation spectra of {args.ckpt} (step {step}, {seen:,} tokens) on {meta['probe_tokens']:,} probe tokens:")
-    print(format_table(metrics, "act", points))
-    print(f"wrote {spectra_path(out, 'act', seen)}, {scalars}" + ("" if args.no_plots else f" and {out}/plots/"))
+    meta = dict(step=step, tokens=seen, probe_tokens=n_seq * seq_len, seq_len=seq_len, head=head, tail=tail,
+                act_norm=act_norm, source=os.path.abspath(args.ckpt))
+    if args.command == "act":
+        measured = {"act": measure_activations(model, tokens, names, seq_len, batch_size, act_norm)}
+    else:
+        measured = {"grad": measure_gradients(model, tokens, names, seq_len, n_seq, batch_size,
+                                              setting(args.max_gb, "grad_spectra_max_gb", 8.0),
+                                              setting(args.method, "grad_spectra_method", "auto")),
+                    "weight": measure_weights(model, names)}
+    print(f"spectra of {args.ckpt} (step {step}, {seen:,} tokens) on {n_seq} probe sequences of {seq_len} tokens")
+    for family, spec in measured.items():
+        prev, first = reference_spectra(out, family, seen, meta)
+        metrics, notes = summarise(spec, family, head, tail, prev, first, where=f"in {args.ckpt}")
+        metrics.update(extra_metrics(family, spec))
+        for note in notes:
+            warnings.warn(note, stacklevel=1)
+        write_outputs(out, family, seen, spec, metrics, meta, head, tail, model.cfg.n_layer, plots=not args.no_plots)
+        scalars = os.path.join(out, "spectra", f"{family}_{seen:012d}.json")
+        text = json.dumps({"step": step, "tokens": seen, **{k: None if isinstance(v, float) and not math.isfinite(v)
+                                                             else v for k, v in metrics.items()}}, indent=1)
+        atomic_write(scalars, lambda f: f.write(text.encode()))
+        print(f"{family} spectra:\n" + format_table(metrics, family, names))
+        print(f"wrote {spectra_path(out, family, seen)}, {scalars}" + ("" if args.no_plots else f", {out}/plots/"))
 
 
 if __name__ == "__main__":

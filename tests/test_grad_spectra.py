@@ -1,4 +1,7 @@
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -7,7 +10,7 @@ import torch.nn.functional as F
 
 import spectra
 import train_gpt
-from conftest import torchrun_worker, losses, read_metrics, tiny_args
+from conftest import REPO, torchrun_worker, losses, read_metrics, tiny_args
 from test_spectra import probe_tokens, random_model, rel
 from train_gpt import ConfigError, load_config, train
 
@@ -188,3 +191,22 @@ def test_two_processes_give_the_same_singular_values_as_one(tmp_path):
     one = spectra.measure_gradients(random_model("modded", n_layer=2), probe_tokens(7 * 16 + 1), names, 16, 7, 2)
     for name in names:  # 4 batches (2, 2, 2, 1): rank 0 takes batches 0 and 2, rank 1 batches 1 and 3
         assert rel(ddp[name], one[name]["eig"]) < 1e-10 and rel(ddp["tg" + name], one[name]["eig"]) < 1e-10
+
+
+def test_checkpoint_command_measures_the_same_gradient_spectra_as_the_trainer(tmp_path):
+    run_dir = train(load_config(tiny_args(tmp_path, max_steps=3, eval_every_tokens=0, ckpt_every_tokens=0)))
+    ckpt, = train_gpt.checkpoints(run_dir)
+    r = subprocess.run([sys.executable, "spectra.py", "grad", "--ckpt", ckpt, "--no_plots"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "grad spectra:" in r.stdout and "weight spectra:" in r.stdout and "L01.attn.c_proj" in r.stdout
+    for family in ("grad", "weight"):
+        (tokens, mine), = [(t, f) for t, f in spectra.spectra_files(run_dir, family) if t > 0]
+        (t2, theirs), = spectra.spectra_files(os.path.join(run_dir, "measured"), family)
+        a, b = spectra.load_spectra(mine)[0], spectra.load_spectra(theirs)[0]
+        assert t2 == tokens == 3 * 4 * 32 and list(a) == list(b) == ["L00.attn.c_proj", "L01.attn.c_proj"]
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name])
+    r = subprocess.run([sys.executable, "spectra.py", "grad", "--ckpt", ckpt, "--matrices", "attn.proj"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "'attn.proj' is not a matrix of a block; valid names are" in r.stderr
