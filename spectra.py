@@ -568,52 +568,73 @@ def gradient_grams(model, tokens, names, seq_len, n_samples, batch_size=8, max_g
     was_training = model.training
     model.eval()
     try:
-        for p, job_list in enumerate(passes):
-            need = {name for name, _ in job_list} | (set(token) if p == 0 else set())
-            pass_linears = {k: v for k, v in linears.items() if k in need}
-            blocks = {j: [] for j in range(len(job_list))}
-            index = []
-            saved = {name: [] for name in token} if p == 0 else {}
-            for batch in mine:
-                w = windows[batch].to(device)
-                ab = per_example_outputs(model, pass_linears, w[:, :-1], w[:, 1:])
-                index += batch
-                for j, (name, rows) in enumerate(job_list):
-                    blocks[j].append(per_example_rows(*ab[name], rows))
-                for name in saved:
-                    saved[name].append(ab[name])
-            for j, (name, rows) in enumerate(job_list):
-                G = gather_rows(torch.cat(blocks[j]), index, n, rank, world)
-                blocks[j] = None
-                if rank == 0:
-                    grams[name] = grams.get(name, 0) + G @ G.T
-            for name in saved:
-                A = gather_rows(torch.cat([a for a, _ in saved[name]]).flatten(1), index, n, rank, world)
-                B = gather_rows(torch.cat([b for _, b in saved[name]]).flatten(1), index, n, rank, world)
-                if rank == 0:
-                    d_out, d_in = linears[name].weight.shape
-                    A, B = A.view(n, seq_len, d_in), B.view(n, seq_len, d_out)
-                    K = torch.zeros(n, n, dtype=torch.float64, device=device)
-                    for i in range(0, n, batch_size):
-                        for j in range(0, n, batch_size):
-                            K[i:i + batch_size, j:j + batch_size] = token_gram(
-                                A[i:i + batch_size], B[i:i + batch_size], A[j:j + batch_size], B[j:j + batch_size])
-                    grams[name] = K
+        with exact_fp32():  # A and B in full fp32 (no TF32), like the activations
+            grams.update(run_passes(passes, token, model, linears, windows, mine, n, seq_len, batch_size,
+                                    rank, world, device))
     finally:
         model.train(was_training)
     return grams if rank == 0 else None
+
+
+def stack_rows(parts, width, device):
+    """This rank's rows of G (or of A, B); an empty (0, width) block when it got no probe batch."""
+    return torch.cat(parts) if parts else torch.zeros(0, width, dtype=torch.float64, device=device)
+
+
+def run_passes(passes, token, model, linears, windows, mine, n, seq_len, batch_size, rank, world, device):
+    """The passes planned by gradient_grams: {name: K} on rank 0."""
+    grams = {}
+    for p, job_list in enumerate(passes):
+        need = {name for name, _ in job_list} | (set(token) if p == 0 else set())
+        pass_linears = {k: v for k, v in linears.items() if k in need}
+        blocks = {j: [] for j in range(len(job_list))}
+        index = []
+        saved = {name: [] for name in token} if p == 0 else {}
+        for batch in mine:
+            w = windows[batch].to(device)
+            ab = per_example_outputs(model, pass_linears, w[:, :-1], w[:, 1:])
+            index += batch
+            for j, (name, rows) in enumerate(job_list):
+                blocks[j].append(per_example_rows(*ab[name], rows))
+            for name in saved:
+                saved[name].append(ab[name])
+        for j, (name, rows) in enumerate(job_list):
+            width = (rows.stop - rows.start) * linears[name].weight.shape[1]
+            G = gather_rows(stack_rows(blocks[j], width, device), index, n, rank, world)
+            blocks[j] = None
+            if rank == 0:
+                grams[name] = grams.get(name, 0) + G @ G.T
+        for name in saved:
+            d_out, d_in = linears[name].weight.shape
+            A, B = (gather_rows(stack_rows([ab[k].flatten(1) for ab in saved[name]], seq_len * d, device),
+                                index, n, rank, world) for k, d in ((0, d_in), (1, d_out)))
+            if rank == 0:
+                A, B = A.view(n, seq_len, d_in), B.view(n, seq_len, d_out)
+                K = torch.zeros(n, n, dtype=torch.float64, device=device)
+                for i in range(0, n, batch_size):
+                    for j in range(i, n, batch_size):  # upper blocks; K is symmetric
+                        block = token_gram(A[i:i + batch_size], B[i:i + batch_size],
+                                           A[j:j + batch_size], B[j:j + batch_size])
+                        K[i:i + batch_size, j:j + batch_size], K[j:j + batch_size, i:i + batch_size] = block, block.T
+                grams[name] = K
+    return grams
 
 
 def gram_spectrum(K):
     """Singular values of G from K = G G^T: sqrt of its eigenvalues (fp64), descending; NaN if K is not finite."""
     if not torch.isfinite(K).all():
         return np.full(len(K), np.nan)
-    return np.sqrt(np.clip(torch.linalg.eigvalsh(K).flip(0).cpu().numpy(), 0.0, None))
+    try:
+        return np.sqrt(np.clip(torch.linalg.eigvalsh(K).flip(0).cpu().numpy(), 0.0, None))
+    except torch.linalg.LinAlgError:  # did not converge: NaN metrics rather than a stopped run
+        return np.full(len(K), np.nan)
 
 
 def noise_scale(K):
     """Gradient noise scale B_simple = tr(Sigma) / |mean g|^2 from the Gram alone: |mean g|^2 =
-    sum(K) / n^2 and tr(Sigma) = (tr K - n |mean g|^2) / (n - 1), the unbiased per-example covariance."""
+    sum(K) / n^2 and tr(Sigma) = (tr K - n |mean g|^2) / (n - 1), the unbiased per-example covariance.
+    |mean g|^2 over n examples overestimates the squared true gradient by tr(Sigma) / n, so the
+    value is biased low when it approaches n (McCandlish et al. correct with two batch sizes)."""
     n = len(K)
     mean_sq = K.sum().item() / n ** 2
     trace = (torch.trace(K).item() - n * mean_sq) / (n - 1)
@@ -647,7 +668,9 @@ def density_exponent(values):
     eigenvalues lambda = sigma^2: for each candidate x_min the maximum-likelihood exponent
     a = 1 + k / sum log(lambda / x_min) over the k values >= x_min, keeping the x_min whose fit has
     the smallest Kolmogorov-Smirnov distance (Clauset, Shalizi & Newman). Returns (a, x_min, ks).
-    For a rank-ordered decay lambda_i ~ i^-r the density exponent is a = 1 + 1/r."""
+    For a rank-ordered decay lambda_i ~ i^-r the density exponent is a = 1 + 1/r. The weight rank
+    fits (weight/alpha_*) are of the singular values sigma_i ~ i^-alpha, so r = 2 alpha and
+    alpha_density = 1 + 1/(2 alpha)."""
     lam = np.sort(np.asarray(values, dtype=np.float64))
     lam = lam[lam > 0]
     best = (math.nan, math.nan, math.inf)
@@ -657,9 +680,9 @@ def density_exponent(values):
         if logs.sum() <= 0:
             continue
         a = 1 + len(tail) / logs.sum()
-        empirical = np.arange(1, len(tail) + 1) / len(tail)
         model_cdf = 1 - (tail / tail[0]) ** (1 - a)
-        ks = float(np.max(np.abs(empirical - model_cdf)))
+        steps = np.arange(len(tail) + 1) / len(tail)  # the empirical CDF just before and after each value
+        ks = float(max(np.max(np.abs(steps[1:] - model_cdf)), np.max(np.abs(steps[:-1] - model_cdf))))
         if ks < best[2]:
             best = (float(a), float(tail[0]), ks)
     return best
@@ -677,7 +700,8 @@ def measure_weights(model, names):
 
 def extra_metrics(family, spectra):
     """Scalars beyond the rank fits: grad/noise_scale/<m>; weight/alpha_density, density_xmin and
-    density_ks/<m> (the density exponent, distinct from the rank exponent alpha_*: a = 1 + 1/alpha)."""
+    density_ks/<m> (the exponent of the density of sigma^2, distinct from the rank exponent alpha_*
+    of sigma: alpha_density = 1 + 1/(2 alpha))."""
     out = {}
     for name, s in spectra.items():
         if "noise_scale" in s:
@@ -741,7 +765,7 @@ def reference_spectra(run_dir, family, tokens, meta):
     earlier = [f for t, f in spectra_files(run_dir, family) if t < tokens]
     for i, f in enumerate(earlier):
         eig, their_meta, _ = load_spectra(f)
-        if any(their_meta.get(k) != meta.get(k) for k in SAME_PROBE):
+        if family != "weight" and any(their_meta.get(k) != meta.get(k) for k in SAME_PROBE):  # weights: no data
             continue
         for p, values in eig.items():
             if p not in first and numerical_rank(values, len(values)) > 0:

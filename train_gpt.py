@@ -694,7 +694,8 @@ def evaluate(model, raw, val, probe, cfg, rank, world, device, autocast, spectra
     measured = {}
     if "act" in spectral:
         points = spectra.select_points(raw.cfg.n_layer, cfg.spectra_points, cfg.spectra_sublayers)
-        measured["act"] = spectra.measure_activations(raw, probe, points, cfg.seq_len, cfg.spectra_batch_size,
+        act_probe = probe[: cfg.spectra_tokens // cfg.seq_len * cfg.seq_len]  # the probe slice serves grads too
+        measured["act"] = spectra.measure_activations(raw, act_probe, points, cfg.seq_len, cfg.spectra_batch_size,
                                                       cfg.spectra_act_norm, rank, world)
     if "grad" in spectral:
         names = spectra.select_linears(raw.linears(), raw.cfg.n_layer, cfg.grad_matrices, cfg.grad_layers)

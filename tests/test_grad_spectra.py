@@ -109,6 +109,10 @@ def test_weight_spectra_and_density_exponent():
     for r in (0.5, 1.0, 2.0):
         a, x_min, ks = spectra.density_exponent(np.arange(1, 5001, dtype=np.float64) ** -r)
         assert a == pytest.approx(1 + 1 / r, rel=0.05) and ks < 0.05
+    # the logged pair: rank exponent of the singular values and density exponent of their squares
+    sigma = np.arange(1, 2001, dtype=np.float64) ** -0.5
+    alpha = spectra.fit_power_law(sigma, (1, 2000))["alpha"]
+    assert spectra.density_exponent(sigma ** 2)[0] == pytest.approx(1 + 1 / (2 * alpha), rel=0.05)
     pareto = (1 - np.random.default_rng(1).random(20000)) ** (-1 / 2.0)  # density exponent 3
     assert spectra.density_exponent(pareto)[0] == pytest.approx(3.0, abs=0.1)
 
@@ -179,8 +183,11 @@ model = random_model("modded", n_layer=2)
 names = ["L00.attn.c_proj", "L01.mlp.c_fc"]
 got = spectra.measure_gradients(model, probe_tokens(7 * 16 + 1), names, 16, 7, 2, 8.0, "auto", rank, world)
 tg = spectra.measure_gradients(model, probe_tokens(7 * 16 + 1), names, 16, 7, 2, 8.0, "token_gram", rank, world)
+# 3 examples in one batch of 4: rank 1 has no batch at all
+lone = spectra.measure_gradients(model, probe_tokens(3 * 16 + 1), names, 16, 3, 4, 8.0, "auto", rank, world)
 if rank == 0:
-    np.savez({out!r}, **{{n: got[n]["eig"] for n in names}}, **{{"tg" + n: tg[n]["eig"] for n in names}})
+    np.savez({out!r}, **{{n: got[n]["eig"] for n in names}}, **{{"tg" + n: tg[n]["eig"] for n in names}},
+             **{{"lone" + n: lone[n]["eig"] for n in names}})
 dist.destroy_process_group()
 """
 
@@ -188,9 +195,12 @@ dist.destroy_process_group()
 def test_two_processes_give_the_same_singular_values_as_one(tmp_path):
     ddp = torchrun_worker(tmp_path, DDP_WORKER)
     names = ["L00.attn.c_proj", "L01.mlp.c_fc"]
-    one = spectra.measure_gradients(random_model("modded", n_layer=2), probe_tokens(7 * 16 + 1), names, 16, 7, 2)
+    model = random_model("modded", n_layer=2)
+    one = spectra.measure_gradients(model, probe_tokens(7 * 16 + 1), names, 16, 7, 2)
+    lone = spectra.measure_gradients(model, probe_tokens(3 * 16 + 1), names, 16, 3, 4)
     for name in names:  # 4 batches (2, 2, 2, 1): rank 0 takes batches 0 and 2, rank 1 batches 1 and 3
         assert rel(ddp[name], one[name]["eig"]) < 1e-10 and rel(ddp["tg" + name], one[name]["eig"]) < 1e-10
+        assert rel(ddp["lone" + name], lone[name]["eig"]) < 1e-10
 
 
 def test_checkpoint_command_measures_the_same_gradient_spectra_as_the_trainer(tmp_path):
@@ -210,3 +220,13 @@ def test_checkpoint_command_measures_the_same_gradient_spectra_as_the_trainer(tm
     r = subprocess.run([sys.executable, "spectra.py", "grad", "--ckpt", ckpt, "--matrices", "attn.proj"], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "'attn.proj' is not a matrix of a block; valid names are" in r.stderr
+
+
+def test_activation_spectra_read_their_own_probe_slice_when_gradients_need_more(tmp_path):
+    run_dir = train(load_config(tiny_args(tmp_path, max_steps=2, eval_every_tokens=0, spectra_tokens=128,
+                                          grad_samples=8, grad_spectra_every=1)))  # 128 act tokens, 256 for grads
+    (_, act_file), (_, grad_file) = (spectra.spectra_files(run_dir, f)[0] for f in ("act", "grad"))
+    with np.load(act_file) as z:
+        assert z["embed@n"][0] == 128 and z["meta.probe_tokens"] == 128
+    with np.load(grad_file) as z:
+        assert z["L00.attn.c_proj@n"][0] == 8 and z["meta.probe_tokens"] == 256
