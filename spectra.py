@@ -649,9 +649,9 @@ def measure_gradients(model, tokens, names, seq_len, n_samples, batch_size=8, ma
     grams = gradient_grams(model, tokens, names, seq_len, n_samples, batch_size, max_gb, method, rank, world)
     if grams is None:
         return None
-    out = {}
+    out, linears = {}, model.linears()
     for name, K in grams.items():
-        n, P = len(K), model.linears()[name].weight.numel()
+        n, P = len(K), linears[name].weight.numel()
         out[name] = dict(eig=gram_spectrum(K), eig_half0=gram_spectrum(K[0::2, 0::2]),
                          eig_half1=gram_spectrum(K[1::2, 1::2]), n=n, n_half0=(n + 1) // 2, n_half1=n // 2,
                          width=P, limit=min(n, P), limit_half0=min((n + 1) // 2, P), limit_half1=min(n // 2, P),
@@ -690,9 +690,9 @@ def density_exponent(values):
 
 def measure_weights(model, names):
     """{name: {eig (singular values, fp64, descending), n, width, limit, density: (a, x_min, ks)}}."""
-    out = {}
+    out, linears = {}, model.linears()
     for name in names:
-        W = model.linears()[name].weight.detach().double()
+        W = linears[name].weight.detach().double()
         sv = torch.linalg.svdvals(W).cpu().numpy()
         out[name] = dict(eig=sv, n=len(sv), width=len(sv), limit=len(sv), density=density_exponent(sv ** 2))
     return out
