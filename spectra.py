@@ -365,16 +365,20 @@ def activation_stats(model, tokens, points, seq_len, batch_size=16, act_norm="rm
 
 def measure_activations(model, tokens, points, seq_len, batch_size=16, act_norm="rms", rank=0, world=1):
     """Activation spectra on rank 0 as {point: {eig, eig_half0, eig_half1, n, n_half0, n_half1,
-    width, rms}} (eigenvalues fp64 numpy, descending); None on other ranks."""
+    width, limit, limit_half0, limit_half1, rank_deficient, rms}} (eigenvalues fp64 numpy,
+    descending; a limit is the largest meaningful rank, min(width, n - 1): centring costs one);
+    None on other ranks."""
     stats = activation_stats(model, tokens, points, seq_len, batch_size, act_norm, rank, world)
     if stats is None:
         return None
     out = {}
     for p, (h0, h1) in stats.items():
         full = merge_stats(h0, h1)
+        width = full.mean.numel()
         out[p] = dict(eig=eigenvalues(full), eig_half0=eigenvalues(h0), eig_half1=eigenvalues(h1),
-                      n=full.n, n_half0=h0.n, n_half1=h1.n, width=full.mean.numel(),
-                      rms=act_norm == "rms" and is_residual(p))
+                      n=full.n, n_half0=h0.n, n_half1=h1.n, width=width, limit=min(width, full.n - 1),
+                      limit_half0=min(width, h0.n - 1), limit_half1=min(width, h1.n - 1),
+                      rank_deficient=full.n - 1 < width, rms=act_norm == "rms" and is_residual(p))
     return out
 
 
@@ -385,17 +389,16 @@ def summarise(spectra, family, head, tail, prev=None, first=None, where=""):
     gets NaN metrics and a warning naming it and `where`."""
     metrics, notes = {}, []
     for p, s in spectra.items():
-        limit = s.get("limit", min(s["width"], s["n"] - 1))  # a covariance loses one rank to centring
+        limit = s["limit"]
         if not np.isfinite(s["eig"]).all():
             notes.append(f"{family} spectrum of {p} {where}: non-finite values; its metrics are NaN")
             values = dict.fromkeys(STATS, math.nan)
         else:
-            if limit < s["width"] and "limit" not in s:  # a covariance from fewer tokens than its width
+            if s.get("rank_deficient"):  # a covariance from fewer tokens than its width
                 notes.append(f"{family} spectrum of {p}: {s['n']} probe tokens for width {s['width']}: the "
                              f"spectrum is rank-deficient, fits are limited to ranks <= {limit}")
             halves = (s["eig_half0"], s["eig_half1"]) if "eig_half0" in s else None
-            half_limits = (s.get("limit_half0", min(s["width"], s.get("n_half0", 0) - 1)),
-                           s.get("limit_half1", min(s["width"], s.get("n_half1", 0) - 1)))
+            half_limits = (s.get("limit_half0"), s.get("limit_half1"))
             values = spectrum_metrics(s["eig"], limit, head, tail, halves, half_limits,
                                       (prev or {}).get(p), (first or {}).get(p, s["eig"]))
             rank = values["valid_rank"]
@@ -544,7 +547,6 @@ def gradient_grams(model, tokens, names, seq_len, n_samples, batch_size=8, max_g
     n = len(windows)
     batches = [list(range(b, min(b + batch_size, n))) for b in range(0, n, batch_size)]
     mine = [batches[b] for b in range(rank, len(batches), world)]
-    grams = {}
     budget = max(1, int(max_gb * 2 ** 30 / 8))  # fp64 entries of G held at once
     jobs, token = [], []
     for name, lin in linears.items():
@@ -569,8 +571,8 @@ def gradient_grams(model, tokens, names, seq_len, n_samples, batch_size=8, max_g
     model.eval()
     try:
         with exact_fp32():  # A and B in full fp32 (no TF32), like the activations
-            grams.update(run_passes(passes, token, model, linears, windows, mine, n, seq_len, batch_size,
-                                    rank, world, device))
+            grams = run_passes(passes, token, model, linears, windows, mine, n, seq_len, batch_size, rank, world,
+                               device)
     finally:
         model.train(was_training)
     return grams if rank == 0 else None
@@ -730,7 +732,7 @@ def save_spectra(path, spectra, meta):
         arrays[p] = s["eig"]
         if "eig_half0" in s:
             arrays[f"{p}@half0"], arrays[f"{p}@half1"] = s["eig_half0"], s["eig_half1"]
-        limit = s.get("limit", min(s["width"], s["n"] - 1))
+        limit = s["limit"]
         arrays[f"{p}@n"] = np.asarray([s["n"], s.get("n_half0", 0), s.get("n_half1", 0), s["width"], limit])
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write(path, lambda f: np.savez(f, **arrays))
@@ -884,7 +886,7 @@ def write_outputs(run_dir, family, tokens, spectra, metrics, meta, head, tail, n
     save_spectra(spectra_path(run_dir, family, tokens), spectra, meta)
     if plots:
         eig = {p: s["eig"] for p, s in spectra.items()}
-        limits = {p: s.get("limit", min(s["width"], s["n"] - 1)) for p, s in spectra.items()}
+        limits = {p: s["limit"] for p, s in spectra.items()}
         tag = f"{tokens:012d}"
         title = f"{family} spectra at {tokens:,} tokens"
         plot_spectra(os.path.join(run_dir, "plots", f"{family}_spectrum_{tag}.png"), eig, limits, head, tail, title)

@@ -493,7 +493,7 @@ def test_js_first_uses_the_first_evaluation_where_a_point_has_a_spectrum(tmp_pat
     zero, grown, later = np.zeros(8), np.arange(8, 0, -1.0), np.arange(8, 0, -1.0) ** 2
 
     def save(tokens, spectrum):
-        s = dict(eig=spectrum, eig_half0=spectrum, eig_half1=spectrum, n=64, n_half0=32, n_half1=32, width=8)
+        s = dict(eig=spectrum, eig_half0=spectrum, eig_half1=spectrum, n=64, n_half0=32, n_half1=32, width=8, limit=8)
         spectra.save_spectra(spectra.spectra_path(str(tmp_path), "act", tokens), {"L00.attn": s}, meta)
     save(0, zero)
     save(100, grown)
