@@ -474,11 +474,12 @@ def per_example_outputs(model, linears, idx, targets):
                for name, m in linears.items()]
     try:
         with torch.enable_grad():
-            logits, _ = model(idx)
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-            per_sequence = loss.view(idx.shape).mean(1).sum()  # d/d out_i of this = grad of loss_i alone
+            h = model.features(idx)
+            # the head's gradient in closed form (GPT.sequence_loss_grad), then autograd from h down to
+            # the chosen outputs: the gradient of sum_i loss_i at out_i is the gradient of loss_i alone
+            dh = model.sequence_loss_grad(h.detach(), targets)
             outs = [captured[n][1] for n in linears]
-            grads = torch.autograd.grad(per_sequence, outs)
+            grads = torch.autograd.grad(h, outs, grad_outputs=dh)
     finally:
         for h in handles:
             h.remove()

@@ -90,9 +90,11 @@ def sync(device):
 # The seed protocol: one backward per example
 
 
-def baseline_spectra(model, tokens, names, seq_len, n):
-    """{name: singular values (fp64 numpy, descending)} from G built one example at a time."""
+def baseline_spectra(model, tokens, names, seq_len, n, timing):
+    """{name: singular values (fp64 numpy, descending)} from G built one example at a time;
+    timing["loop"], timing["svd"] = seconds spent building G and in the SVD."""
     device = next(model.parameters()).device
+    t0 = time.perf_counter()
     linears = model.linears()
     weights = {name: linears[name].weight for name in names}
     G = {name: torch.zeros(n, w.numel(), dtype=torch.float64, device=device) for name, w in weights.items()}
@@ -103,7 +105,10 @@ def baseline_spectra(model, tokens, names, seq_len, n):
         for name, weight in weights.items():
             G[name][i] = weight.grad.flatten().double()
     model.zero_grad(set_to_none=True)
+    sync(device)
+    t1 = time.perf_counter()
     out = {name: torch.linalg.svdvals(g).cpu().numpy() for name, g in G.items()}
+    timing.update(loop=t1 - t0, svd=time.perf_counter() - t1)
     del G
     return out
 
@@ -260,7 +265,8 @@ def main(argv=None):
         t_blocked, blocked = best_time(lambda: ours(small_gb), 1, device)
         _, _, small_passes = gram_plan(model, names, n, args.seq_len, small_gb, args.method)
 
-    t_base, base_out = best_time(lambda: baseline_spectra(model, tokens, names, args.seq_len, n),
+    timing = {}
+    t_base, base_out = best_time(lambda: baseline_spectra(model, tokens, names, args.seq_len, n, timing),
                                  args.baseline_repeats, device)
 
     rel = {m: relative_difference(ours_out[m]["eig"], base_out[m], min(n, P[m])) for m in names}
@@ -268,7 +274,8 @@ def main(argv=None):
     ranks = [spectra.numerical_rank(base_out[m], min(n, P[m])) for m in names]
     (rel_max, rel_at), (scaled_max, scaled_at) = worst(rel), worst(scaled)
     print(f"ours (batched, Gram of G):          {t_ours:8.3f} s  (best of {args.repeats})")
-    print(f"baseline (one backward per example): {t_base:7.3f} s  (best of {args.baseline_repeats})")
+    print(f"baseline (one backward per example): {t_base:7.3f} s  (best of {args.baseline_repeats}; last run: loop "
+          f"{timing['loop']:.3f} s, SVD {timing['svd']:.3f} s on {device.type})")
     print(f"speedup: {t_base / t_ours:.1f}x (goal >= 1.5x on the CPU tiny config; >= 20x for d12 at n=512, "
           f"T=1024 on one GPU)")
     print(f"max relative singular-value error:  {rel_max:.2e} (at {rel_at}; over the meaningful ranks, "

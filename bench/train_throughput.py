@@ -70,10 +70,11 @@ def bench_config(argv, steps):
         else:
             args.append(a)
     cfg = train_gpt.load_config(args)
-    if not glob.glob(cfg.train_files) or not glob.glob(cfg.val_files):
-        print(f"note: {cfg.train_files} not found; reading the embedded corpus instead")
-        cfg.train_files = "data/shakespeare/shakespeare_train_*.bin"
-        cfg.val_files = "data/shakespeare/shakespeare_val_*.bin"
+    for key in ("train_files", "val_files"):  # each missing pattern on its own, so --val_files=... can point elsewhere
+        if not glob.glob(getattr(cfg, key)):
+            stand_in = f"data/shakespeare/shakespeare_{key.split('_')[0]}_*.bin"
+            print(f"note: {getattr(cfg, key)} not found; reading the embedded corpus ({stand_in}) instead")
+            setattr(cfg, key, stand_in)
     return cfg, steps
 
 

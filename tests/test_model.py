@@ -158,6 +158,27 @@ def test_softcap_bounds_the_logits():
     assert logits.abs().max() > 1.9
 
 
+@pytest.mark.parametrize("preset,softcap", [("modded", 15.0), ("modded", 2.0), ("gpt2", 0.0)])
+def test_sequence_loss_grad_is_the_gradient_of_each_sequences_mean_loss(preset, softcap):
+    torch.manual_seed(0)
+    model = GPT(tiny(preset, softcap=softcap)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5)  # logits of a few units: the softcap's tanh is not linear
+    h = torch.randn(3, T, model.cfg.n_embd, requires_grad=True)
+    targets = torch.randint(0, V, (3, T))
+    logits = model.lm_head(h)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    per_sequence = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(3, T).mean(1)
+    want, = torch.autograd.grad(per_sequence.sum(), h, retain_graph=True)
+    for chunk in (None, 8 * V, 1):  # whole, 8-row chunks, and the smallest chunk (8 rows) from a too-small budget
+        got = model.sequence_loss_grad(h.detach(), targets, chunk)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    # sequence 1's own loss only reaches sequence 1's rows
+    only, = torch.autograd.grad(per_sequence[1], h)
+    assert only[0].abs().max() == 0 and torch.allclose(only[1], want[1])
+
+
 def test_value_embeddings_reach_the_layers_modded_uses():
     model = GPT(tiny(n_layer=8))
     assert model.ve_index == [0, 1, 2, None, None, 0, 1, 2]
