@@ -526,6 +526,8 @@ def gather_rows(rows, index, n, rank, world):
         rows, index = torch.cat(all_rows), torch.cat(all_idx)
         keep = index >= 0
         rows, index = rows[keep], index[keep]
+    elif index == list(range(n)):  # one process, batches in order: already G, no second copy
+        return rows
     else:
         index = torch.tensor(index, device=rows.device)
     out = torch.zeros(n, rows.size(1), dtype=rows.dtype, device=rows.device)
@@ -590,20 +592,23 @@ def run_passes(passes, token, model, linears, windows, mine, n, seq_len, batch_s
     for p, job_list in enumerate(passes):
         need = {name for name, _ in job_list} | (set(token) if p == 0 else set())
         pass_linears = {k: v for k, v in linears.items() if k in need}
-        blocks = {j: [] for j in range(len(job_list))}
+        n_mine = sum(len(batch) for batch in mine)
+        # this rank's rows of each block, written in place batch by batch: G is held once, not as
+        # per-batch pieces plus their concatenation
+        blocks = [torch.empty(n_mine, (rows.stop - rows.start) * linears[name].weight.shape[1],
+                              dtype=torch.float64, device=device) for name, rows in job_list]
         index = []
         saved = {name: [] for name in token} if p == 0 else {}
         for batch in mine:
             w = windows[batch].to(device)
             ab = per_example_outputs(model, pass_linears, w[:, :-1], w[:, 1:])
-            index += batch
             for j, (name, rows) in enumerate(job_list):
-                blocks[j].append(per_example_rows(*ab[name], rows))
+                blocks[j][len(index):len(index) + len(batch)] = per_example_rows(*ab[name], rows)
+            index += batch
             for name in saved:
                 saved[name].append(ab[name])
         for j, (name, rows) in enumerate(job_list):
-            width = (rows.stop - rows.start) * linears[name].weight.shape[1]
-            G = gather_rows(stack_rows(blocks[j], width, device), index, n, rank, world)
+            G = gather_rows(blocks[j], index, n, rank, world)
             blocks[j] = None
             if rank == 0:
                 grams[name] = grams.get(name, 0) + G @ G.T
