@@ -113,6 +113,10 @@ class Config:
     wandb_project: str = "spectral-nanogpt"
     wandb_group: str = ""
     wandb_name: str = ""               # "" -> run_name
+    wandb_milestones: str = "100K,1M,10M,50M,100M,500M,1B"  # run-summary copies of alphas at these tokens
+    # in-run forecast of token efficiency from a finished reference sweep (analyze.py)
+    forecast_reference: str = ""       # run directories or sweep folders, comma-separated; "" -> off
+    forecast_target_loss: float = 0.0  # 0 -> target_val_loss, else the highest final val_loss of the reference
 
 
 CHOICES = {"device": ("auto", "cpu", "cuda"), "optimizer": ("muon", "adamw"), "spectra_act_norm": ("rms", "none"),
@@ -239,6 +243,11 @@ def check_config(cfg):
         raise ConfigError("grad_spectra_every must be >= 0, grad_batch_size and grad_spectra_max_gb positive")
     if cfg.spectra_every and cfg.grad_spectra_every and cfg.grad_samples < 2:
         raise ConfigError(f"grad_samples={cfg.grad_samples}: per-example gradient spectra need at least 2 examples")
+    try:
+        parse_milestones(cfg.wandb_milestones)
+    except ValueError:
+        raise ConfigError(f"wandb_milestones={cfg.wandb_milestones!r}: expected token counts like "
+                          "'100K,1M,50M,1B'") from None
     if cfg.warmup_frac + cfg.cooldown_frac > 1:
         raise ConfigError(f"warmup_frac + cooldown_frac = {cfg.warmup_frac + cfg.cooldown_frac} exceeds 1")
     try:
@@ -252,6 +261,33 @@ def check_config(cfg):
 
 def model_config(cfg):
     return make_config(cfg.preset, cfg.profile, seq_len=cfg.seq_len, **cfg.model)
+
+
+def parse_milestones(text):
+    """'100K,1M,1B' -> [('100K', 100000), ('1M', 1000000), ('1B', 1000000000)]; ValueError if malformed."""
+    out = []
+    for label in (t.strip() for t in text.split(",") if t.strip()):
+        scale = {"K": 10 ** 3, "M": 10 ** 6, "B": 10 ** 9}.get(label[-1].upper(), 1)
+        number = float(label[:-1] if scale > 1 else label)
+        if number <= 0:
+            raise ValueError(label)
+        out.append((label, int(number * scale)))
+    return out
+
+
+def run_labels(cfg, gcfg):
+    """(group, job_type, tags) for W&B, derived from the config so that sweeps group without manual
+    naming: the group is the model family (preset, size, model settings changed from the preset,
+    optimizer), the job type the batch tier; tags carry each part."""
+    base = make_config(cfg.preset, cfg.profile, seq_len=gcfg.seq_len)
+    sizes = ("n_layer", "n_head", "n_embd")
+    size = cfg.profile if all(getattr(gcfg, k) == getattr(base, k) for k in sizes) else \
+        f"L{gcfg.n_layer}-d{gcfg.n_embd}-h{gcfg.n_head}"
+    changed = [f"{f.name}={getattr(gcfg, f.name)}" for f in dataclasses.fields(GPTConfig)
+               if f.name not in (*sizes, "seq_len") and getattr(gcfg, f.name) != getattr(base, f.name)]
+    tier = f"bs{cfg.batch_size}"
+    group = "-".join([cfg.preset, size, *changed, cfg.optimizer])
+    return group, tier, [cfg.preset, size, tier, cfg.optimizer, *changed]
 
 
 def batch_layout(cfg, world_size):
@@ -578,17 +614,24 @@ class MetricsLog:
     After a resume, records up to `wandb_sent_step` were already sent by the interrupted attempt
     (W&B history cannot be rewound), so only metrics.jsonl receives their re-run."""
 
-    def __init__(self, run_dir, cfg, run_config, wandb_id, wandb_sent_step=-1):
+    MILESTONE_STATS = ("alpha_head", "alpha_tail", "rankme")  # copied to the summary at token milestones
+
+    def __init__(self, run_dir, cfg, run_config, wandb_id, wandb_sent_step=-1, labels=(None, None, ()),
+                 tokens=0):
+        self.run_dir = run_dir
         self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         self.wandb, self.wandb_sent_step = None, wandb_sent_step
+        self.milestones, self.last_eval_tokens = parse_milestones(cfg.wandb_milestones), tokens
+        self.artifact_tokens = None  # tokens of the last spectra artifact logged
         mode = cfg.wandb_mode or os.environ.get("WANDB_MODE") or "offline"
         if mode == "disabled":
             return
+        group, job_type, tags = labels
         try:
             import wandb
-            self.wandb = wandb.init(project=cfg.wandb_project, group=cfg.wandb_group or None,
-                                    name=cfg.wandb_name or cfg.run_name, id=wandb_id, resume="allow",
-                                    config=run_config, dir=run_dir, mode=mode)
+            self.wandb = wandb.init(project=cfg.wandb_project, group=cfg.wandb_group or group, job_type=job_type,
+                                    tags=list(tags), name=cfg.wandb_name or cfg.run_name, id=wandb_id,
+                                    resume="allow", config=run_config, dir=run_dir, mode=mode)
             self.wandb.define_metric("tokens")
             self.wandb.define_metric("*", step_metric="tokens")
         except Exception as e:
@@ -599,15 +642,42 @@ class MetricsLog:
                       "metrics.jsonl is unaffected", stacklevel=2)
         self.wandb = None
 
-    def log(self, record):
+    def log(self, record, media=None):
+        """One line of metrics.jsonl and the same keys to W&B; `media` (histograms) goes to W&B only.
+        An evaluation's record (it has val_loss) that is the first at or past a token milestone also
+        sets `<key>@<milestone>` in the W&B run summary for its alphas, RankMe and val_loss, so a
+        sweep table sorts by early alpha."""
         record = json_safe(record)
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.wandb is not None and record["step"] > self.wandb_sent_step:
-            try:
-                self.wandb.log(record)
-            except Exception as e:
-                self._wandb_failed(e)
+        if self.wandb is None or record["step"] <= self.wandb_sent_step:
+            return
+        try:
+            self.wandb.log({**record, **(media or {})})
+            if "val_loss" in record:
+                for label, tokens in self.milestones:
+                    if self.last_eval_tokens < tokens <= record["tokens"]:
+                        self.wandb.summary.update({f"{k}@{label}": v for k, v in record.items() if v is not None
+                                                   and (k == "val_loss" or k.count("/") == 2
+                                                        and k.split("/")[1] in self.MILESTONE_STATS)})
+                self.last_eval_tokens = record["tokens"]
+        except Exception as e:
+            self._wandb_failed(e)
+
+    def log_spectra_artifact(self, tokens):
+        """The npz spectra so far as a W&B artifact (at checkpoints and at the end)."""
+        files = [f for family in ("act", "grad", "weight") for _, f in spectra.spectra_files(self.run_dir, family)]
+        if self.wandb is None or not files or tokens == self.artifact_tokens:
+            return
+        self.artifact_tokens = tokens
+        try:
+            import wandb
+            artifact = wandb.Artifact(f"spectra-{self.wandb.id}", type="spectra", metadata={"tokens": tokens})
+            for f in files:
+                artifact.add_file(f)
+            self.wandb.log_artifact(artifact)
+        except Exception as e:
+            self._wandb_failed(e)
 
     def sync(self):
         os.fsync(self.file.fileno())
@@ -727,6 +797,54 @@ def log_spectra(run_dir, family, measured, cfg, n_layer, step, tokens, seen_note
     return metrics
 
 
+def load_forecast_reference(cfg, gcfg):
+    """(reference runs, target loss) for the in-run forecast, or (None, None) when it is off.
+    ConfigError before anything is written when the reference cannot be read, was measured unlike
+    this run (probe set, fit windows, model profile), or has fewer than 3 runs at the target."""
+    if not cfg.forecast_reference:
+        return None, None
+    import analyze
+    try:
+        runs = analyze.load_runs([p.strip() for p in cfg.forecast_reference.split(",") if p.strip()])
+        analyze.check_comparable(runs + [analyze.Run("this run", dict(config=asdict(cfg), model=asdict(gcfg)), [])])
+    except analyze.AnalysisError as e:
+        raise ConfigError(f"forecast_reference={cfg.forecast_reference!r}: {e}") from None
+    finals = [loss for loss in (analyze.final_loss(r.records) for r in runs) if loss is not None]
+    target = cfg.forecast_target_loss or cfg.target_val_loss or max(finals, default=0.0)
+    reached = sum(analyze.tokens_to_target(r.records, target) is not None for r in runs)
+    if reached < 3:
+        raise ConfigError(f"forecast_reference={cfg.forecast_reference!r}: {reached} of its {len(runs)} runs reach "
+                          f"val_loss {target:.4g}; a forecast needs 3 (set forecast_target_loss higher or add runs)")
+    return runs, target
+
+
+def forecast_metrics(reference, target, own_records, tokens):
+    """forecast/token_ratio (tokens to the target relative to the reference family's best, predicted
+    from this run's spectra so far by the reference's best predictor at these tokens), the
+    predictor's name and its leave-one-out error; {} when no predictor is available yet."""
+    import analyze
+    f = analyze.forecast(reference, target, own_records, tokens)
+    if f is None:
+        return {}
+    return {"forecast/token_ratio": f.ratio, "forecast/loo_error": f.loo_error, "forecast/predictor": f.predictor}
+
+
+def log_eig_histograms(measured, per_family=3):
+    """{"<family>/log_eig/<name>": wandb.Histogram of log10 of the positive finite eigen/singular
+    values} for the first, middle and last measured point (or matrix) of each family: the shape of
+    whole spectra in W&B panels, beside the scalar fits."""
+    import wandb
+    out = {}
+    for family, spec in measured.items():
+        names = list(spec)
+        for name in dict.fromkeys(names[i] for i in np.linspace(0, len(names) - 1, per_family).round().astype(int)):
+            values = np.asarray(spec[name]["eig"])
+            values = values[np.isfinite(values) & (values > 0)]
+            if len(values):
+                out[f"{family}/log_eig/{name}"] = wandb.Histogram(np.log10(values))
+    return out
+
+
 def rewind_spectra(run_dir, tokens):
     """On resume: spectra saved after the checkpoint move to spectra/discarded/ (they are re-measured)."""
     later = [f for family in ("act", "grad", "weight") for t, f in spectra.spectra_files(run_dir, family)
@@ -816,6 +934,7 @@ def train(cfg):
                   cfg.grad_samples * cfg.seq_len if cfg.grad_spectra_every else 0)
     probe = torch.from_numpy(load_prefix(find_shards(cfg.val_files), n_probe, gcfg.vocab_size,
                                          key="spectra_tokens / grad_samples x seq_len")) if cfg.spectra_every else None
+    reference, forecast_target = load_forecast_reference(cfg, gcfg) if rank == 0 else (None, None)
     run_dir = resolve_run_dir(cfg, rank)
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     if device.type == "cuda":
@@ -831,7 +950,8 @@ def train(cfg):
     loader = TrainLoader(train_files, cfg, rank, world, device, gcfg.vocab_size)
     torch.manual_seed(cfg.seed + 1 + rank)  # per-rank stream for dropout
 
-    step, elapsed_before, wandb_id = 0, 0.0, secrets.token_hex(4)
+    # a W&B sweep agent names the run it launched in WANDB_RUN_ID; otherwise a fresh id
+    step, elapsed_before, wandb_id = 0, 0.0, os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)
     if cfg.resume:
         ckpt = torch.load(checkpoints(run_dir)[-1], map_location=device, weights_only=True)
         if ckpt["model_config"] != asdict(gcfg):
@@ -870,7 +990,13 @@ def train(cfg):
             atomic_write(os.path.join(run_dir, "config.json"), lambda f: f.write(text))
         print(describe(cfg, gcfg, raw.param_counts(), derived))
         print(f"run directory: {run_dir}")
-        log = MetricsLog(run_dir, cfg, run_config, wandb_id, wandb_sent_step)
+        log = MetricsLog(run_dir, cfg, run_config, wandb_id, wandb_sent_step, run_labels(cfg, gcfg),
+                         tokens=step * tokens_per_step)
+    # the in-run forecast reads this run's evaluations so far (those of an interrupted attempt too)
+    own_records = []
+    if reference and cfg.resume:
+        import analyze
+        own_records = analyze.read_records(os.path.join(run_dir, "metrics.jsonl"))[0]
 
     t_start, start_step = time.time(), step
 
@@ -887,6 +1013,7 @@ def train(cfg):
         save_checkpoint(run_dir, state, rank, cfg.ckpt_keep)
         if log:
             log.sync()
+            log.log_spectra_artifact(step * tokens_per_step)
 
     seen_notes = set()
 
@@ -901,7 +1028,15 @@ def train(cfg):
                   f"eval {time.time() - t0:.1f}s")
             for family, spec in measured.items():
                 metrics.update(log_spectra(run_dir, family, spec, cfg, gcfg.n_layer, step, tokens, seen_notes))
-            log.log(dict(step=step, tokens=tokens, **metrics, elapsed_s=elapsed()))
+            record = dict(step=step, tokens=tokens, **metrics, elapsed_s=elapsed())
+            if reference:
+                own_records.append(json_safe(record))
+                record.update(forecast_metrics(reference, forecast_target, own_records, tokens))
+                if "forecast/token_ratio" in record:
+                    print(f"forecast: {record['forecast/token_ratio']:.3f}x the reference family's best tokens to "
+                          f"val_loss {forecast_target:.4g} (from {record['forecast/predictor']}, leave-one-out "
+                          f"error {record['forecast/loo_error']:.3f})")
+            log.log(record, media=log_eig_histograms(measured) if log.wandb is not None else None)
         reached = 0 < cfg.target_val_loss and metrics["val_loss"] <= cfg.target_val_loss
         if reached and log:
             print(f"reached target_val_loss={cfg.target_val_loss} at {human(step * tokens_per_step)} tokens")
@@ -951,6 +1086,7 @@ def train(cfg):
         t_interval += time.time() - t_pause  # evaluation and checkpoints are not training throughput
 
     if log:
+        log.log_spectra_artifact(step * tokens_per_step)  # unless the final checkpoint just did
         log.close()
     if dist.is_initialized():
         dist.barrier()

@@ -141,3 +141,26 @@ def test_d36_dry_run_command(tmp_path):
     total = int(re.search(r"parameters: ([\d,]+) total", r.stdout).group(1).replace(",", ""))
     assert total == expected_params(36, 1280)
     assert "12*L*d^2 = 12*36*1280^2 = 707,788,800" in r.stdout
+
+
+@pytest.mark.parametrize("sweep", sorted(glob.glob(os.path.join(REPO, "configs", "sweeps", "*.yaml"))))
+def test_every_run_of_a_sweep_file_resolves_to_a_distinct_valid_config(sweep):
+    """Expand the W&B grid as the agent does (${program} -> train_gpt.py, ${args} -> --key=value per
+    parameter) and resolve each run's command line with a dry run: no key or value may be invalid."""
+    import itertools
+    yaml = pytest.importorskip("yaml")  # PyYAML comes with wandb
+    with open(sweep) as f:
+        spec = yaml.safe_load(f)
+    assert spec["method"] == "grid" and spec["program"] == "train_gpt.py"
+    command = spec["command"]
+    assert command[command.index("${program}") + 1].startswith("configs/") and command[-1] == "${args}"
+    config_file = os.path.join(REPO, command[command.index("${program}") + 1])
+    names = list(spec["parameters"])
+    choices = [p["values"] if "values" in p else [p["value"]] for p in spec["parameters"].values()]
+    resolved = []
+    for combo in itertools.product(*choices):
+        args = [f"--{k}={v}" for k, v in zip(names, combo)]  # W&B writes Python values: True, 0.5, 64
+        cfg = load_config([config_file, *args, "--dry_run=1"])
+        assert train_gpt.train(cfg) is None
+        resolved.append((cfg.batch_size, tuple(sorted(cfg.model.items()))))
+    assert len(set(resolved)) == len(resolved) > 1

@@ -155,6 +155,44 @@ def test_wandb_offline_run_holds_the_config_and_metrics(tmp_path):
     assert run.run_group == "g1" and run.display_name == "tiny" and run.project == "spectral-nanogpt"
 
 
+def test_wandb_run_is_labelled_from_the_config_with_histograms_milestones_and_spectra_artifacts(tmp_path):
+    pytest.importorskip("wandb")
+    run_dir = train(load_config(tiny_args(tmp_path, wandb_mode="offline", max_steps=12, wandb_milestones="1K,1M",
+                                          ckpt_every_tokens=1024, qk_norm=False)))
+    records = wandb_records(run_dir)
+    kinds = [rec.WhichOneof("record_type") for rec in records]
+    run = records[kinds.index("run")].run
+    # the group is the model family (preset, sizes, flags changed from the preset, optimizer), the job the batch tier
+    assert (run.run_group, run.job_type) == ("modded-L2-d64-h2-qk_norm=False-muon", "bs4")
+    assert set(run.tags) == {"modded", "L2-d64-h2", "bs4", "muon", "qk_norm=False"}
+    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+               for rec, kind in zip(records, kinds) if kind == "history"]
+    evals = [h for h in history if "val_loss" in h]
+    # log10 eigenvalue histograms of the first, middle and last point of each family, at every evaluation
+    for family, name in (("act", "embed"), ("act", "L01.mlp_resid"), ("act", "final"), ("grad", "L00.attn.c_proj"),
+                         ("weight", "L01.attn.c_proj")):
+        measured = [h for h in evals if h.get(f"{family}/alpha_head/{name}") is not None]  # not all-zero spectra
+        assert measured and all(h[f"{family}/log_eig/{name}/_type"] == "histogram" for h in measured)
+    hist = evals[-1]["act/log_eig/L01.mlp_resid/values"]
+    assert sum(hist) == 64  # all eigenvalues of the width-64 point, none dropped
+    # summary copies at the first evaluation at or past 1K tokens (1024), none at 1M (not reached)
+    summary = {}
+    for rec, kind in zip(records, kinds):
+        if kind == "summary":
+            summary.update({u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in rec.summary.update})
+    at_1k = next(r for r in read_metrics(run_dir) if r["tokens"] == 1024 and "val_loss" in r)
+    milestone = {k: v for k, v in summary.items() if "@" in k}
+    assert milestone["act/alpha_tail/L01.mlp_resid@1K"] == pytest.approx(at_1k["act/alpha_tail/L01.mlp_resid"])
+    assert milestone["val_loss@1K"] == pytest.approx(at_1k["val_loss"])
+    assert {k.split("/")[1] for k in milestone if "/" in k} == {"alpha_head", "alpha_tail", "rankme"}
+    assert not any(k.endswith("@1M") for k in summary)
+    # the npz spectra as artifacts: at the checkpoint at 1024 tokens and at the end (1536)
+    artifacts = [rec.artifact for rec, kind in zip(records, kinds) if kind == "artifact"]
+    assert [a.type for a in artifacts] == ["spectra", "spectra"]
+    assert {m.path for m in artifacts[-1].manifest.contents} == {
+        os.path.basename(f) for fam in ("act", "grad", "weight") for _, f in spectra.spectra_files(run_dir, fam)}
+
+
 def test_wandb_failure_warns_and_training_goes_on(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
 

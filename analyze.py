@@ -1,0 +1,968 @@
+"""
+Comparing runs and forecasting token efficiency from spectra measured early in training.
+
+    python analyze.py compare RUN... [--wandb ENTITY/PROJECT[/GROUP]] [--out DIR] [--layer L] [--tokens T]
+                      [--loss L] [--family act|grad] [--stat alpha_tail] [--allow-mixed]
+    python analyze.py forecast RUN... --target-loss L --at-tokens T [--out DIR] [--allow-mixed]
+
+RUN is a run directory (config.json + metrics.jsonl, as train_gpt.py writes them) or a folder of
+run directories (a sweep's out_dir). Runs from W&B (`--wandb`) become the same `Run` structure,
+so everything after loading is one code path. Outputs go to --out (default analysis/).
+
+Read top to bottom:
+
+1. Loading: run directories and W&B into Run(name, config, records, truncated).
+2. Checks: runs compared together must share the probe set, the fit windows and the model profile.
+3. Curves: a metric's value at a token count (linear interpolation between evaluations) and the
+   tokens at which the validation loss first reaches a target.
+4. Forecast core, pure functions the trainer can import: predictors at T, Spearman correlation,
+   least-squares line, leave-one-out error, predictor ranking, forecast_ratio.
+5. The forecast command: table, forecast.csv, predictors.csv, forecast.png.
+6. The compare command: alpha against layer at matched tokens and at matched loss, alpha against
+   tokens, loss against tokens, spectra overlaid at one layer; table and compare.csv.
+7. Command line.
+
+From the trainer (a reference sweep of finished runs, the run's own metrics.jsonl records so far):
+
+    reference = analyze.load_runs(["runs/sweep1"])            # once: run dirs or a folder of them
+    ratio, predictor = analyze.forecast_ratio(reference, target_loss, own_records, at_tokens)
+    # (None, None) until own_records has an evaluation at or past at_tokens. The ranking depends
+    # only on the reference, so a caller may instead rank once and reuse the rows at each eval:
+    rows = analyze.rank_predictors(reference, target_loss, at_tokens)
+    f = analyze.forecast_from_rows(rows, analyze.predictor_values(own_records, at_tokens))  # Forecast or None
+
+Definitions used throughout:
+
+- token ratio (relative token efficiency): tokens-to-target of a run divided by the smallest
+  tokens-to-target in its family (same preset, profile, resolved model architecture and seed;
+  batch size and learning rates may differ), so the family's best run is 1.0 and larger is worse.
+- a predictor's value at T is interpolated linearly in tokens between the two evaluations that
+  bracket T and carry that metric (exact when an evaluation falls on T); it is missing when no
+  evaluation at or after T has it yet, so a running trainer only ever uses what it has measured.
+"""
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import sys
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+import spectra
+
+# ----------------------------------------------------------------------------------------------
+# 1. Loading
+
+
+@dataclass
+class Run:
+    name: str
+    config: dict                     # config.json as the trainer writes it: {config, model, derived, ...}
+    records: list                    # metrics.jsonl lines (dicts), in file order
+    truncated: bool = False          # some line could not be read (a crashed run's last line, cut mid-JSON)
+    path: str = ""                   # the run directory ("" for runs from W&B: no spectra files)
+
+
+class AnalysisError(Exception):
+    """Bad input (the command line prints it and exits 2)."""
+
+
+class MixedRunsError(AnalysisError):
+    """Runs measured differently (probe set, fit windows, model profile) in one comparison."""
+
+
+class WandbError(AnalysisError):
+    """A W&B project that cannot be reached or read."""
+
+
+class AnalysisWarning(UserWarning):
+    pass
+
+
+def warn(message):
+    warnings.warn(message, AnalysisWarning, stacklevel=2)
+
+
+def is_run_dir(path):
+    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "metrics.jsonl"))
+
+
+def read_records(path):
+    """(records, truncated) of a metrics.jsonl: every complete JSON line. A line that cannot be
+    parsed (the last one of a crashed run is cut mid-JSON) is skipped and reported by file and
+    line number, so a crashed run still contributes everything it logged."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    records, bad = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            bad.append(number)
+    for number in bad:
+        cut = number == len(lines)  # no newline after it: the write was interrupted
+        warn(f"{path}: line {number} is {'cut short' if cut else 'not a JSON object'} "
+             f"(truncated metrics, {'a crashed run?' if cut else 'corrupt line'}); using the {len(records)} "
+             "complete lines")
+    if not records and not bad:
+        warn(f"{path} is empty: the run logged nothing (crashed before its first log line?)")
+    return records, bool(bad)
+
+
+def load_run(path):
+    """The Run of a run directory; AnalysisError naming the path when it is not one."""
+    if not os.path.isdir(path):
+        raise AnalysisError(f"{path}: no such run directory")
+    if not is_run_dir(path):
+        raise AnalysisError(f"{path} is not a run directory: it needs config.json and metrics.jsonl "
+                            "(as train_gpt.py writes to runs/<run_name>/)")
+    config_path = os.path.join(path, "config.json")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except ValueError as e:
+        raise AnalysisError(f"{config_path}: not valid JSON ({e})") from None
+    records, truncated = read_records(os.path.join(path, "metrics.jsonl"))
+    return Run(os.path.basename(os.path.normpath(path)), config, records, truncated, path)
+
+
+def run_dirs(path):
+    """[path] for a run directory; its run directories for a folder of runs (a sweep's out_dir)."""
+    if is_run_dir(path) or not os.path.isdir(path):
+        return [path]
+    inside = sorted(os.path.join(path, d) for d in os.listdir(path) if is_run_dir(os.path.join(path, d)))
+    if not inside:
+        raise AnalysisError(f"{path} is not a run directory (no config.json and metrics.jsonl) and holds none")
+    return inside
+
+
+def load_runs(paths):
+    """Runs of run directories and folders of runs, with unique names."""
+    return unique_names([load_run(d) for p in paths for d in run_dirs(p)])
+
+
+def unique_names(runs):
+    """Runs with the same name (one run_name in two sweeps) get their parent folder appended, then a
+    number if that is not enough: names key every table."""
+    def duplicates():
+        names = [r.name for r in runs]
+        return [r for r in runs if names.count(r.name) > 1]
+    for run in duplicates():
+        run.name += "@" + (os.path.basename(os.path.dirname(os.path.normpath(run.path))) if run.path else "wandb")
+    for k, run in enumerate(duplicates()):
+        run.name += f"#{k + 1}"
+    return runs
+
+
+def parse_wandb_path(text):
+    """'ENTITY/PROJECT[/GROUP]' -> ('ENTITY/PROJECT', GROUP or None)."""
+    parts = [p for p in text.strip().strip("/").split("/") if p]
+    if len(parts) not in (2, 3):
+        raise AnalysisError(f"--wandb {text!r}: expected ENTITY/PROJECT or ENTITY/PROJECT/GROUP")
+    return "/".join(parts[:2]), (parts[2] if len(parts) == 3 else None)
+
+
+def unwrap_config(config):
+    """W&B configs may come as {key: {"value": v, "desc": ...}}; the trainer's structure is {key: v}."""
+    return {k: v["value"] if isinstance(v, dict) and "value" in v and set(v) <= {"value", "desc"} else v
+            for k, v in dict(config).items()}
+
+
+def wandb_to_run(wandb_run):
+    """One W&B run as a Run: history rows without W&B's own `_step`, `_runtime`, ... keys."""
+    records = [{k: v for k, v in row.items() if not k.startswith("_")} for row in wandb_run.scan_history()]
+    return Run(wandb_run.name, unwrap_config(wandb_run.config), [r for r in records if r])
+
+
+def load_wandb_runs(path, api=None):
+    """Runs of a W&B project (and group), through `api` (default wandb.Api(), imported only here)."""
+    project, group = parse_wandb_path(path)
+    try:
+        if api is None:
+            import wandb
+            api = wandb.Api()
+        found = api.runs(project, filters={"group": group} if group else None)
+        runs = [wandb_to_run(r) for r in found]
+    except Exception as e:  # network, authentication, unknown project: all mean "cannot be read"
+        raise WandbError(f"W&B project {path!r} cannot be reached ({type(e).__name__}: {e})") from None
+    if not runs:
+        raise WandbError(f"W&B project {path!r} has no runs{f' in group {group!r}' if group else ''}")
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Checks: what must agree for spectra of different runs to be compared
+
+
+COMPARABLE = {"probe set": ("spectra_tokens", "grad_samples", "seq_len", "val_files"),
+              "fit windows": ("spectra_head", "spectra_tail"),
+              "model profile": ("profile", "n_layer", "n_embd")}
+
+
+def freeze(value):
+    """Lists (JSON's tuples) as tuples, so settings compare and hash."""
+    return tuple(freeze(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def setting(config, key):
+    """A setting of a run: the resolved model (config.json's `model`) first, since `config.model`
+    holds only overrides; then the trainer config (`config`); then the top level (flat configs)."""
+    for section in ("model", "config"):
+        part = config.get(section)
+        if isinstance(part, dict) and key in part and not (section == "config" and key == "model"):
+            return freeze(part[key])
+    return freeze(config.get(key))
+
+
+def differing_settings(runs):
+    """['<what>: <key> = v1 in a, b; v2 in c', ...] for every comparable setting that differs."""
+    problems = []
+    for what, keys in COMPARABLE.items():
+        for key in keys:
+            groups = {}
+            for run in runs:
+                groups.setdefault(setting(run.config, key), []).append(run.name)
+            if len(groups) > 1:
+                sides = "; ".join(f"{v!r} in {', '.join(names)}" for v, names in groups.items())
+                problems.append(f"{what}: {key} = {sides}")
+    return problems
+
+
+def check_comparable(runs, allow_mixed=False):
+    """MixedRunsError (or, with allow_mixed, a warning) when runs differ in a COMPARABLE setting."""
+    problems = differing_settings(runs)
+    if not problems:
+        return
+    text = "the runs were not measured alike:\n  " + "\n  ".join(problems)
+    if not allow_mixed:
+        raise MixedRunsError(text + "\ncompare runs of one probe set, fit windows and model profile, "
+                                    "or pass --allow-mixed")
+    warn(text + "\n(--allow-mixed: comparing them anyway)")
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Curves
+
+
+def finite(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def series(records, key):
+    """[(tokens, value)] of one metric, by tokens, where it is a finite number (the trainer writes
+    null for NaN, e.g. a fit window beyond the valid rank)."""
+    points = {}
+    for r in records:
+        if finite(r.get(key)) and finite(r.get("tokens")) and r["tokens"] not in points:
+            points[r["tokens"]] = float(r[key])
+    return sorted(points.items())
+
+
+def interpolate(points, x):
+    """Linear interpolation in [(x, y)] sorted by x; exact at a point; None outside their range."""
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x == x0 else y1 if x == x1 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[0][1] if len(points) == 1 and points[0][0] == x else None
+
+
+def value_at(records, key, tokens):
+    """A metric at `tokens`, interpolated between the evaluations that bracket it; None when no
+    evaluation at or after `tokens` (or at or before it) has the metric."""
+    return interpolate(series(records, key), tokens)
+
+
+def tokens_to_target(records, target_loss):
+    """Tokens at which val_loss first reaches target_loss: linear interpolation of tokens between
+    the last evaluation above the target and the first at or below it (the loss curve between
+    evaluations taken as a straight line). None when no evaluation reached it."""
+    evals = series(records, "val_loss")
+    for i, (tokens, loss) in enumerate(evals):
+        if loss <= target_loss:
+            if i == 0:
+                return float(tokens)
+            t0, l0 = evals[i - 1]
+            return t0 + (tokens - t0) * (l0 - target_loss) / (l0 - loss)
+    return None
+
+
+def final_loss(records):
+    evals = series(records, "val_loss")
+    return evals[-1][1] if evals else None
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Forecast core (pure functions; train_gpt.py may call forecast_ratio at each evaluation)
+
+
+PREDICTOR_FAMILIES = ("act", "grad")
+PREDICTOR_STATS = ("alpha_head", "alpha_tail", "rankme")
+BASELINE = "loss/val_loss"  # the loss itself at T: shown for reference, never chosen as the predictor
+# The activation point paired with a gradient matrix in the act - grad gap, by preference: the
+# matrix's own output where that is a probe point (attn, fc, proj), its input for q/k/v (ln1),
+# else the residual stream after the sublayer, else the block output, which the trainer measures by
+# default. So with default settings the gap of L05 is act L05.mlp_resid minus grad L05.attn.c_proj.
+GAP_PAIRS = {"attn.c_proj": ("attn", "attn_resid", "mlp_resid"), "attn.c_q": ("ln1", "attn_resid", "mlp_resid"),
+             "attn.c_k": ("ln1", "attn_resid", "mlp_resid"), "attn.c_v": ("ln1", "attn_resid", "mlp_resid"),
+             "mlp.c_fc": ("fc", "mlp_resid"), "mlp.c_proj": ("proj", "mlp_resid")}
+
+
+def split_point(point):
+    """'L05.mlp_resid' -> (5, 'mlp_resid'); 'embed' -> (None, 'embed')."""
+    m = re.match(r"^L(\d+)\.(.+)$", point)
+    return (int(m.group(1)), m.group(2)) if m else (None, point)
+
+
+def spectral_keys(records):
+    """The act/grad keys of the predictor stats that any record holds."""
+    keys = set()
+    for r in records:
+        keys.update(k for k in r if k.count("/") >= 2 and k.split("/", 1)[0] in PREDICTOR_FAMILIES
+                    and k.split("/")[1] in PREDICTOR_STATS)
+    return keys
+
+
+def gap_values(values):
+    """gap/<stat>/<layer>.<matrix> = act - grad for each gradient matrix whose layer has a paired
+    activation point (GAP_PAIRS); None where either side has no value at T."""
+    gaps = {}
+    for key, g in values.items():
+        family, stat, point = key.split("/", 2)
+        layer, matrix = split_point(point)
+        if family != "grad" or layer is None:
+            continue
+        prefix = point[:point.index(".")]
+        for kind in GAP_PAIRS.get(matrix, ("mlp_resid",)):
+            a = values.get(f"act/{stat}/{prefix}.{kind}", "absent")
+            if a != "absent":
+                gaps[f"gap/{stat}/{point}"] = None if a is None or g is None else a - g
+                break
+    return gaps
+
+
+def layer_means(values):
+    """<family>/<stat>/mean.<kind>: the mean over layers of one kind of point (mlp_resid,
+    attn.c_proj, ...), only where every layer that the run measures has a value at T."""
+    groups = {}
+    for key, v in values.items():
+        family, stat, point = key.split("/", 2)
+        layer, kind = split_point(point)
+        if layer is not None:
+            groups.setdefault(f"{family}/{stat}/mean.{kind}", []).append(v)
+    return {name: None if None in vs else sum(vs) / len(vs) for name, vs in groups.items()}
+
+
+def predictor_values(records, at_tokens):
+    """{predictor: value at at_tokens} for every act/grad alpha_head, alpha_tail and rankme of the
+    records, the act - grad gaps, their means over layers, and the baseline val_loss."""
+    values = {k: value_at(records, k, at_tokens) for k in spectral_keys(records)}
+    values.update(gap_values(values))
+    values.update(layer_means(values))
+    values[BASELINE] = value_at(records, "val_loss", at_tokens)
+    return {k: v for k, v in sorted(values.items()) if v is not None}
+
+
+def average_ranks(values):
+    """1-based ranks; tied values share the mean of the ranks they occupy."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def pearson(x, y):
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
+
+
+def spearman(x, y):
+    """Spearman's rank correlation: Pearson's correlation of the average ranks (the tie-corrected
+    form). NaN for fewer than two points or when either side is constant."""
+    if len(x) != len(y):
+        raise ValueError(f"spearman: {len(x)} x values but {len(y)} y values")
+    return pearson(average_ranks(list(x)), average_ranks(list(y))) if len(x) >= 2 else math.nan
+
+
+def fit_line(x, y):
+    """(slope, intercept) of the least-squares line y = slope * x + intercept. A line is monotone, so
+    forecasts keep the predictor's ranking. Constant x (or one point): the flat line at mean(y)."""
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sxx = sum((a - mx) ** 2 for a in x)
+    slope = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sxx if sxx > 0 else 0.0
+    return slope, my - slope * mx
+
+
+def loo_predictions(x, y):
+    """The prediction of each y[i] by the line fitted to all other points."""
+    out = []
+    for i in range(len(x)):
+        slope, intercept = fit_line(x[:i] + x[i + 1:], y[:i] + y[i + 1:])
+        out.append(slope * x[i] + intercept)
+    return out
+
+
+def loo_error(x, y):
+    """Leave-one-out mean absolute error of the line; NaN below 3 points (a line needs 2 to be fitted)."""
+    if len(x) < 3:
+        return math.nan
+    return sum(abs(p - b) for p, b in zip(loo_predictions(x, y), y)) / len(y)
+
+
+def family_key(config):
+    """Runs whose token ratios are taken against each other: same preset, profile, resolved model
+    (every architecture flag) and seed; batch size and learning rates are free."""
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    arch = tuple(sorted((k, freeze(v)) for k, v in model.items()))
+    return setting(config, "preset"), setting(config, "profile"), arch, setting(config, "seed")
+
+
+def token_ratios(runs, target_loss):
+    """{run name: (tokens to target, token ratio)}: tokens over the smallest tokens of the run's
+    family; (None, None) for a run that has not reached the target."""
+    tokens = {r.name: tokens_to_target(r.records, target_loss) for r in runs}
+    best = {}
+    for r in runs:
+        if tokens[r.name] is not None:
+            key = family_key(r.config)
+            best[key] = min(best.get(key, math.inf), tokens[r.name])
+    out = {}
+    for r in runs:
+        t, b = tokens[r.name], best.get(family_key(r.config))
+        # a family whose best run starts at the target (0 tokens) has no scale: every reached run counts 1
+        out[r.name] = (None, None) if t is None else (t, t / b if b > 0 else 1.0)
+    return out
+
+
+@dataclass
+class PredictorRow:
+    predictor: str
+    runs: list                       # names of the runs that reached the target and have the predictor at T
+    x: list                          # predictor values at T
+    y: list                          # token ratios
+    spearman: float
+    loo_error: float
+    slope: float
+    intercept: float
+    eligible: bool                   # may be chosen as the forecasting predictor
+
+    @property
+    def n(self):
+        return len(self.x)
+
+
+def predictor_row(name, runs, x, y, n_reached):
+    """One predictor's statistics. Eligible: not the loss baseline, measured in every run that reached
+    the target (so predictors are ranked on the same runs), at least 3 of them, a defined Spearman."""
+    rho, loo = spearman(x, y), loo_error(x, y)
+    slope, intercept = fit_line(x, y) if x else (math.nan, math.nan)
+    eligible = name != BASELINE and len(x) == n_reached and len(x) >= 3 and math.isfinite(rho)
+    return PredictorRow(name, runs, x, y, rho, loo, slope, intercept, eligible)
+
+
+def ranking_key(row):
+    """Eligible first; then highest |Spearman| (rounded: equal ranks give float-equal values), lowest
+    leave-one-out error, name."""
+    rho = round(abs(row.spearman), 9) if math.isfinite(row.spearman) else -1.0
+    loo = row.loo_error if math.isfinite(row.loo_error) else math.inf
+    return not row.eligible, -rho, loo, row.predictor
+
+
+def rank_predictors(runs, target_loss, at_tokens):
+    """[PredictorRow] of every predictor at at_tokens against the token ratio to target_loss, over
+    the runs that reached the target, best first (the first row is the forecasting predictor when
+    it is eligible)."""
+    ratios = token_ratios(runs, target_loss)
+    reached = [r for r in runs if ratios[r.name][1] is not None]
+    values = {r.name: predictor_values(r.records, at_tokens) for r in reached}
+    rows = []
+    for name in sorted(set().union(*values.values()) if values else ()):
+        have = [r.name for r in reached if name in values[r.name]]
+        rows.append(predictor_row(name, have, [values[n][name] for n in have], [ratios[n][1] for n in have],
+                                  len(reached)))
+    return sorted(rows, key=ranking_key)
+
+
+@dataclass
+class Forecast:
+    ratio: float                     # predicted token ratio (1.0 = the family's best run)
+    predictor: str
+    value: float                     # the predictor's value at T for the forecast run
+    loo_error: float                 # leave-one-out mean absolute error of the fit, in token-ratio units
+    spearman: float
+    n: int                           # reference runs the fit used
+
+
+def forecast_from_rows(rows, own_values):
+    """Forecast with the best eligible predictor that own_values has; None when there is none."""
+    for row in rows:
+        if row.eligible and row.predictor in own_values:
+            v = own_values[row.predictor]
+            return Forecast(row.slope * v + row.intercept, row.predictor, v, row.loo_error, row.spearman, row.n)
+    return None
+
+
+def forecast(reference_runs, target_loss, own_records, at_tokens):
+    """The Forecast of a run's token ratio from its records so far and a reference sweep; None when
+    no predictor qualifies or own_records has not reached at_tokens yet."""
+    rows = rank_predictors(reference_runs, target_loss, at_tokens)
+    return forecast_from_rows(rows, predictor_values(own_records, at_tokens))
+
+
+def forecast_ratio(reference_runs, target_loss, own_records, at_tokens):
+    """(predicted token ratio, predictor name), or (None, None): what the trainer calls at each
+    evaluation with its own metrics so far (see forecast)."""
+    f = forecast(reference_runs, target_loss, own_records, at_tokens)
+    return (f.ratio, f.predictor) if f else (None, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The forecast command
+
+
+def family_labels(runs):
+    """{run name: 'F1', ...} in order of first appearance."""
+    labels, names = {}, {}
+    for r in runs:
+        labels.setdefault(family_key(r.config), f"F{len(labels) + 1}")
+        names[r.name] = labels[family_key(r.config)]
+    return names
+
+
+def forecast_rows(runs, target_loss, at_tokens):
+    """(a dict per run for the table, predictor rows, best row or None). A run not at the target yet
+    gets the best predictor's line at its value; a run that reached it gets its leave-one-out
+    prediction (what the forecast would have said without it), to set beside its real ratio."""
+    rows = rank_predictors(runs, target_loss, at_tokens)
+    best = rows[0] if rows and rows[0].eligible else None
+    ratios, families = token_ratios(runs, target_loss), family_labels(runs)
+    family_best = {}
+    for r in runs:
+        if ratios[r.name][0] is not None:
+            family_best[families[r.name]] = min(family_best.get(families[r.name], math.inf), ratios[r.name][0])
+    held_out = dict(zip(best.runs, loo_predictions(best.x, best.y))) if best else {}
+    table = []
+    for r in runs:
+        tokens, ratio = ratios[r.name]
+        value = predictor_values(r.records, at_tokens).get(best.predictor) if best else None
+        if value is None:
+            predicted = None
+        elif tokens is not None:
+            predicted = held_out.get(r.name)
+        else:
+            predicted = best.slope * value + best.intercept
+        scale = family_best.get(families[r.name]) if tokens is None and predicted is not None else None
+        table.append(dict(run=r.name, family=families[r.name], batch_size=setting(r.config, "batch_size"),
+                          reached=tokens is not None, tokens_to_target=tokens, token_ratio=ratio,
+                          predictor=best.predictor if best else None, predictor_value=value,
+                          forecast_ratio=predicted, loo_error=best.loo_error if best else None,
+                          forecast_tokens=None if scale is None else predicted * scale, truncated=r.truncated))
+    return table, rows, best
+
+
+def fmt(value, spec=".4g"):
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:,.0f}" if abs(value) >= 1e4 else format(value, spec)  # token counts: 32,768
+    return str(value)
+
+
+def text_table(header, rows):
+    """Columns padded to their widest cell."""
+    cells = [header] + [[fmt(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in cells)
+
+
+def write_csv(path, header, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows([["" if c is None else c for c in row] for row in rows])
+
+
+FORECAST_COLUMNS = ("run", "family", "batch_size", "reached", "tokens_to_target", "token_ratio", "predictor",
+                    "predictor_value", "forecast_ratio", "loo_error", "forecast_tokens", "truncated")
+PREDICTOR_COLUMNS = ("predictor", "n", "spearman", "loo_error", "slope", "intercept", "eligible")
+
+
+def predictor_cells(row):
+    return [row.predictor, row.n, row.spearman, row.loo_error, row.slope, row.intercept, row.eligible]
+
+
+def print_forecast(table, rows, best, target_loss, at_tokens, families, top=15):
+    print(f"token ratio to val_loss <= {target_loss:g} (tokens to target / family best; 1 = best), "
+          f"predictors at {at_tokens:,.0f} tokens")
+    print("families: " + "; ".join(f"{f} = {', '.join(n for n, g in families.items() if g == f)}"
+                                    for f in dict.fromkeys(families.values())))
+    show = [[row[c] if c != "reached" else ("yes" if row[c] else "NOT YET") for c in FORECAST_COLUMNS[:-1]]
+            for row in table]
+    print(text_table(list(FORECAST_COLUMNS[:-1]), show))
+    if best is None:
+        print("no forecast: no predictor measured in every run that reached the target, with at least 3 such runs")
+    else:
+        print(f"best predictor: {best.predictor} (Spearman {best.spearman:+.3f} over {best.n} runs, leave-one-out "
+              f"error {best.loo_error:.3g}); forecast_ratio of runs that reached the target is their leave-one-out "
+              "prediction")
+    print(f"predictors (top {min(top, len(rows))} of {len(rows)}; all in predictors.csv):")
+    print(text_table(list(PREDICTOR_COLUMNS), [predictor_cells(r) for r in rows[:top]]))
+
+
+def legend(ax, fontsize=7):
+    if ax.get_legend_handles_labels()[0]:  # an empty legend is a matplotlib warning
+        ax.legend(fontsize=fontsize)
+
+
+def plot_forecast(path, table, best):
+    """Best predictor against token ratio: reached runs filled with the fitted line, runs not yet at
+    the target hollow at their forecast with the leave-one-out error as a bar."""
+    plt = spectra.pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), layout="constrained")
+    if best is not None:
+        pending = [row["predictor_value"] for row in table if not row["reached"] and row["forecast_ratio"] is not None]
+        xs = np.linspace(min(best.x + pending), max(best.x + pending), 50)
+        ax.plot(xs, best.slope * xs + best.intercept, "k--", lw=1, label="least-squares line")
+        ax.plot(best.x, best.y, "o", color="C0", label="reached the target")
+        for name, x, y in zip(best.runs, best.x, best.y):
+            ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for row in table:
+            if not row["reached"] and row["forecast_ratio"] is not None:
+                first = not any(t.get_label().startswith("forecast") for t in ax.containers)
+                ax.errorbar(row["predictor_value"], row["forecast_ratio"], yerr=best.loo_error, fmt="o", mfc="none",
+                            color="C3", capsize=3, label="forecast +- leave-one-out error" if first else None)
+                ax.annotate(row["run"] + " (forecast)", (row["predictor_value"], row["forecast_ratio"]), fontsize=7,
+                            xytext=(3, -9), textcoords="offset points", color="C3")
+        ax.set_title(f"Spearman {best.spearman:+.2f}, leave-one-out error {best.loo_error:.3g}", fontsize=9)
+        legend(ax)
+    ax.set(xlabel=best.predictor if best else "no eligible predictor", ylabel="token ratio (1 = family best)")
+    spectra.save_figure(fig, path)
+
+
+def forecast_command(runs, target_loss, at_tokens, out):
+    table, rows, best = forecast_rows(runs, target_loss, at_tokens)
+    print_forecast(table, rows, best, target_loss, at_tokens, family_labels(runs))
+    os.makedirs(out, exist_ok=True)
+    write_csv(os.path.join(out, "forecast.csv"), FORECAST_COLUMNS, [[r[c] for c in FORECAST_COLUMNS] for r in table])
+    write_csv(os.path.join(out, "predictors.csv"), PREDICTOR_COLUMNS, [predictor_cells(r) for r in rows])
+    plot_forecast(os.path.join(out, "forecast.png"), table, best)
+    print(f"wrote {', '.join(os.path.join(out, f) for f in ('forecast.csv', 'predictors.csv', 'forecast.png'))}")
+    return table, rows, best
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The compare command
+
+
+PREFERRED_KIND = {"act": "mlp_resid", "grad": "attn.c_proj"}  # what the trainer measures by default
+
+
+def plotted_points(runs, family, stat):
+    """Points of one kind, by layer: the block outputs (act) or attn.c_proj (grad) where measured,
+    else the most common kind; embed and final around them for activations."""
+    points = {k.split("/", 2)[2] for r in runs for k in spectral_keys(r.records) if k.startswith(f"{family}/{stat}/")}
+    kinds = [split_point(p)[1] for p in points if split_point(p)[0] is not None]
+    if not kinds:
+        return sorted(points)
+    kind = PREFERRED_KIND[family] if PREFERRED_KIND[family] in kinds else max(set(kinds), key=kinds.count)
+    layered = sorted((p for p in points if split_point(p)[1] == kind and split_point(p)[0] is not None),
+                     key=lambda p: split_point(p)[0])
+    return [p for p in ("embed",) if p in points] + layered + [p for p in ("final",) if p in points]
+
+
+def x_position(point, n_layer):
+    """Layer axis: embed -1, L05.* 5, final n_layer."""
+    layer = split_point(point)[0]
+    return -1 if point == "embed" else n_layer if point == "final" else layer
+
+
+def eval_tokens(run, family, stat):
+    """Tokens of the evaluations that measured this family's stat."""
+    return [r["tokens"] for r in run.records if finite(r.get("tokens"))
+            and any(k.startswith(f"{family}/{stat}/") for k in r)]
+
+
+def matched_tokens(runs, family, stat, tokens=None):
+    """The token count runs are compared at: `tokens` if given, else the largest evaluation all runs
+    share, else (evaluations at different batch sizes rarely coincide) the last evaluation of the
+    run that stopped first."""
+    if tokens is not None:
+        return tokens
+    sets = [set(eval_tokens(r, family, stat)) for r in runs]
+    sets = [s for s in sets if s]
+    if not sets:
+        raise AnalysisError(f"no run has {family}/{stat} measurements")
+    common = set.intersection(*sets)
+    return max(common) if common else min(max(s) for s in sets)
+
+
+def nearest_record(run, family, stat, tokens):
+    """The evaluation (with this family's spectra) nearest to tokens; None when there is none."""
+    candidates = [r for r in run.records if finite(r.get("tokens")) and finite(r.get("val_loss"))
+                  and any(k.startswith(f"{family}/{stat}/") for k in r)]
+    return min(candidates, key=lambda r: (abs(r["tokens"] - tokens), r["tokens"])) if candidates else None
+
+
+def compare_rows(runs, family, stat, points, tokens, loss):
+    """{'tokens': rows, 'loss': rows}, a row per run: [name, tokens, val_loss, value per point]. At
+    matched tokens: the run's nearest evaluation. At matched loss: the first crossing of val_loss <=
+    loss, values interpolated in tokens between the evaluations bracketing it."""
+    out = {"tokens": [], "loss": []}
+    for run in runs:
+        rec = nearest_record(run, family, stat, tokens) or {}
+        out["tokens"].append([run.name, rec.get("tokens"), rec.get("val_loss")]
+                             + [rec.get(f"{family}/{stat}/{p}") for p in points])
+        crossing = tokens_to_target(run.records, loss)
+        values = [None if crossing is None else value_at(run.records, f"{family}/{stat}/{p}", crossing)
+                  for p in points]
+        out["loss"].append([run.name, crossing, loss if crossing is not None else final_loss(run.records)] + values)
+    return out
+
+
+def short(point):
+    """Column label: L05.mlp_resid -> L05."""
+    return point.split(".", 1)[0]
+
+
+def print_compare(rows, family, stat, points, tokens, loss):
+    header = ["run", "tokens", "val_loss"] + [short(p) for p in points]
+    kind = ", ".join(sorted({split_point(p)[1] for p in points if split_point(p)[0] is not None}))
+    print(f"{family}/{stat} of {kind or 'the points'} (L = layer), at matched tokens {tokens:,.0f} "
+          "(each run's nearest evaluation):")
+    print(text_table(header, rows["tokens"]))
+    print(f"{family}/{stat} at matched loss val_loss <= {loss:.4g} (first crossing, interpolated in tokens; "
+          "tokens '-' = not reached, val_loss then its final one):")
+    print(text_table(header, rows["loss"]))
+
+
+def plot_alpha_layers(path, rows, family, stat, points, n_layer, tokens, loss):
+    plt = spectra.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True, layout="constrained")
+    xs = [x_position(p, n_layer) for p in points]
+    for ax, which, title in zip(axes, ("tokens", "loss"), (f"at {tokens:,.0f} tokens", f"at val_loss {loss:.4g}")):
+        for row in rows[which]:
+            ys = [math.nan if v is None else v for v in row[3:]]
+            ax.plot(xs, ys, "o-", ms=3, label=row[0])
+        ax.set(xlabel="layer (embed = -1, final = n_layer)", ylabel=f"{family}/{stat}", title=title)
+    legend(axes[1])
+    spectra.save_figure(fig, path)
+
+
+def plot_alpha_tokens(path, runs, family, stat, points):
+    plt = spectra.pyplot()
+    cols = min(4, len(points))
+    nrows = math.ceil(len(points) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.6 * nrows), squeeze=False, layout="constrained")
+    for ax, p in zip(axes.flat, points):
+        for k, run in enumerate(runs):
+            s = series(run.records, f"{family}/{stat}/{p}")
+            if s:
+                ax.plot(*zip(*s), ".-", color=f"C{k % 10}", label=run.name)
+        ax.set_title(p, fontsize=8)
+        ax.set_xlabel("tokens", fontsize=7)
+    for ax in list(axes.flat)[len(points):]:
+        ax.axis("off")
+    legend(axes.flat[0], fontsize=6)
+    fig.suptitle(f"{family}/{stat} against tokens")
+    spectra.save_figure(fig, path)
+
+
+def plot_loss(path, runs, tokens, loss):
+    plt = spectra.pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
+    for k, run in enumerate(runs):
+        train = series(run.records, "train_loss")
+        if train:
+            ax.plot(*zip(*train), "-", lw=0.6, alpha=0.5, color=f"C{k % 10}")
+        val = series(run.records, "val_loss")
+        if val:
+            ax.plot(*zip(*val), "o-", ms=3, color=f"C{k % 10}", label=f"{run.name} (val)")
+    ax.axhline(loss, color="k", ls=":", lw=1, label=f"matched loss {loss:.4g}")
+    ax.axvline(tokens, color="k", ls="--", lw=1, label=f"matched tokens {tokens:,.0f}")
+    ax.set(xlabel="tokens", ylabel="loss (val: markers, train: thin)", title="loss against tokens")
+    legend(ax)
+    spectra.save_figure(fig, path)
+
+
+def spectrum_near(run, family, point, tokens):
+    """(file tokens, eigenvalues up to the valid rank) of the run's saved spectrum nearest to tokens."""
+    files = spectra.spectra_files(run.path, family) if run.path else []
+    if not files or tokens is None:
+        return None
+    t, f = min(files, key=lambda tf: (abs(tf[0] - tokens), tf[0]))
+    eig, _, limits = spectra.load_spectra(f)
+    if point not in eig:
+        return None
+    values = eig[point]
+    return t, values[:spectra.numerical_rank(values, limits.get(point, len(values)))]
+
+
+def plot_spectra_overlay(path, runs, family, point, tokens, crossings, loss):
+    """Eigen- (act) or singular (grad) values against rank of one point for every run, at matched
+    tokens and at matched loss (the saved spectrum nearest to each run's crossing)."""
+    plt = spectra.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True, layout="constrained")
+    drawn = 0
+    for ax, title, where in zip(axes, (f"at {tokens:,.0f} tokens", f"at val_loss {loss:.4g}"),
+                                ([tokens] * len(runs), crossings)):
+        for k, (run, t) in enumerate(zip(runs, where)):
+            found = spectrum_near(run, family, point, t)
+            if found is not None and len(found[1]):
+                ax.loglog(np.arange(1, len(found[1]) + 1), found[1], color=f"C{k % 10}",
+                          label=f"{run.name} ({found[0]:,} tok)")
+                drawn += 1
+        ax.set(xlabel="rank", ylabel="eigenvalue" if family == "act" else "singular value", title=title)
+        legend(ax)
+    fig.suptitle(f"{family} spectra of {point}")
+    spectra.save_figure(fig, path)
+    return drawn
+
+
+def layer_point(points, layer):
+    """The plotted point of a layer (the block output for act), None when it was not measured."""
+    return next((p for p in points if split_point(p)[0] == layer), None)
+
+
+def n_layers(runs):
+    return max(setting(r.config, "n_layer") or 0 for r in runs)
+
+
+def compare_command(runs, out, family="act", stat="alpha_tail", layer=None, tokens=None, loss=None):
+    """Plots and tables comparing runs; returns {'tokens', 'loss', 'points', 'rows', 'files'}."""
+    for r in runs:
+        if not series(r.records, "val_loss"):
+            warn(f"{r.name}: no evaluation in its metrics, left out of the comparison")
+    runs = [r for r in runs if series(r.records, "val_loss")]
+    if not runs:
+        raise AnalysisError("no run has an evaluation to compare")
+    points = plotted_points(runs, family, stat)
+    if not points:
+        raise AnalysisError(f"no run has {family}/{stat}/... metrics (spectra off, or another --family/--stat?)")
+    tokens = matched_tokens(runs, family, stat, tokens)
+    loss = max(final_loss(r.records) for r in runs) if loss is None else loss
+    rows = compare_rows(runs, family, stat, points, tokens, loss)
+    print_compare(rows, family, stat, points, tokens, loss)
+    n_layer = n_layers(runs)
+    layer = n_layer // 2 if layer is None else layer
+    os.makedirs(out, exist_ok=True)
+    files = [os.path.join(out, f) for f in ("compare.csv", "alpha_layer.png", "alpha_tokens.png", "loss_tokens.png")]
+    write_csv(files[0], ["match", "run", "tokens", "val_loss"] + points,
+              [[which] + row for which in ("tokens", "loss") for row in rows[which]])
+    plot_alpha_layers(files[1], rows, family, stat, points, n_layer, tokens, loss)
+    plot_alpha_tokens(files[2], runs, family, stat, points)
+    plot_loss(files[3], runs, tokens, loss)
+    point = layer_point(points, layer)
+    if point is None:
+        warn(f"layer {layer}: no {family} spectrum measured there; no spectra overlay")
+    else:
+        path = os.path.join(out, f"spectra_{family}_{short(point)}.png")
+        if plot_spectra_overlay(path, runs, family, point, tokens, [r[1] for r in rows["loss"]], loss):
+            files.append(path)
+        else:
+            os.remove(path)
+            warn(f"no saved {family} spectra of {point} under RUN/spectra/ (runs from W&B have none); no overlay")
+    print("wrote " + ", ".join(files))
+    return dict(tokens=tokens, loss=loss, points=points, rows=rows, files=files)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Command line
+
+
+def count(text):
+    """'40000', '4e4', '40k', '2.5M', '1B' -> float."""
+    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([kKmMbB]?)\s*", text)
+    try:
+        return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[m.group(2).lower()]
+    except (AttributeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (e.g. 40000, 4e4, 40k, 2.5M)") from None
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="analyze.py", description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("compare", "forecast"):
+        s = sub.add_parser(name)
+        s.add_argument("runs", nargs="*", help="run directories, or folders of run directories")
+        s.add_argument("--wandb", action="append", default=[], metavar="ENTITY/PROJECT[/GROUP]",
+                       help="runs of a W&B project (and group), in addition to directories")
+        s.add_argument("--out", default="analysis", help="output folder (default analysis/)")
+        s.add_argument("--allow-mixed", action="store_true",
+                       help="compare runs with different probe sets, fit windows or model profiles (warning)")
+        if name == "compare":
+            s.add_argument("--layer", type=int, help="layer of the spectra overlay (default n_layer // 2)")
+            s.add_argument("--tokens", type=count, help="matched tokens (default the largest evaluation all runs have)")
+            s.add_argument("--loss", type=float, help="matched val_loss (default the highest final val_loss)")
+            s.add_argument("--family", choices=("act", "grad"), default="act")
+            s.add_argument("--stat", default="alpha_tail", help="alpha_tail (default), alpha_head, rankme, ...")
+        else:
+            s.add_argument("--target-loss", type=float, required=True, help="val_loss target")
+            s.add_argument("--at-tokens", type=count, required=True, help="tokens at which predictors are read")
+    return p.parse_args(argv)
+
+
+def gather_runs(args, api=None):
+    """Local runs, then W&B runs. An unreachable W&B project is an error, unless local runs were
+    given: then it is reported and the local runs are analysed."""
+    runs = load_runs(args.runs)
+    for path in args.wandb:
+        try:
+            runs += load_wandb_runs(path, api)
+        except WandbError as e:
+            if not runs:
+                raise
+            print(f"warning: {e}; going on with the {len(runs)} local run(s)", file=sys.stderr)
+    if not runs:
+        raise AnalysisError("no runs given: pass run directories or --wandb ENTITY/PROJECT[/GROUP]")
+    return unique_names(runs)
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None):
+    """Our own warnings as one 'warning: ...' line on stderr; others (numpy, matplotlib) as usual."""
+    if issubclass(category, AnalysisWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def main(argv=None, api=None):
+    """The command line; `api` stands in for wandb.Api() (tests)."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", AnalysisWarning)
+        warnings.showwarning = show_warning
+        try:
+            runs = gather_runs(args, api)
+            check_comparable(runs, args.allow_mixed)
+            if args.command == "compare":
+                compare_command(runs, args.out, args.family, args.stat, args.layer, args.tokens, args.loss)
+            else:
+                forecast_command(runs, args.target_loss, args.at_tokens, args.out)
+        except AnalysisError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,500 @@
+"""analyze.py: loading runs, the compare and forecast commands, and the forecasting core, on run
+directories written here in exactly the trainer's format (config.json built from train_gpt's own
+Config, metrics.jsonl lines as MetricsLog writes them) and on two real tiny runs."""
+
+import csv
+import json
+import math
+import os
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+
+import analyze
+import spectra
+import train_gpt
+from conftest import tiny_args
+
+POINTS = ["embed", "L00.mlp_resid", "L01.mlp_resid", "final"]  # the trainer's default points for 2 layers
+MATS = ["L00.attn.c_proj", "L01.attn.c_proj"]                    # its default gradient matrices
+KEY = "act/alpha_tail/L01.mlp_resid"                             # the predictor the synthetic sweep is built on
+DRIFT = 1e-5                                                     # every spectral value moves by DRIFT per token
+ZIG = [0.3, -0.3, 0.2, -0.2, 0.0, 0.1, -0.1]                     # non-monotone in run order: no ranking power
+TARGET = 5.0
+
+
+def trainer_config(tmp_path, name, **overrides):
+    """config.json as train_gpt.train writes it, for the tiny settings of conftest plus overrides."""
+    cfg = train_gpt.load_config(tiny_args(tmp_path, run_name=name, **overrides))
+    gcfg = train_gpt.model_config(cfg)
+    derived = dict(world_size=1, grad_accum=1, tokens_per_step=cfg.batch_size * cfg.seq_len)
+    return json.loads(json.dumps(dict(config=asdict(cfg), model=asdict(gcfg), derived=derived,
+                                      git={"commit": None, "dirty": None}, versions={}, device="cpu",
+                                      wandb_id="0000")))
+
+
+def spectral(family, points, t, base):
+    """Every scalar the trainer logs for one family at tokens t: predictor stats from `base`
+    ({key: value at 0 tokens}, default 0.5) plus DRIFT * t; gradient tail fits are null (8 samples
+    give no rank 30), as in a real tiny run."""
+    out = {}
+    for p in points:
+        for stat in spectra.STATS:
+            key = f"{family}/{stat}/{p}"
+            if family == "grad" and "tail" in stat:
+                out[key] = None
+            elif stat == "valid_rank":
+                out[key] = 63
+            else:
+                out[key] = base.get(key, 0.5) + DRIFT * t
+    if family == "grad":
+        out.update({f"grad/noise_scale/{m}": 3.0 for m in points})
+    return out
+
+
+def make_records(tokens_per_step, eval_tokens, loss, base):
+    """metrics.jsonl records: a train line and an eval line per evaluation (train_loss deliberately
+    below val_loss, so using it by mistake shows); gradient and weight spectra at every other one."""
+    records = []
+    for k, t in enumerate(eval_tokens):
+        step = t // tokens_per_step
+        if step:
+            records.append(dict(step=step, tokens=t, train_loss=loss(t) - 1.0, lr=0.01, tokens_per_s=1e3,
+                                elapsed_s=float(step)))
+        rec = dict(step=step, tokens=t, val_loss=loss(t), **spectral("act", POINTS, t, base))
+        if k % 2 == 0:
+            rec.update(spectral("grad", MATS, t, base))
+            rec.update(spectral("weight", MATS, t, {}))
+        rec["elapsed_s"] = float(step)
+        records.append(rec)
+    return records
+
+
+def write_run(root, name, records, config):
+    path = root / name
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def curve(t_target):
+    """A val_loss curve that reaches TARGET at t_target tokens, decreasing and curved."""
+    return lambda t: 4.0 + (t_target + 1000.0) / (t + 1000.0)
+
+
+def sweep_base(i, a):
+    """Spectral values of run i: the chosen predictor `a`; every other predictor zig-zags over runs."""
+    z = ZIG[i]
+    base = {KEY: a, "act/alpha_tail/L00.mlp_resid": 1.0 + z, "act/alpha_tail/embed": 2.0 - z,
+            "act/alpha_tail/final": 1.5 + z}
+    for p in POINTS:
+        base[f"act/alpha_head/{p}"] = 1.0 + 0.5 * z
+        base[f"act/rankme/{p}"] = 10.0 - 3 * z
+    for m in MATS:
+        base[f"grad/alpha_head/{m}"] = 0.7 + z
+        base[f"grad/rankme/{m}"] = 5.0 + 3 * z
+    return base
+
+
+REACHED = [0.5, 0.6, 0.7, 0.8, 0.9]  # early alpha of the runs that reach TARGET ...
+PENDING = [0.65, 0.85]                # ... and of two that have not yet
+GRID = list(range(0, 8193, 1024))
+
+
+def t_target(a):
+    return 3000.0 * math.exp(2 * (a - 0.5))  # more tokens for a larger early alpha, not linearly
+
+
+def make_sweep(tmp_path):
+    """Seven runs of one family (batch sizes 4..32), the last two stopped before reaching TARGET."""
+    paths = []
+    for i, a in enumerate(REACHED + PENDING):
+        bs = (4, 8, 16, 32)[i % 4]
+        grid = GRID if a in REACHED else [t for t in GRID if t < t_target(a) - 500]
+        records = make_records(bs * 32, grid, curve(t_target(a)), sweep_base(i, a))
+        paths.append(write_run(tmp_path / "sweep", f"run{i}_bs{bs}", records,
+                               trainer_config(tmp_path, f"run{i}", batch_size=bs, device_batch_size=bs)))
+    return paths
+
+
+def hand_tokens_to_target(records, target):
+    evals = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
+    for (t0, l0), (t1, l1) in zip(evals, evals[1:]):
+        if l1 <= target < l0:
+            return float(np.interp(target, [l1, l0], [t1, t0]))
+    return None
+
+
+def hand_loo(x, y):
+    x, y = np.asarray(x), np.asarray(y)
+    preds = [np.polyval(np.polyfit(np.delete(x, i), np.delete(y, i), 1), x[i]) for i in range(len(x))]
+    return np.array(preds), float(np.mean(np.abs(np.array(preds) - y)))
+
+
+# ----------------------------------------------------------------------------------------------
+# the forecasting core
+
+
+def test_spearman_with_ties_against_a_hand_computation():
+    x = [3.0, 1.0, 2.0, 2.0, 5.0, 5.0, 5.0]
+    y = [1.0, 4.0, 4.0, 2.0, 0.5, 3.0, 0.5]
+    rx = [4, 1, 2.5, 2.5, 6, 6, 6]            # average ranks written out by hand
+    ry = [3, 6.5, 6.5, 4, 1.5, 5, 1.5]
+    assert analyze.average_ranks(x) == rx and analyze.average_ranks(y) == ry
+    assert analyze.spearman(x, y) == pytest.approx(np.corrcoef(rx, ry)[0, 1], abs=1e-12)
+    assert analyze.spearman([1, 2, 2, 3], [10, 20, 20, 30]) == pytest.approx(1.0)
+    assert analyze.spearman([1, 2, 3], [9, 4, 1]) == pytest.approx(-1.0)
+    assert math.isnan(analyze.spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_fit_line_and_leave_one_out_match_numpy_polyfit():
+    rng = np.random.default_rng(0)
+    x, y = list(rng.normal(size=6)), list(rng.normal(size=6))
+    assert analyze.fit_line(x, y) == pytest.approx(tuple(np.polyfit(x, y, 1)), abs=1e-12)
+    preds, mae = hand_loo(x, y)
+    assert analyze.loo_predictions(x, y) == pytest.approx(list(preds), abs=1e-12)
+    assert analyze.loo_error(x, y) == pytest.approx(mae, abs=1e-12)
+    assert math.isnan(analyze.loo_error(x[:2], y[:2]))
+
+
+def test_ranking_prefers_the_larger_absolute_spearman_then_the_lower_loo_error():
+    x = [1.0, 2.0, 3.0, 4.0, 5.0]
+    decaying = analyze.predictor_row("decaying", list("abcde"), x, [100.0, 10.0, 1.0, 0.1, 0.01], 5)  # rho -1
+    swapped = analyze.predictor_row("swapped", list("abcde"), [1.0, 2.0, 4.0, 3.0, 5.0], x, 5)        # rho 0.9
+    straight = analyze.predictor_row("straight", list("abcde"), x, [2.0, 4.1, 5.9, 8.0, 10.0], 5)   # rho 1
+    few = analyze.predictor_row("few", list("ab"), x[:2], x[:2], 5)                                # not in all runs
+    assert decaying.spearman == pytest.approx(-1) and swapped.spearman == pytest.approx(0.9)
+    assert decaying.loo_error > swapped.loo_error > straight.loo_error
+    assert not few.eligible
+    order = sorted([few, swapped, decaying, straight], key=analyze.ranking_key)
+    assert [r.predictor for r in order] == ["straight", "decaying", "swapped", "few"]
+
+
+def test_tokens_to_target_interpolates_between_the_bracketing_evaluations():
+    evals = [(0, 10.0), (1000, 8.0), (2000, 6.0), (3000, 6.5), (4000, 5.5)]
+    records = []
+    for t, loss in evals:
+        records.append(dict(step=t // 100, tokens=t, train_loss=3.0))  # train losses never count
+        records.append(dict(step=t // 100, tokens=t, val_loss=loss))
+    assert analyze.tokens_to_target(records, 7.0) == pytest.approx(1000 + 1000 * (8.0 - 7.0) / (8.0 - 6.0))
+    assert analyze.tokens_to_target(records, 6.0) == pytest.approx(2000.0)   # an evaluation exactly at target
+    assert analyze.tokens_to_target(records, 5.8) == pytest.approx(3000 + 1000 * (6.5 - 5.8) / (6.5 - 5.5))
+    assert analyze.tokens_to_target(records, 10.5) == 0.0
+    assert analyze.tokens_to_target(records, 5.0) is None
+
+
+def test_values_at_tokens_interpolate_and_are_missing_beyond_the_last_evaluation():
+    records = [dict(tokens=0, val_loss=9.0, **{KEY: None}), dict(tokens=100, val_loss=8.0, **{KEY: 1.0}),
+               dict(tokens=300, val_loss=6.0, **{KEY: 2.0}), dict(tokens=300, train_loss=1.0)]
+    assert analyze.value_at(records, KEY, 150) == pytest.approx(1.25)
+    assert analyze.value_at(records, KEY, 300) == 2.0
+    assert analyze.value_at(records, KEY, 50) is None      # null at 0 tokens: nothing to interpolate from
+    assert analyze.value_at(records, KEY, 301) is None     # not measured yet
+
+
+def test_predictor_values_layer_means_and_act_minus_grad_gaps():
+    base = {"act/alpha_tail/L00.mlp_resid": 1.0, KEY: 2.0, "grad/alpha_head/L00.attn.c_proj": 0.3,
+            "grad/alpha_head/L01.attn.c_proj": 0.9, "act/alpha_head/L00.mlp_resid": 0.8,
+            "act/alpha_head/L01.mlp_resid": 1.1}
+    records = make_records(128, [0, 1024, 2048], curve(3000), base)
+    v = analyze.predictor_values(records, 512)
+    d = DRIFT * 512
+    assert v[KEY] == pytest.approx(2.0 + d)
+    assert v["act/alpha_tail/mean.mlp_resid"] == pytest.approx(1.5 + d)
+    # default points: the gap of a layer pairs grad L.attn.c_proj with act L.mlp_resid
+    assert v["gap/alpha_head/L00.attn.c_proj"] == pytest.approx(0.8 - 0.3)
+    assert v["gap/alpha_head/mean.attn.c_proj"] == pytest.approx((0.5 + 0.2) / 2)
+    assert "grad/alpha_tail/L00.attn.c_proj" not in v and "gap/alpha_tail/L00.attn.c_proj" not in v  # null tails
+    assert v["loss/val_loss"] == pytest.approx((curve(3000)(0) + curve(3000)(1024)) / 2)
+    assert analyze.predictor_values(records, 4096) == {}
+
+
+def test_token_ratio_is_relative_to_the_best_run_of_the_same_family(tmp_path):
+    runs = []
+    for name, seed, t in (("a", 1, 2000.0), ("b", 1, 3000.0), ("c", 2, 4000.0), ("d", 2, 5000.0), ("e", 2, 9e9)):
+        records = make_records(128, GRID, curve(t), {})
+        runs.append(analyze.Run(name, trainer_config(tmp_path, name, seed=seed), records))
+    ratios = analyze.token_ratios(runs, TARGET)
+    tokens = {r.name: hand_tokens_to_target(r.records, TARGET) for r in runs}
+    assert ratios["a"] == (tokens["a"], 1.0) and ratios["c"] == (tokens["c"], 1.0)
+    assert ratios["b"][1] == pytest.approx(tokens["b"] / tokens["a"])
+    assert ratios["d"][1] == pytest.approx(tokens["d"] / tokens["c"])
+    assert ratios["e"] == (None, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# forecast
+
+
+def test_forecast_recovers_the_ranking_and_the_leave_one_out_predictions(tmp_path, capsys):
+    paths = make_sweep(tmp_path)
+    runs = analyze.load_runs(paths)
+    at = 2500  # between the evaluations at 2048 and 3072
+    rows = analyze.rank_predictors(runs, TARGET, at)
+    best = rows[0]
+    assert best.predictor == KEY and best.eligible and best.n == len(REACHED)
+    assert best.spearman == pytest.approx(1.0)
+    x = [a + DRIFT * at for a in REACHED]
+    tokens = [hand_tokens_to_target(r.records, TARGET) for r in runs[:len(REACHED)]]
+    y = [t / min(tokens) for t in tokens]
+    assert best.x == pytest.approx(x, abs=1e-12) and best.y == pytest.approx(y, abs=1e-12)
+    preds, mae = hand_loo(x, y)
+    assert best.loo_error == pytest.approx(mae, abs=1e-12) and mae > 1e-3  # curved: the line is not exact
+    assert rows[1].spearman < 1 - 1e-9 or rows[1].loo_error > mae  # the runner-up is worse
+    baseline = next(r for r in rows if r.predictor == analyze.BASELINE)
+    assert not baseline.eligible
+
+    # the command: table, CSV, scatter; pending runs marked and forecast from the reached ones
+    out = tmp_path / "out"
+    analyze.main(["forecast", str(tmp_path / "sweep"), "--target-loss", "5", "--at-tokens", "2.5k", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "NOT YET" in printed and f"best predictor: {KEY}" in printed
+    with open(out / "forecast.csv") as f:
+        table = {row["run"]: row for row in csv.DictReader(f)}
+    assert set(table) == {r.name for r in runs}
+    slope, intercept = np.polyfit(x, y, 1)
+    for run, a in zip(runs, REACHED + PENDING):
+        row = table[run.name]
+        assert row["predictor"] == KEY and float(row["loo_error"]) == pytest.approx(mae)
+        if a in PENDING:
+            assert row["reached"] == "False" and row["tokens_to_target"] == ""
+            expected = slope * (a + DRIFT * at) + intercept
+            assert float(row["forecast_ratio"]) == pytest.approx(expected, rel=1e-9)
+            assert float(row["forecast_tokens"]) == pytest.approx(expected * min(tokens), rel=1e-9)
+            assert analyze.forecast_ratio(runs[:len(REACHED)], TARGET, run.records, at) == \
+                (pytest.approx(expected, rel=1e-9), KEY)
+        else:
+            i = REACHED.index(a)
+            assert float(row["token_ratio"]) == pytest.approx(y[i])
+            assert float(row["forecast_ratio"]) == pytest.approx(preds[i], rel=1e-9)
+    assert (out / "forecast.png").stat().st_size > 1000
+    with open(out / "predictors.csv") as f:
+        assert next(csv.DictReader(f))["predictor"] == KEY
+    # a run that has not reached at_tokens yet gets no forecast
+    assert analyze.forecast_ratio(runs, TARGET, runs[0].records[:3], at) == (None, None)
+
+
+def test_mixed_probe_sets_are_an_error_unless_allowed(tmp_path, capsys):
+    base = dict(batch_size=4, device_batch_size=4)
+    a = write_run(tmp_path, "a", make_records(128, GRID, curve(3000), {}), trainer_config(tmp_path, "a", **base))
+    b = write_run(tmp_path, "b", make_records(128, GRID, curve(4000), {}),
+                  trainer_config(tmp_path, "b", spectra_tokens=1024, spectra_tail="10,100", **base))
+    c = write_run(tmp_path, "c", make_records(128, GRID, curve(5000), {}), trainer_config(tmp_path, "c", **base))
+    out = str(tmp_path / "out")
+    with pytest.raises(SystemExit) as e:
+        analyze.main(["compare", a, b, c, "--out", out])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "spectra_tokens = 512 in a, c; 1024 in b" in err and "spectra_tail" in err and "--allow-mixed" in err
+    assert "spectra_head" not in err and not os.path.exists(out)
+    analyze.main(["compare", a, b, c, "--out", out, "--allow-mixed"])
+    captured = capsys.readouterr()
+    assert "warning: the runs were not measured alike" in captured.err and "spectra_tokens" in captured.err
+    assert os.path.exists(os.path.join(out, "alpha_layer.png"))
+    d = write_run(tmp_path, "d", make_records(128, GRID, curve(5000), {}),
+                  trainer_config(tmp_path, "d", n_embd=128, **base))
+    with pytest.raises(analyze.MixedRunsError, match=r"model profile: n_embd = 64 in a; 128 in d"):
+        analyze.check_comparable(analyze.load_runs([a, d]))
+
+
+def test_truncated_and_empty_metrics_and_paths_that_are_not_runs(tmp_path, capsys):
+    cfg = trainer_config(tmp_path, "x")
+    records = make_records(128, GRID[:4], curve(3000), {})
+    path = write_run(tmp_path, "crashed", records, cfg)
+    metrics = os.path.join(path, "metrics.jsonl")
+    with open(metrics, "a") as f:
+        f.write(json.dumps(records[0])[:40])  # the crash cut the last line mid-JSON
+    n_lines = len(records) + 1
+    with pytest.warns(analyze.AnalysisWarning, match=f"metrics.jsonl: line {n_lines} is cut short"):
+        run = analyze.load_run(path)
+    assert run.truncated and run.records == records
+    empty = write_run(tmp_path, "empty", [], cfg)
+    with pytest.warns(analyze.AnalysisWarning, match="is empty"):
+        assert analyze.load_run(empty).records == []
+    with pytest.raises(analyze.AnalysisError, match="nowhere: no such run directory"):
+        analyze.load_run(str(tmp_path / "nowhere"))
+    (tmp_path / "lonely").mkdir()
+    (tmp_path / "lonely" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        analyze.main(["forecast", str(tmp_path / "lonely"), "--target-loss", "5", "--at-tokens", "0",
+                      "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "lonely is not a run directory" in capsys.readouterr().err
+    # the command uses the complete lines of the crashed run, says so, and leaves the empty one out
+    analyze.main(["compare", path, empty, write_run(tmp_path, "ok", records, cfg), "--out", str(tmp_path / "o")])
+    captured = capsys.readouterr()
+    assert f"{metrics}: line {n_lines}" in captured.err and "empty: no evaluation" in captured.err
+    assert "crashed" in captured.out
+
+
+def test_a_folder_of_runs_expands_and_names_stay_unique(tmp_path):
+    cfg, records = trainer_config(tmp_path, "x"), make_records(128, GRID[:3], curve(3000), {})
+    for sweep in ("s1", "s2"):
+        for name in ("a", "b"):
+            write_run(tmp_path / sweep, name, records, cfg)
+    (tmp_path / "s1" / "notes").mkdir()  # not a run: ignored inside a folder of runs
+    runs = analyze.load_runs([str(tmp_path / "s1"), str(tmp_path / "s2" / "a")])
+    assert [r.name for r in runs] == ["a@s1", "b", "a@s2"] and runs[1].path == str(tmp_path / "s1" / "b")
+    with pytest.raises(analyze.AnalysisError, match="notes is not a run directory .* holds none"):
+        analyze.load_runs([str(tmp_path / "s1" / "notes")])
+
+
+# ----------------------------------------------------------------------------------------------
+# W&B
+
+
+class FakeWandbRun:
+    def __init__(self, run, wrap):
+        self.name, self.id = run.name, "id-" + run.name
+        self.config = {k: {"value": v, "desc": None} for k, v in run.config.items()} if wrap else run.config
+        self.rows = [dict(r, _step=i, _runtime=1.0, _timestamp=1.7e9) for i, r in enumerate(run.records)]
+
+    def scan_history(self):
+        return iter(self.rows)
+
+
+class FakeApi:
+    def __init__(self, runs=(), error=None):
+        self.wandb_runs, self.error, self.calls = list(runs), error, []
+
+    def runs(self, path, filters=None):
+        self.calls.append((path, filters))
+        if self.error:
+            raise self.error
+        return self.wandb_runs
+
+
+def test_wandb_loader_gives_the_same_runs_as_the_directories(tmp_path, capsys):
+    local = analyze.load_runs(make_sweep(tmp_path))
+    api = FakeApi([FakeWandbRun(r, wrap=i % 2 == 1) for i, r in enumerate(local)])
+    remote = analyze.load_wandb_runs("me/spectral-nanogpt/sweep1", api)
+    assert api.calls == [("me/spectral-nanogpt", {"group": "sweep1"})]
+    for a, b in zip(local, remote):
+        assert (b.name, b.config, b.records, b.truncated) == (a.name, a.config, a.records, False)
+    assert [r.predictor for r in analyze.rank_predictors(remote, TARGET, 2500)][:3] == \
+        [r.predictor for r in analyze.rank_predictors(local, TARGET, 2500)][:3]
+    analyze.main(["forecast", "--wandb", "me/spectral-nanogpt", "--target-loss", "5", "--at-tokens", "2500",
+                  "--out", str(tmp_path / "o")], api=api)
+    assert api.calls[-1] == ("me/spectral-nanogpt", None) and f"best predictor: {KEY}" in capsys.readouterr().out
+
+    down = FakeApi(error=ConnectionError("api.wandb.ai unreachable"))
+    with pytest.raises(analyze.WandbError, match="'me/proj' cannot be reached.*unreachable"):
+        analyze.load_wandb_runs("me/proj", down)
+    with pytest.raises(SystemExit) as e:
+        analyze.main(["compare", "--wandb", "me/proj", "--out", str(tmp_path / "o")], api=down)
+    assert e.value.code == 2 and "cannot be reached" in capsys.readouterr().err
+    analyze.main(["compare", str(tmp_path / "sweep"), "--wandb", "me/proj", "--out", str(tmp_path / "o")], api=down)
+    captured = capsys.readouterr()
+    assert "cannot be reached" in captured.err and "going on with the 7 local run(s)" in captured.err
+    assert "run0_bs4" in captured.out
+    with pytest.raises(analyze.AnalysisError, match="ENTITY/PROJECT"):
+        analyze.parse_wandb_path("just-a-project")
+
+
+# ----------------------------------------------------------------------------------------------
+# compare
+
+
+def save_power_law_spectra(run_dir, tokens, alpha):
+    values = np.arange(1, 65, dtype=float) ** -alpha
+    spectra.save_spectra(spectra.spectra_path(run_dir, "act", tokens),
+                         {p: dict(eig=values, limit=63, n=512, width=64) for p in POINTS},
+                         dict(step=0, tokens=tokens, probe_tokens=512, seq_len=32))
+
+
+def test_compare_end_to_end_on_synthetic_runs(tmp_path, capsys):
+    # three batch sizes whose evaluations fall on different tokens (first step past each 1024)
+    layouts = {"bs4": (128, GRID, 3000.0, 0.6), "bs12": (384, [0, 1152, 2304, 3072, 4224, 5376, 6144, 7296, 8448],
+                                                       3500.0, 0.8), "bs8": (256, GRID[:7], 4000.0, 0.7)}
+    paths = []
+    for name, (tps, grid, t, a) in layouts.items():
+        base = {f"act/alpha_tail/{p}": a + 0.1 * k for k, p in enumerate(POINTS)}
+        path = write_run(tmp_path / "runs", name, make_records(tps, grid, curve(t), base),
+                         trainer_config(tmp_path, name, batch_size=tps // 32, device_batch_size=tps // 32))
+        for tokens in grid:
+            save_power_law_spectra(path, tokens, a)
+        paths.append(path)
+    out = tmp_path / "out"
+    analyze.main(["compare", *paths, "--out", str(out), "--layer", "1"])
+    printed = capsys.readouterr().out
+    for f in ("alpha_layer.png", "alpha_tokens.png", "loss_tokens.png", "spectra_act_L01.png"):
+        assert (out / f).stat().st_size > 1000, f
+    assert "matched tokens 6,144" in printed  # the largest evaluation all three runs have
+
+    runs = analyze.load_runs(paths)
+    result = analyze.compare_command(runs, str(out), layer=1)
+    loss = max(curve(t)(grid[-1]) for _, grid, t, _ in layouts.values())  # highest final val_loss: bs8's
+    assert result["tokens"] == 6144 and result["loss"] == pytest.approx(loss)
+    assert result["points"] == POINTS
+    for row, run, (tps, grid, t, a) in zip(result["rows"]["loss"], runs, layouts.values()):
+        crossing = hand_tokens_to_target(run.records, loss) if row[0] != "bs8" else grid[-1]
+        assert row[1] == pytest.approx(crossing)
+        # alphas at the crossing: interpolated in tokens between the evaluations around it
+        assert row[3:] == pytest.approx([a + 0.1 * k + DRIFT * crossing for k in range(len(POINTS))])
+        assert analyze.fmt(row[4]) in printed
+    for row, (tps, grid, t, a) in zip(result["rows"]["tokens"], layouts.values()):
+        assert row[1] == 6144 and row[2] == pytest.approx(curve(t)(6144))
+    with open(out / "compare.csv") as f:
+        assert len(list(csv.DictReader(f))) == 6
+    # --tokens picks each run's nearest evaluation
+    nearest = analyze.compare_command(runs, str(out), tokens=2200)["rows"]["tokens"]
+    assert [r[1] for r in nearest] == [2048, 2304, 2048]
+
+
+def test_compare_and_forecast_on_real_tiny_runs(tmp_path, capsys):
+    """Two real runs of the trainer at different batch sizes: the format analyze.py reads cannot drift."""
+    dirs = [train_gpt.train(train_gpt.load_config(tiny_args(tmp_path / "runs", run_name=f"bs{bs}", batch_size=bs,
+                                                            device_batch_size=bs, max_steps=steps)))
+            for bs, steps in ((4, 8), (8, 4))]
+    capsys.readouterr()
+    runs = analyze.load_runs(dirs)
+    assert not analyze.differing_settings(runs)  # same probe set, windows and profile, found in the real config
+    out = tmp_path / "out"
+    analyze.main(["compare", str(tmp_path / "runs"), "--out", str(out), "--layer", "1"])
+    printed = capsys.readouterr().out
+    assert "bs4" in printed and "bs8" in printed and "matched tokens 1,024" in printed
+    assert (out / "spectra_act_L01.png").exists() and (out / "alpha_layer.png").exists()
+    last = [r for r in runs[0].records if r.get("tokens") == 1024 and "val_loss" in r][0]
+    assert analyze.fmt(last["act/alpha_tail/L01.mlp_resid"]) in printed
+    values = analyze.predictor_values(runs[0].records, 1024)
+    assert {"act/alpha_tail/mean.mlp_resid", "grad/alpha_head/L01.attn.c_proj", "gap/alpha_head/L01.attn.c_proj",
+            "gap/rankme/mean.attn.c_proj"} <= set(values)
+    assert values["gap/alpha_head/L01.attn.c_proj"] == pytest.approx(
+        last["act/alpha_head/L01.mlp_resid"] - last["grad/alpha_head/L01.attn.c_proj"])
+    final = max(analyze.final_loss(r.records) for r in runs)
+    analyze.main(["forecast", *dirs, "--target-loss", str(final), "--at-tokens", "512", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "no forecast" in printed  # two runs cannot rank predictors; the table is still there
+    with open(out / "forecast.csv") as f:
+        assert [row["reached"] for row in csv.DictReader(f)] == ["True", "True"]
+
+
+def test_the_trainers_in_run_forecast_equals_the_offline_forecast(tmp_path, capsys):
+    """A real run with forecast_reference = the synthetic sweep logs, at each evaluation, what
+    analyze.forecast_ratio says offline from the same records."""
+    make_sweep(tmp_path)
+    run_dir = train_gpt.train(train_gpt.load_config(tiny_args(tmp_path / "runs", run_name="own", max_steps=12,
+                                                              forecast_reference=str(tmp_path / "sweep"),
+                                                              forecast_target_loss=TARGET)))
+    assert "forecast:" in capsys.readouterr().out
+    reference, records = analyze.load_runs([str(tmp_path / "sweep")]), analyze.load_run(run_dir).records
+    evals = [r for r in records if "val_loss" in r]
+    assert len(evals) == 4 and all("forecast/token_ratio" in r for r in evals)
+    for r in evals:
+        so_far = [e for e in evals if e["step"] <= r["step"]]
+        ratio, predictor = analyze.forecast_ratio(reference, TARGET, so_far, r["tokens"])
+        assert r["forecast/token_ratio"] == pytest.approx(ratio, rel=1e-12) and r["forecast/predictor"] == predictor
+
+
+def test_a_forecast_reference_that_cannot_forecast_is_a_config_error_before_anything_is_written(tmp_path):
+    make_sweep(tmp_path)
+    out = tmp_path / "runs"
+    for overrides, message in [(dict(forecast_reference=str(tmp_path / "nowhere")), "no such run directory"),
+                               (dict(forecast_reference=str(tmp_path / "sweep"), spectra_tokens=1024),
+                                "spectra_tokens"),
+                               (dict(forecast_reference=str(tmp_path / "sweep"), forecast_target_loss=1.0),
+                                "0 of its 7 runs reach val_loss 1")]:
+        with pytest.raises(train_gpt.ConfigError, match=message):
+            train_gpt.train(train_gpt.load_config(tiny_args(out, **overrides)))
+        assert not out.exists()
