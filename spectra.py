@@ -4,6 +4,7 @@ singular values of per-example gradients and of weights, decay.
 
     python spectra.py act --ckpt runs/RUN/ckpt/step_00000100.pt [--data 'VAL_GLOB'] [--out DIR]
     python spectra.py grad --ckpt runs/RUN/ckpt/step_00000100.pt [--matrices attn.c_proj] [--layers all]
+    python spectra.py conditions --model gpt2 --data data/wikitext2 [--seeds 5]    # conditions.py
 
 Read top to bottom:
 
@@ -967,11 +968,17 @@ def parse_args(argv):
     grad.add_argument("--layers", help="'' (5 evenly spaced), 'all' or '0,5,11' (default: the run's)")
     grad.add_argument("--max_gb", type=float, help="per-example gradients held at once (default: the run's)")
     grad.add_argument("--method", choices=("auto", "materialise", "token_gram"))
+    import conditions  # the conditions study lives in its own file; its options are defined there
+    conditions.add_arguments(sub.add_parser("conditions", help="the conditions study (fine-tuned / pretrained / "
+                                            "random init x train / test), averaged over seeds"))
     return ap.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.command == "conditions":
+        import conditions
+        return conditions.main(args)
     try:
         device = pick_device(args.device)
         model, ckpt = load_checkpoint_model(args.ckpt, device)

@@ -12,6 +12,7 @@ so runs at different batch sizes line up.
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import sys
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
@@ -53,6 +54,8 @@ class Config:
     # model: preset + size profile; any GPTConfig field of model.py (qk_norm, n_layer, ...) may be
     # set as a top-level key too and is collected in `model`
     preset: str = "modded"             # gpt2 | modded
+    init_from: str = ""                # "" -> random init; gpt2 | gpt2-medium | gpt2-large | gpt2-xl, a directory in
+                                       # the Hugging Face format, or a trainer checkpoint (.pt) to fine-tune from
     profile: str = "d12"               # d12 | d24 | d36 | d48
     model: dict = field(default_factory=dict)
     # data and budget
@@ -260,7 +263,45 @@ def check_config(cfg):
 
 
 def model_config(cfg):
-    return make_config(cfg.preset, cfg.profile, seq_len=cfg.seq_len, **cfg.model)
+    """The GPTConfig of the run: preset + profile + overrides, or, with init_from, the architecture of
+    the weights it starts from (their shapes fix it) with this run's seq_len and overrides (dropout, ...)."""
+    if not cfg.init_from:
+        return make_config(cfg.preset, cfg.profile, seq_len=cfg.seq_len, **cfg.model)
+    if cfg.init_from.endswith(".pt"):
+        base = checkpoint_model_config(cfg.init_from)
+        if cfg.seq_len > base["seq_len"] and base["pos"] == "learned":
+            raise ConfigError(f"seq_len={cfg.seq_len} exceeds the {base['seq_len']} learned positions of "
+                              f"init_from={cfg.init_from!r}; use --seq_len<={base['seq_len']}")
+        return GPTConfig(**{**base, "seq_len": cfg.seq_len, **cfg.model})
+    from model import PretrainedError, pretrained_config
+    try:
+        return pretrained_config(cfg.init_from, seq_len=cfg.seq_len, **cfg.model)
+    except PretrainedError as e:
+        raise ConfigError(f"init_from={cfg.init_from!r}: {e}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def checkpoint_model_config(path):
+    """The model_config a trainer checkpoint was saved with (memory-mapped: the weights are not read)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"init_from={path!r}: no such checkpoint (trainer checkpoints are runs/RUN/ckpt/step_*.pt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return dict(ckpt["model_config"])
+    except Exception as e:
+        raise ConfigError(f"init_from={path!r} is not a trainer checkpoint ({type(e).__name__}: {e})") from None
+
+
+def initial_weights(cfg, gcfg):
+    """The state dict init_from names, shaped for this run's model (learned positions cut to seq_len)."""
+    if cfg.init_from.endswith(".pt"):
+        state = torch.load(cfg.init_from, map_location="cpu", weights_only=True)["model"]
+    else:
+        from model import from_pretrained
+        state = from_pretrained(cfg.init_from, seq_len=gcfg.seq_len).state_dict()
+    if "wpe.weight" in state:
+        state["wpe.weight"] = state["wpe.weight"][:gcfg.seq_len]
+    return state
 
 
 def parse_milestones(text):
@@ -279,15 +320,22 @@ def run_labels(cfg, gcfg):
     """(group, job_type, tags) for W&B, derived from the config so that sweeps group without manual
     naming: the group is the model family (preset, size, model settings changed from the preset,
     optimizer), the job type the batch tier; tags carry each part."""
-    base = make_config(cfg.preset, cfg.profile, seq_len=gcfg.seq_len)
     sizes = ("n_layer", "n_head", "n_embd")
-    size = cfg.profile if all(getattr(gcfg, k) == getattr(base, k) for k in sizes) else \
-        f"L{gcfg.n_layer}-d{gcfg.n_embd}-h{gcfg.n_head}"
+    if cfg.init_from:  # fine-tuning: the family is what it starts from, e.g. "gpt2"
+        source = cfg.init_from.rstrip("/")
+        if source.endswith(".pt"):  # runs/RUN/ckpt/step_*.pt: the run's name
+            source = os.path.dirname(os.path.dirname(os.path.abspath(source)))
+        preset, base = "from-" + os.path.basename(source), model_config(replace(cfg, model={}))
+        size = f"L{gcfg.n_layer}-d{gcfg.n_embd}-h{gcfg.n_head}"
+    else:
+        preset, base = cfg.preset, make_config(cfg.preset, cfg.profile, seq_len=gcfg.seq_len)
+        size = cfg.profile if all(getattr(gcfg, k) == getattr(base, k) for k in sizes) else \
+            f"L{gcfg.n_layer}-d{gcfg.n_embd}-h{gcfg.n_head}"
     changed = [f"{f.name}={getattr(gcfg, f.name)}" for f in dataclasses.fields(GPTConfig)
                if f.name not in (*sizes, "seq_len") and getattr(gcfg, f.name) != getattr(base, f.name)]
     tier = f"bs{cfg.batch_size}"
-    group = "-".join([cfg.preset, size, *changed, cfg.optimizer])
-    return group, tier, [cfg.preset, size, tier, cfg.optimizer, *changed]
+    group = "-".join([preset, size, *changed, cfg.optimizer])
+    return group, tier, [preset, size, tier, cfg.optimizer, *changed]
 
 
 def batch_layout(cfg, world_size):
@@ -943,7 +991,10 @@ def train(cfg):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    raw = GPT(gcfg).to(device)
+    raw = GPT(gcfg)
+    if cfg.init_from and not cfg.resume:  # a resumed run loads its own checkpoint below
+        raw.load_state_dict(initial_weights(cfg, gcfg))
+    raw = raw.to(device)
     model = torch.compile(raw) if use_compile else raw
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     opts = build_optimizers(raw, cfg, device, compile=use_compile)

@@ -302,3 +302,17 @@ def test_lr_schedule_warmup_stable_cooldown():
     assert m[10] == m[50] == 1.0
     assert m[75] == pytest.approx(0.5 * 1 + 0.5 * 0.2)  # halfway down the cooldown
     assert m[99] == pytest.approx(0.02 * 1 + 0.98 * 0.2)
+
+
+def test_init_from_a_checkpoint_starts_from_its_weights(tmp_path):
+    source = train(load_config(tiny_args(tmp_path, run_name="source", max_steps=4, ckpt_every_tokens=0)))
+    ckpt = train_gpt.checkpoints(source)[-1]
+    tuned = train(load_config(tiny_args(tmp_path, run_name="tuned", max_steps=2, init_from=ckpt, dropout=0.1,
+                                        optimizer="adamw", preset="gpt2")))
+    first = [r for r in read_metrics(tuned) if "val_loss" in r][0]
+    last = [r for r in read_metrics(source) if "val_loss" in r][-1]
+    assert first["step"] == 0 and first["val_loss"] == last["val_loss"]  # same weights, same val slice
+    config = json.load(open(os.path.join(tuned, "config.json")))
+    assert config["model"]["qk_norm"] and config["model"]["dropout"] == 0.1  # the checkpoint's architecture + override
+    with pytest.raises(train_gpt.ConfigError, match="exceeds the 32 learned positions|no such checkpoint"):
+        load_config(tiny_args(tmp_path, init_from=str(tmp_path / "none.pt")))

@@ -1,0 +1,374 @@
+"""
+The conditions study: activation and per-example gradient spectra of one model under five
+conditions, averaged over seeds, as in the study behind this project (GPT-2 small on WikiText-2,
+GPT-2 medium on WikiText-103):
+
+    ft_train      fine-tuned (--epochs over the train split), measured on a subset of the train split
+    ft_test       fine-tuned, measured on the test split
+    pre_train     the starting weights as they are, on a train subset
+    pre_test      the starting weights, on the test split
+    random_train  the same architecture, randomly initialised, on a train subset
+
+    python spectra.py conditions --model gpt2 --data data/wikitext2 --seeds 5
+    python spectra.py conditions --model runs/cpu_demo_*/ckpt/step_00000157.pt --data data/shakespeare --seeds 2
+
+--model is a GPT-2 name, a directory in the Hugging Face format, or a trainer checkpoint (.pt).
+--ckpt adds this project's own checkpoints as extra conditions (<name>_train, <name>_test), so
+their spectra sit beside the reference model's. --data is a folder of token shards with a train,
+a val (for fine-tuning) and a test split (data/wikitext.py writes them; without a test split the
+val split stands in, with a note).
+
+Seeds vary what the study's seeds vary: the random initialisation, the fine-tuning run (data
+order, dropout) and the train subset measured (a contiguous block at a seeded offset). The test
+split is always measured from its start. Fine-tuning is the normal trainer (train_gpt.train with
+init_from), so every trainer option applies through --ft KEY=VALUE.
+
+Writes to --out (default conditions/<model name>/): conditions.csv (mean, std and count over seeds
+of every scalar per condition), spectra/<condition>_seed<k>_{act,grad}.npz, and plots: alpha
+against layer per condition, the spectrum of one layer per condition with its fitted tail line,
+gradient alpha against layer, and sublayer alpha against depth.
+"""
+
+import csv
+import glob
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+
+import spectra
+from data.shards import ShardError, check_vocab, find_shards, load_tokens
+from model import GPT
+
+CONDITIONS = ("ft_train", "ft_test", "pre_train", "pre_test", "random_train")
+LABELS = {"ft_train": "fine-tuned, train", "ft_test": "fine-tuned, test", "pre_train": "not fine-tuned, train",
+          "pre_test": "not fine-tuned, test", "random_train": "random init, train"}
+
+# ----------------------------------------------------------------------------------------------
+# Models and data
+
+
+def load_model(spec, device):
+    """(model in eval mode, short name) from a GPT-2 name, a Hugging Face directory or a .pt checkpoint."""
+    if spec.endswith(".pt"):
+        model, _ = spectra.load_checkpoint_model(spec, device)
+        return model, os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(spec))))
+    from model import from_pretrained
+    return from_pretrained(spec).to(device).eval(), os.path.basename(spec.rstrip("/"))
+
+
+def random_like(model, seed):
+    """The same architecture, initialised as the trainer initialises it, from `seed`."""
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    return GPT(model.cfg).to(device).eval()
+
+
+def split_files(data, split):
+    """The shards of one split in folder `data` (*_<split>_*.bin); the test split falls back to val."""
+    files = sorted(glob.glob(os.path.join(data, f"*_{split}_*.bin")))
+    if not files and split == "test":
+        print(f"note: no test split in {data}; the val split stands in for it")
+        return split_files(data, "val")
+    if not files:
+        raise ShardError(f"no {split} shards (*_{split}_*.bin) in {data}; prepare them with python data/wikitext.py "
+                         "--name wikitext-2 --out DIR, or python data/prepare.py")
+    return find_shards(os.path.join(data, f"*_{split}_*.bin"))
+
+
+def split_tokens(files, vocab_size):
+    """All tokens of a split (int64); the study's corpora fit in memory."""
+    tokens = np.concatenate([np.asarray(load_tokens(f), dtype=np.int64) for f in files])
+    check_vocab(tokens, files[0], vocab_size)
+    return tokens
+
+
+def probe_block(tokens, n_tokens, seed=None, what="probe"):
+    """n_tokens + 1 contiguous tokens: from the start (seed None), or at an offset drawn from `seed`."""
+    if len(tokens) < n_tokens + 1:
+        raise ShardError(f"{what}: {n_tokens + 1:,} tokens needed but the split holds {len(tokens):,}; lower "
+                         "--act_tokens / --grad_samples or --seq_len")
+    start = 0 if seed is None else int(np.random.default_rng(seed).integers(0, len(tokens) - n_tokens))
+    return torch.from_numpy(tokens[start:start + n_tokens + 1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuning with the trainer
+
+
+def finetune(args, seed, train_tokens):
+    """Fine-tune --model for --epochs over the train split with train_gpt; the final checkpoint's path."""
+    import train_gpt
+    tokens_per_step = args.ft_batch_size * args.seq_len
+    steps = max(1, round(args.epochs * train_tokens / tokens_per_step))
+    settings = dict(init_from=args.model, train_files=os.path.join(args.data, "*_train_*.bin"),
+                    val_files=os.path.join(args.data, "*_val_*.bin"), seq_len=args.seq_len,
+                    batch_size=args.ft_batch_size, device_batch_size=0, train_tokens=0, max_steps=steps,
+                    optimizer="adamw", adamw_lr=args.ft_lr, warmup_frac=0.0, cooldown_frac=1.0, dropout=args.dropout,
+                    eval_every_tokens=0, val_tokens=args.seq_len * args.ft_batch_size, ckpt_every_tokens=0,
+                    ckpt_keep=1, spectra_every=0, wandb_mode="disabled", seed=seed, device=args.device,
+                    out_dir=os.path.join(args.out, "finetune"), run_name=f"seed{seed}")
+    overrides = [f"--{k}={v}" for k, v in settings.items()] + [f"--{kv}" for kv in args.ft]
+    run_dir = train_gpt.train(train_gpt.load_config(overrides))
+    return train_gpt.checkpoints(run_dir)[-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring one condition
+
+
+def measure(model, act_tokens, grad_tokens, args):
+    """{family: {point: spectrum entry}} for act (every probe point with --sublayers) and grad
+    (--matrices of every layer) on the given probe blocks."""
+    n_layer = model.cfg.n_layer
+    points = spectra.select_points(n_layer, "", args.sublayers)
+    names = spectra.select_linears(model.linears(), n_layer, args.matrices, "all")
+    act = spectra.measure_activations(model, act_tokens, points, args.seq_len, args.batch_size, args.act_norm)
+    grad = spectra.measure_gradients(model, grad_tokens, names, args.seq_len, args.grad_samples, args.grad_batch_size,
+                                     args.max_gb)
+    return {"act": act, "grad": grad}
+
+
+def scalars(measured, args, where, seen):
+    """{'<family>/<stat>/<point>': value} of measured spectra (the trainer's metrics); each distinct
+    note is printed once (`seen`)."""
+    out = {}
+    for family, spec in measured.items():
+        metrics, notes = spectra.summarise(spec, family, args.head, args.tail, where=where)
+        for note in notes:
+            if note not in seen:
+                seen.add(note)
+                print(f"note: {note}")
+        out.update(metrics)
+    return out
+
+
+def run_condition(name, seed, model, act_tokens, grad_tokens, args, results):
+    """Measure one (condition, seed), save its spectra and add its scalars to results[name]."""
+    measured = measure(model, act_tokens, grad_tokens, args)
+    meta = dict(condition=name, seed=seed, seq_len=args.seq_len, head=args.head, tail=args.tail,
+                act_tokens=len(act_tokens) - 1, grad_samples=args.grad_samples)
+    for family, spec in measured.items():
+        spectra.save_spectra(os.path.join(args.out, "spectra", f"{name}_seed{seed}_{family}.npz"), spec, meta)
+    results.setdefault(name, []).append(scalars(measured, args, f"({name}, seed {seed})", args.seen_notes))
+    print(f"measured {name} (seed {seed})")
+
+
+def run_study(args):
+    """{condition: [scalars per seed]} for every condition and seed."""
+    device = spectra.pick_device(args.device)
+    start, name = load_model(args.model, device)
+    vocab = start.cfg.vocab_size
+    if args.seq_len > start.cfg.seq_len:
+        raise ValueError(f"--seq_len {args.seq_len} exceeds the model's {start.cfg.seq_len} positions")
+    train, test = split_tokens(split_files(args.data, "train"), vocab), split_tokens(split_files(args.data, "test"),
+                                                                                    vocab)
+    n_act, n_grad = args.act_tokens // args.seq_len * args.seq_len, args.grad_samples * args.seq_len
+    test_act, test_grad = probe_block(test, n_act, what="test split"), probe_block(test, n_grad, what="test split")
+    extra = [(load_model(path, device), path) for path in args.ckpt]
+    results = {}
+    for seed in range(args.seeds):
+        train_act, train_grad = (probe_block(train, n, seed=seed, what="train split") for n in (n_act, n_grad))
+        wanted = set(args.conditions)
+        if wanted & {"ft_train", "ft_test"}:
+            tuned, _ = spectra.load_checkpoint_model(finetune(args, seed, len(train)), device)
+            for cond, tokens in (("ft_train", (train_act, train_grad)), ("ft_test", (test_act, test_grad))):
+                if cond in wanted:
+                    run_condition(cond, seed, tuned, *tokens, args, results)
+            del tuned
+        for cond, tokens in (("pre_train", (train_act, train_grad)), ("pre_test", (test_act, test_grad))):
+            if cond in wanted:
+                run_condition(cond, seed, start, *tokens, args, results)
+        if "random_train" in wanted:
+            run_condition("random_train", seed, random_like(start, seed), train_act, train_grad, args, results)
+        for (model, label), _ in extra:
+            for split, tokens in (("train", (train_act, train_grad)), ("test", (test_act, test_grad))):
+                run_condition(f"{label}_{split}", seed, model, *tokens, args, results)
+    return results, start.cfg.n_layer, name
+
+
+# ----------------------------------------------------------------------------------------------
+# Averaging, table and plots
+
+
+def aggregate(results):
+    """{condition: {key: (mean, std, count)}} over seeds; NaN values (failed fits) are left out."""
+    out = {}
+    for cond, per_seed in results.items():
+        keys = dict.fromkeys(k for s in per_seed for k in s)
+        out[cond] = {}
+        for k in keys:
+            values = [s[k] for s in per_seed if isinstance(s.get(k), float) and math.isfinite(s[k])]
+            if values:
+                out[cond][k] = (float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                                len(values))
+    return out
+
+
+def write_csv(path, summary):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["condition", "key", "mean", "std", "seeds"])
+        for cond, stats in summary.items():
+            for key, (mean, std, n) in stats.items():
+                w.writerow([cond, key, mean, std, n])
+
+
+def print_table(summary, n_layer, stat="alpha_tail"):
+    """act mlp_resid and grad attn.c_proj-style alphas per layer and condition: mean +- std."""
+    conds = list(summary)
+    for family, kind in (("act", "mlp_resid"), ("grad", None)):
+        keys = [k for k in dict.fromkeys(k for s in summary.values() for k in s)
+                if k.startswith(f"{family}/{stat}/") and (kind is None or k.endswith(kind) or k.endswith("embed")
+                                                          or k.endswith("final"))]
+        if not keys:
+            continue
+        print(f"{family}/{stat} (mean +- std over seeds)")
+        print("  " + "point".ljust(22) + "".join(c.rjust(18) for c in conds))
+        for k in keys:
+            cells = [summary[c].get(k) for c in conds]
+            print("  " + k.split("/", 2)[2].ljust(22) + "".join(
+                (f"{m:.3f} +- {s:.3f}" if m is not None else "-").rjust(18) for m, s, _ in
+                (c if c else (None, None, None) for c in cells)))
+
+
+def alpha_by_layer(summary, cond, family, stat, kind, n_layer):
+    """(layers, means, stds) of one kind of point or matrix across layers."""
+    xs, ms, ss = [], [], []
+    for layer in range(n_layer):
+        key = f"{family}/{stat}/{spectra.layer_key(layer, n_layer)}.{kind}"
+        if key in summary[cond]:
+            m, s, _ = summary[cond][key]
+            xs.append(layer)
+            ms.append(m)
+            ss.append(s)
+    return xs, ms, ss
+
+
+def plot_alpha_layers(path, summary, family, stat, kind, n_layer, title):
+    plt = spectra.pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
+    for cond in summary:
+        xs, ms, ss = alpha_by_layer(summary, cond, family, stat, kind, n_layer)
+        if xs:
+            ax.errorbar(xs, ms, yerr=ss, marker="o", ms=3, capsize=2, label=LABELS.get(cond, cond))
+    ax.set(xlabel="layer", ylabel=f"{stat} ({kind})", title=title)
+    ax.legend(fontsize=7)
+    spectra.save_figure(fig, path)
+
+
+def plot_layer_spectra(path, out, conds, point, tail, title):
+    """The first seed's eigenvalues of one point under each condition, with the fitted tail line."""
+    plt = spectra.pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
+    for cond in conds:
+        eig, _, limits = spectra.load_spectra(os.path.join(out, "spectra", f"{cond}_seed0_act.npz"))
+        values, rank = eig[point], spectra.numerical_rank(eig[point], limits[point])
+        if rank < 2:
+            continue
+        fit = spectra.fit_power_law(values, tail, rank)
+        line, = ax.loglog(np.arange(1, rank + 1), values[:rank], lw=1.2,
+                          label=f"{LABELS.get(cond, cond)} (alpha {fit['alpha']:.2f})")
+        if math.isfinite(fit["alpha"]):
+            i = np.arange(fit["lo"], fit["hi"] + 1)
+            ax.loglog(i, np.exp(fit["intercept"]) * i ** -fit["alpha"], "--", color="k", lw=1)
+    ax.set(xlabel="rank i", ylabel="eigenvalue", title=title)
+    ax.legend(fontsize=7)
+    spectra.save_figure(fig, path)
+
+
+def plot_sublayers(path, summary, cond, stat, n_layer, title):
+    """Sublayer alpha against depth (layer + position of the sublayer within the block)."""
+    plt = spectra.pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.2), layout="constrained")
+    for j, kind in enumerate(spectra.BLOCK_POINTS):
+        xs, ms, _ = alpha_by_layer(summary, cond, "act", stat, kind, n_layer)
+        if xs:
+            ax.plot([x + j / len(spectra.BLOCK_POINTS) for x in xs], ms, "o-", ms=3, lw=1, label=kind)
+    ax.set(xlabel="layer (sublayers in block order)", ylabel=stat, title=title)
+    ax.legend(fontsize=7, ncol=2)
+    spectra.save_figure(fig, path)
+
+
+def write_plots(out, summary, n_layer, name, args):
+    plots = os.path.join(out, "plots")
+    stat = "alpha_tail"
+    plot_alpha_layers(os.path.join(plots, "act_alpha_layers.png"), summary, "act", stat, "mlp_resid", n_layer,
+                      f"{name}: activation {stat} (block outputs), tail {args.tail[0]}-{args.tail[1]}")
+    plot_alpha_layers(os.path.join(plots, "grad_alpha_layers.png"), summary, "grad", stat,
+                      args.matrices.split(",")[0], n_layer, f"{name}: per-example gradient {stat}")
+    layer = n_layer // 2 if args.layer is None else args.layer
+    point = f"{spectra.layer_key(layer, n_layer)}.mlp_resid"
+    plot_layer_spectra(os.path.join(plots, f"act_spectrum_{point}.png"), out, list(summary), point, args.tail,
+                       f"{name}: {point}, seed 0")
+    if args.sublayers:
+        cond = "pre_train" if "pre_train" in summary else next(iter(summary))
+        plot_sublayers(os.path.join(plots, "act_sublayers.png"), summary, cond, stat, n_layer,
+                       f"{name}: sublayer {stat}, {LABELS.get(cond, cond)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line (python spectra.py conditions ...)
+
+
+def add_arguments(p):
+    p.add_argument("--model", required=True, help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl, a Hugging Face "
+                                                  "directory, or a trainer checkpoint (.pt)")
+    p.add_argument("--data", required=True, help="folder of *_train_*, *_val_*, *_test_*.bin shards")
+    p.add_argument("--ckpt", action="append", default=[], help="a trainer checkpoint measured beside (repeatable)")
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--conditions", default=",".join(CONDITIONS), help=f"comma-separated subset of {CONDITIONS}")
+    p.add_argument("--seq_len", type=int, default=256, help="tokens per sequence (the study: 256)")
+    p.add_argument("--act_tokens", type=int, default=262_144, help="activation probe tokens per condition")
+    p.add_argument("--grad_samples", type=int, default=1000, help="per-example gradients (the study: 1000)")
+    p.add_argument("--matrices", default="attn.c_proj", help="gradient matrices, measured in every layer")
+    p.add_argument("--head", type=spectra.parse_window, default=(1, 10))
+    p.add_argument("--tail", type=spectra.parse_window, default=(10, 100), help="the study's window: 10,100")
+    p.add_argument("--sublayers", type=int, choices=(0, 1), default=1, help="every probe point of every block")
+    p.add_argument("--act_norm", choices=("rms", "none"), default="none",
+                   help="the study measured raw activations (none); rms normalises residual-stream points")
+    p.add_argument("--layer", type=int, help="layer of the full-spectrum plot (default: the middle one)")
+    p.add_argument("--epochs", type=float, default=2.0, help="fine-tuning epochs over the train split")
+    p.add_argument("--ft_lr", type=float, default=5e-5, help="fine-tuning AdamW learning rate (linear decay)")
+    p.add_argument("--ft_batch_size", type=int, default=8, help="fine-tuning sequences per step")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout while fine-tuning (measured with none)")
+    p.add_argument("--ft", action="append", default=[], metavar="KEY=VALUE", help="any other trainer key")
+    p.add_argument("--batch_size", type=int, default=16, help="probe sequences per forward pass")
+    p.add_argument("--grad_batch_size", type=int, default=8)
+    p.add_argument("--max_gb", type=float, default=8.0, help="per-example gradients held at once")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="output folder (default conditions/<model name>)")
+
+
+def check_arguments(args):
+    unknown = [c for c in args.conditions.split(",") if c not in CONDITIONS]
+    if unknown:
+        raise ValueError(f"--conditions: unknown {unknown}; choose from {CONDITIONS}")
+    args.conditions = args.conditions.split(",")
+    args.seen_notes = set()
+    for key in ("seeds", "seq_len", "act_tokens", "grad_samples", "batch_size", "grad_batch_size", "ft_batch_size"):
+        if getattr(args, key) <= 0:
+            raise ValueError(f"--{key} must be positive")
+    if args.act_tokens < 2 * args.seq_len or args.grad_samples < 2:
+        raise ValueError("--act_tokens must hold two sequences and --grad_samples be at least 2 (the halves)")
+    spectra.check_window("head", args.head)
+    spectra.check_window("tail", args.tail)
+
+
+def main(args):
+    try:
+        check_arguments(args)
+        if args.out is None:
+            args.out = os.path.join("conditions", os.path.basename(args.model.rstrip("/")).replace(".pt", ""))
+        results, n_layer, name = run_study(args)
+    except (ValueError, ShardError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    summary = aggregate(results)
+    write_csv(os.path.join(args.out, "conditions.csv"), summary)
+    print_table(summary, n_layer)
+    write_plots(args.out, summary, n_layer, name, args)
+    print(f"wrote {args.out}/conditions.csv, {args.out}/spectra/, {args.out}/plots/")
+    return summary

@@ -1,0 +1,80 @@
+import csv
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import spectra
+import train_gpt
+from conftest import REPO, tiny_args
+
+SMALL = ["--seq_len", "32", "--act_tokens", "2048", "--grad_samples", "16", "--epochs", "0.001", "--batch_size", "8"]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    run_dir = train_gpt.train(train_gpt.load_config(tiny_args(tmp_path_factory.mktemp("runs"), max_steps=4,
+                                                              ckpt_every_tokens=0)))
+    return train_gpt.checkpoints(run_dir)[-1]
+
+
+def read_summary(path):
+    with open(path) as f:
+        return {(r["condition"], r["key"]): (float(r["mean"]), float(r["std"]), int(r["seeds"]))
+                for r in csv.DictReader(f)}
+
+
+def tail_alpha(npz, point, tail=(10, 100)):
+    eig, _, limits = spectra.load_spectra(npz)
+    return spectra.fit_power_law(eig[point], tail, spectra.numerical_rank(eig[point], limits[point]))["alpha"]
+
+
+def test_conditions_end_to_end_average_what_each_seed_measured(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "study"
+    spectra.main(["conditions", "--model", tiny_ckpt, "--data", "data/shakespeare", "--seeds", "2", "--out", str(out),
+                  "--ckpt", tiny_ckpt, *SMALL])
+    printed = capsys.readouterr().out
+    assert "the val split stands in" in printed and "act/alpha_tail (mean +- std over seeds)" in printed
+    summary = read_summary(out / "conditions.csv")
+    conditions = {c for c, _ in summary}
+    assert conditions == {"ft_train", "ft_test", "pre_train", "pre_test", "random_train", "tiny_train", "tiny_test"}
+    point = "L01.mlp_resid"
+    for cond in ("ft_train", "pre_train", "pre_test", "random_train"):
+        per_seed = [tail_alpha(out / "spectra" / f"{cond}_seed{s}_act.npz", point) for s in (0, 1)]
+        mean, std, n = summary[(cond, f"act/alpha_tail/{point}")]
+        assert n == 2 and mean == pytest.approx(np.mean(per_seed), rel=1e-9)
+        assert std == pytest.approx(np.std(per_seed, ddof=1), rel=1e-9, abs=1e-12)
+    # the test split is measured from its start for every seed; the train subset moves with the seed
+    assert summary[("pre_test", f"act/alpha_tail/{point}")][1] == 0
+    assert summary[("pre_train", f"act/alpha_tail/{point}")][1] > 0
+    # the extra checkpoint is the starting model itself: its conditions equal pre_*
+    assert summary[("tiny_train", f"act/alpha_tail/{point}")] == summary[("pre_train", f"act/alpha_tail/{point}")]
+    # fine-tuning changed the weights: same tokens, different spectrum
+    ft, pre = (spectra.load_spectra(out / "spectra" / f"{c}_seed0_act.npz")[0][point]
+               for c in ("ft_train", "pre_train"))
+    assert not np.allclose(ft, pre, rtol=1e-6)
+    grad = summary[("pre_train", "grad/alpha_head/L00.attn.c_proj")]
+    assert math.isfinite(grad[0]) and grad[2] == 2
+    for plot in ("act_alpha_layers.png", "grad_alpha_layers.png", "act_spectrum_L01.mlp_resid.png",
+                 "act_sublayers.png"):
+        assert (out / "plots" / plot).exists()
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "spectra.py", "conditions", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_conditions_bad_input_names_the_problem(tiny_ckpt, tmp_path):
+    r = run_cli("--model", tiny_ckpt, "--data", "data/shakespeare", "--conditions", "pre_train,finetuned",
+                "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "unknown ['finetuned']" in r.stderr
+    r = run_cli("--model", tiny_ckpt, "--data", str(tmp_path), "--seq_len", "32", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "no train shards" in r.stderr and "data/wikitext.py" in r.stderr
+    r = run_cli("--model", str(tmp_path / "missing.pt"), "--data", "data/shakespeare", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "not found" in r.stderr
+    r = run_cli("--model", tiny_ckpt, "--data", "data/shakespeare", "--seq_len", "64", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "exceeds the model's 32 positions" in r.stderr
+    assert not (tmp_path / "o").exists()
