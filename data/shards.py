@@ -21,6 +21,8 @@ FETCH_HINTS = (
     ("finewebedu", "python data/fineweb.py --edu --train_shards 8"),
     ("fineweb", "python data/fineweb.py --train_shards 8"),
     ("shakespeare", "git checkout -- data/shakespeare  (the embedded corpus is part of the repository)"),
+    ("wikitext103", "python data/wikitext.py --name wikitext-103"),  # before "wikitext", which it contains
+    ("wikitext", "python data/wikitext.py --name wikitext-2"),
 )
 
 
