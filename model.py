@@ -4,7 +4,8 @@ The GPT family of spectral-nanogpt: GPT-2 and the modded-NanoGPT interventions i
 Every architecture intervention is a GPTConfig flag, never a copied model, so an
 ablation is one `--key=value` away. Two presets name the ends of the history:
 
-    gpt2    learned positions, LayerNorm with bias, GELU, tied embedding/head
+    gpt2    learned positions, LayerNorm with bias, GELU (tanh form), tied embedding/head:
+            Hugging Face GPT2LMHeadModel exactly, so `from_pretrained` loads its weights
     modded  rotary, parameter-free RMSNorm, relu^2, QK-norm, untied head,
             zero-initialised output projections, logit softcap, value
             embeddings, U-net skip connections
@@ -18,9 +19,15 @@ model knowing it is being measured. `GPT.probe_points()` maps the names of
 DESIGN.md (embed, L03.ln1, ..., L03.mlp_resid, final) to the taps, and
 `GPT.linears()` maps `L03.attn.c_proj`-style names to the nn.Linear layers used
 for per-example gradients.
+
+Pretrained GPT-2. `from_pretrained("gpt2")` (or a local directory in the Hugging
+Face format: config.json + model.safetensors) returns the gpt2 preset holding
+OpenAI's weights, read with `safetensors` alone: no `transformers` at run time.
 """
 
+import json
 import math
+import os
 from dataclasses import dataclass, fields
 
 import torch
@@ -29,6 +36,21 @@ import torch.nn.functional as F
 
 BLOCK_POINTS = ("ln1", "attn", "attn_resid", "ln2", "fc", "act", "proj", "mlp_resid")
 BLOCK_LINEARS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def relu2(h):
+    """relu(h)^2, modded-NanoGPT's MLP activation."""
+    return F.relu(h).square()
+
+
+def gelu_tanh(h):
+    """GELU in the tanh form 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3))): what GPT-2 was trained with
+    (Hugging Face's "gelu_new"). It differs from the exact erf GELU by up to 5e-4 (near |h| = 2), which
+    pretrained GPT-2's logits would show, so the gpt2 preset uses this one."""
+    return F.gelu(h, approximate="tanh")
+
+
+ACTIVATIONS = {"relu2": relu2, "gelu": F.gelu, "gelu_tanh": gelu_tanh}
 
 
 @dataclass
@@ -40,7 +62,7 @@ class GPTConfig:
     seq_len: int = 1024          # longest sequence: size of the learned position table / rotary cache
     pos: str = "rotary"          # "learned" | "rotary"
     norm: str = "rms"            # "rms" (parameter-free) | "layer" (LayerNorm with weight, bias if `bias`)
-    act: str = "relu2"           # "relu2" | "gelu"
+    act: str = "relu2"           # "relu2" | "gelu" (exact, erf) | "gelu_tanh" (tanh approximation, GPT-2's)
     qk_norm: bool = True         # RMS-normalise queries and keys per head before attention
     tied: bool = False           # share the token embedding with the output head
     zero_init_proj: bool = True  # zero-init attn/MLP output projections (and an untied head)
@@ -53,7 +75,7 @@ class GPTConfig:
     rope_base: float = 10000.0
 
     def __post_init__(self):
-        choices = {"pos": ("learned", "rotary"), "norm": ("rms", "layer"), "act": ("relu2", "gelu")}
+        choices = {"pos": ("learned", "rotary"), "norm": ("rms", "layer"), "act": tuple(ACTIVATIONS)}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"model config: {key}={getattr(self, key)!r} is not one of {allowed}")
@@ -67,7 +89,7 @@ class GPTConfig:
 
 
 PRESETS = {
-    "gpt2": dict(pos="learned", norm="layer", act="gelu", qk_norm=False, tied=True, zero_init_proj=False,
+    "gpt2": dict(pos="learned", norm="layer", act="gelu_tanh", qk_norm=False, tied=True, zero_init_proj=False,
                  softcap=0.0, value_embeds=False, unet_skips=False, bias=True),
     "modded": dict(pos="rotary", norm="rms", act="relu2", qk_norm=True, tied=False, zero_init_proj=True,
                    softcap=15.0, value_embeds=True, unet_skips=True, bias=False),
@@ -179,7 +201,7 @@ class MLP(nn.Module):
 
     def forward(self, x, taps):
         h = taps["fc"](self.c_fc(x))
-        h = taps["act"](F.relu(h).square() if self.act == "relu2" else F.gelu(h))
+        h = taps["act"](ACTIVATIONS[self.act](h))
         return taps["proj"](self.c_proj(h))
 
 
@@ -346,3 +368,198 @@ class GPT(nn.Module):
         cfg = self.cfg
         matmul_weights = 12 * cfg.n_layer * cfg.n_embd ** 2 + cfg.n_embd * cfg.vocab_size
         return 6 * matmul_weights + 6 * cfg.n_layer * cfg.seq_len * cfg.n_embd
+
+
+# ---- pretrained GPT-2 weights ----------------------------------------------------------------
+
+PRETRAINED = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+              "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
+PRETRAINED_FILES = ("config.json", "model.safetensors")  # the Hugging Face checkpoint format
+
+# Options of Hugging Face's GPT2Config that change what the network computes, with the only value
+# the gpt2 preset implements (absent keys take these defaults, as in transformers).
+HF_FIXED = {"layer_norm_epsilon": 1e-5, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+            "tie_word_embeddings": True, "add_cross_attention": False}
+HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                  "gelu": "gelu"}  # the first three are one formula, written three ways
+# Tensors a checkpoint may hold that carry no weights of ours: the causal-mask buffers of old
+# transformers versions, and the output head, which GPT-2 ties to wte.
+HF_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
+
+
+class PretrainedError(ValueError):
+    """A pretrained checkpoint that cannot be found, fetched or loaded onto the gpt2 preset."""
+
+
+def _local_copy_hint(repo_id):
+    return (f"Point at a local copy instead: a directory holding {' and '.join(PRETRAINED_FILES)}, made on a "
+            f"machine with internet by `hf download {repo_id} {' '.join(PRETRAINED_FILES)} --local-dir DIR` "
+            f"(`huggingface-cli download ...` with huggingface_hub < 1.0), then pass DIR; or set "
+            f"HF_HUB_OFFLINE=1 with a Hugging Face cache that already holds {repo_id}.")
+
+
+def _fetch(name_or_dir, filename, cache_dir=None):
+    """Path of one checkpoint file: from a local directory as is, else from the hub for a known name."""
+    if os.path.isdir(name_or_dir):
+        path = os.path.join(name_or_dir, filename)
+        if not os.path.isfile(path):
+            raise PretrainedError(f"{name_or_dir} is not a GPT-2 checkpoint in the Hugging Face format: it lacks "
+                                  f"{filename} (needs {' and '.join(PRETRAINED_FILES)})")
+        return path
+    if name_or_dir not in PRETRAINED:
+        raise PretrainedError(f"unknown pretrained model {name_or_dir!r}: known names are {sorted(PRETRAINED)}; "
+                              f"a local directory holding {' and '.join(PRETRAINED_FILES)} (the Hugging Face "
+                              f"format) also works")
+    repo_id = PRETRAINED[name_or_dir]
+    import huggingface_hub  # only when downloading; called through the module so tests can fake it
+    try:
+        return huggingface_hub.hf_hub_download(repo_id=repo_id, filename=filename, cache_dir=cache_dir)
+    except Exception as e:  # offline, not cached, auth, HTTP errors: all end the same way for the user
+        raise PretrainedError(f"could not fetch {filename} of {repo_id} from the Hugging Face hub "
+                              f"({type(e).__name__}: {e}). {_local_copy_hint(repo_id)}") from e
+
+
+def pretrained_files(name_or_dir, cache_dir=None):
+    """(config_path, weights_path) of a pretrained GPT-2: `name_or_dir` is a directory holding
+    config.json and model.safetensors (used as is), or a name in PRETRAINED, fetched from the
+    Hugging Face hub into `cache_dir` (the hub's default cache when None)."""
+    return tuple(_fetch(name_or_dir, filename, cache_dir) for filename in PRETRAINED_FILES)
+
+
+def _checkpoint_shape(config_path):
+    """GPTConfig keys a checkpoint's config.json fixes (seq_len = its n_positions), after checking that
+    every option changing the function is one the gpt2 preset implements."""
+    with open(config_path) as f:
+        hf = json.load(f)
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise PretrainedError(f"{config_path}: model_type={hf['model_type']!r}, not a GPT-2 checkpoint")
+    missing = [k for k in ("n_layer", "n_head", "n_embd", "vocab_size") if k not in hf]
+    if missing or not (hf.get("n_positions") or hf.get("n_ctx")):
+        raise PretrainedError(f"{config_path}: lacks {missing or ['n_positions']}, not a GPT-2 config")
+    for key, value in HF_FIXED.items():
+        if hf.get(key, value) != value:
+            raise PretrainedError(f"{config_path}: {key}={hf[key]!r}; the gpt2 preset implements only {value!r}")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in HF_ACTIVATIONS:
+        raise PretrainedError(f"{config_path}: activation_function={act!r} is not one of {sorted(HF_ACTIVATIONS)}")
+    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+        raise PretrainedError(f"{config_path}: n_inner={hf['n_inner']}; the gpt2 preset's MLP is 4 * n_embd wide")
+    return dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], vocab_size=hf["vocab_size"],
+                seq_len=hf.get("n_positions") or hf["n_ctx"], act=HF_ACTIVATIONS[act])
+
+
+def _pretrained_config(shape, overrides):
+    """The gpt2 preset with the checkpoint's `shape`, then `overrides`."""
+    fixed = [f"{k}={overrides[k]} (the checkpoint has {shape[k]})"
+             for k in ("n_layer", "n_head", "n_embd", "vocab_size") if k in overrides and overrides[k] != shape[k]]
+    if fixed:  # the weights fix these: a model of another shape could never load them
+        raise PretrainedError(f"a pretrained GPT-2's shape is fixed by its weights: cannot set {', '.join(fixed)}")
+    n_positions, seq_len = shape["seq_len"], overrides.get("seq_len", shape["seq_len"])
+    if not 0 < seq_len <= n_positions:
+        # learned positions: there is no row for a position the checkpoint never had
+        raise PretrainedError(f"seq_len={seq_len} must be in [1, {n_positions}], the checkpoint's n_positions")
+    return make_config("gpt2", "d12", **{**shape, **overrides})
+
+
+def pretrained_config(name_or_dir, cache_dir=None, **overrides):
+    """GPTConfig of a pretrained GPT-2: the gpt2 preset with the checkpoint's n_layer, n_head, n_embd,
+    vocab_size and n_positions (as seq_len); `overrides` win, e.g. dropout=0.1 or seq_len=256
+    (at most n_positions). Fetches config.json only."""
+    return _pretrained_config(_checkpoint_shape(_fetch(name_or_dir, "config.json", cache_dir)), overrides)
+
+
+def _hf_plan(n_layer):
+    """[(checkpoint name, kind, our names)]: where every tensor of a GPT-2 checkpoint goes, in order.
+    Kinds: "copy" as is; "conv1d" a weight of HF's Conv1D, stored (in, out), so transposed; "qkv_weight"
+    and "qkv_bias" the fused c_attn, split along its output into our c_q, c_k, c_v; "positions" wpe,
+    of which the first seq_len rows are kept."""
+    def norm(hf, ours):
+        return [(f"{hf}.weight", "copy", [f"{ours}.weight"]), (f"{hf}.bias", "copy", [f"{ours}.bias"])]
+
+    def linear(hf, ours):
+        return [(f"{hf}.weight", "conv1d", [f"{ours}.weight"]), (f"{hf}.bias", "copy", [f"{ours}.bias"])]
+    plan = [("wte.weight", "copy", ["wte.weight"]), ("wpe.weight", "positions", ["wpe.weight"])]
+    for i in range(n_layer):
+        h, b = f"h.{i}", f"blocks.{i}"
+        plan += norm(f"{h}.ln_1", f"{b}.ln_1")
+        plan += [(f"{h}.attn.c_attn.weight", "qkv_weight", [f"{b}.attn.c_{n}.weight" for n in "qkv"]),
+                 (f"{h}.attn.c_attn.bias", "qkv_bias", [f"{b}.attn.c_{n}.bias" for n in "qkv"])]
+        plan += linear(f"{h}.attn.c_proj", f"{b}.attn.c_proj") + norm(f"{h}.ln_2", f"{b}.ln_2")
+        plan += linear(f"{h}.mlp.c_fc", f"{b}.mlp.c_fc") + linear(f"{h}.mlp.c_proj", f"{b}.mlp.c_proj")
+    return plan + norm("ln_f", "ln_f")
+
+
+def _hf_shape(kind, ours, n_positions):
+    """The shape the checkpoint must hold for a tensor of `kind` whose first target has shape `ours`."""
+    if kind == "conv1d":
+        return (ours[1], ours[0])
+    if kind == "qkv_weight":
+        return (ours[1], 3 * ours[0])
+    if kind == "qkv_bias":
+        return (3 * ours[0],)
+    if kind == "positions":
+        return (n_positions, ours[1])
+    return tuple(ours)
+
+
+def _to_ours(kind, t, seq_len):
+    """The checkpoint tensor `t` in our layout: one tensor per target name."""
+    if kind == "conv1d":
+        return [t.t()]
+    if kind == "qkv_weight":
+        return list(t.t().chunk(3, dim=0))  # rows of an nn.Linear weight are its outputs: q, then k, then v
+    if kind == "qkv_bias":
+        return list(t.chunk(3))
+    if kind == "positions":
+        return [t[:seq_len]]
+    return [t]
+
+
+def from_pretrained(name_or_dir, cache_dir=None, **overrides):
+    """A GPT (gpt2 preset, eval mode, fp32, CPU) holding pretrained GPT-2 weights: `name_or_dir` is a
+    name in PRETRAINED (fetched from the hub) or a local directory with config.json and
+    model.safetensors. `overrides` go to the config (see pretrained_config). Every tensor is checked
+    by name and shape before anything is copied; a mismatch raises PretrainedError."""
+    from safetensors import safe_open  # the checkpoint format's own reader; the only extra dependency
+    config_path, weights_path = pretrained_files(name_or_dir, cache_dir)
+    shape = _checkpoint_shape(config_path)
+    cfg, n_positions = _pretrained_config(shape, overrides), shape["seq_len"]
+    # Built on the meta device: random initialisation of weights about to be overwritten would cost
+    # more than the load itself (26 s for gpt2-xl on 2 cores).
+    with torch.device("meta"):
+        model = GPT(cfg)
+    ours = dict(model.named_parameters())  # a tied lm_head.weight is wte.weight, listed once
+    plan = _hf_plan(cfg.n_layer)
+    try:
+        f = safe_open(weights_path, framework="pt", device="cpu")
+    except Exception as e:
+        raise PretrainedError(f"cannot read {weights_path} as safetensors ({type(e).__name__}: {e})") from e
+    with f:
+        # checkpoints saved from GPT2LMHeadModel prefix every name with "transformer.", GPT2Model's do not
+        stored = {k.removeprefix("transformer."): k for k in f.keys()}
+        for hf_name, kind, names in plan:  # every check before any copy: a bad file leaves nothing half-loaded
+            if hf_name not in stored:
+                raise PretrainedError(f"{weights_path} lacks tensor {hf_name} (for our {', '.join(names)})")
+            if any(name not in ours for name in names):
+                raise PretrainedError(f"the model has no {', '.join(names)} to load {hf_name} into: "
+                                      f"the overrides {overrides} changed the gpt2 architecture")
+            expected, got = _hf_shape(kind, ours[names[0]].shape, n_positions), f.get_slice(stored[hf_name]).get_shape()
+            if tuple(got) != expected:
+                raise PretrainedError(f"{weights_path}: tensor {hf_name} (our {', '.join(names)}) has shape "
+                                      f"{tuple(got)}, the gpt2 preset shaped by {config_path} expects {expected}")
+        planned = {hf_name for hf_name, _, _ in plan}
+        extra = sorted(k for k in stored if k not in planned and not k.endswith(HF_IGNORED_SUFFIXES))
+        filled = {name for _, _, names in plan for name in names}
+        unfilled = [name for name in ours if name not in filled]
+        if extra or unfilled:
+            raise PretrainedError(f"{weights_path} does not fit the gpt2 preset: tensors with no place in it "
+                                  f"{extra[:5]}, model tensors it does not fill {unfilled[:5]}")
+        model.to_empty(device="cpu")  # storage for every parameter; every one is overwritten below
+        if cfg.tied:
+            model.lm_head.weight = model.wte.weight  # to_empty gives each module its own tensor: tie again
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for hf_name, kind, names in plan:
+                for name, t in zip(names, _to_ours(kind, f.get_tensor(stored[hf_name]), cfg.seq_len)):
+                    params[name].copy_(t)  # copy_ also casts fp16/bf16 checkpoints to fp32
+    return model.float().eval()

@@ -1,4 +1,5 @@
 import csv
+import json
 import math
 import subprocess
 import sys
@@ -77,4 +78,48 @@ def test_conditions_bad_input_names_the_problem(tiny_ckpt, tmp_path):
     assert r.returncode == 2 and "not found" in r.stderr
     r = run_cli("--model", tiny_ckpt, "--data", "data/shakespeare", "--seq_len", "64", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "exceeds the model's 32 positions" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def tiny_gpt2_dir(path):
+    """A tiny GPT-2 in the Hugging Face format with the real 50,257-token vocabulary (the corpus' tokens)."""
+    import torch
+    from test_pretrained import hf_config, hf_tensors, write_checkpoint
+    tensors = hf_tensors()
+    tensors["wte.weight"] = torch.randn(50257, tensors["wte.weight"].shape[1]) * 0.3
+    tensors["lm_head.weight"] = tensors["wte.weight"].clone()
+    return str(write_checkpoint(path, tensors, hf_config(vocab_size=50257)))
+
+
+def test_conditions_on_a_hugging_face_model_fine_tune_through_the_trainer(tmp_path, capsys):
+    pytest.importorskip("safetensors")
+    model_dir, out = tiny_gpt2_dir(tmp_path / "tiny-gpt2"), tmp_path / "study"
+    spectra.main(["conditions", "--model", model_dir, "--data", "data/shakespeare", "--seeds", "2", "--out", str(out),
+                  "--seq_len", "8", "--act_tokens", "512", "--grad_samples", "8", "--epochs", "0.0002",
+                  "--ft", "log_every=1"])
+    summary = read_summary(out / "conditions.csv")
+    assert {c for c, _ in summary} == {"ft_train", "ft_test", "pre_train", "pre_test", "random_train"}
+    # fine-tuning ran in the trainer (init_from = the directory), with the checkpoint's architecture
+    for seed in (0, 1):
+        records = [json.loads(line) for line in open(out / "finetune" / f"seed{seed}" / "metrics.jsonl")]
+        config = json.load(open(out / "finetune" / f"seed{seed}" / "config.json"))
+        assert config["model"]["n_embd"] == 16 and config["model"]["act"] == "gelu_tanh" and records[-1]["step"] >= 2
+    ft, pre = (spectra.load_spectra(out / "spectra" / f"{c}_seed1_act.npz")[0]["L01.mlp_resid"]
+               for c in ("ft_test", "pre_test"))
+    assert not np.allclose(ft, pre, rtol=1e-6)
+
+
+def test_conditions_without_network_names_the_file_and_the_local_fix(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    def offline(**kw):
+        raise ConnectionError("huggingface.co unreachable")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(SystemExit) as stop:
+        spectra.main(["conditions", "--model", "gpt2", "--data", "data/shakespeare", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "config.json of openai-community/gpt2" in err and "local" in err
+    with pytest.raises(SystemExit):
+        spectra.main(["conditions", "--model", "gpt-5", "--data", "data/shakespeare", "--out", str(tmp_path / "o")])
+    assert "known names are ['gpt2', 'gpt2-large', 'gpt2-medium', 'gpt2-xl']" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

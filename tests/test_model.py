@@ -22,12 +22,12 @@ def flag_variants():
         for flag in ARCH_FLAGS:
             value = PRESETS[preset][flag]
             flipped = {"pos": {"learned": "rotary", "rotary": "learned"}, "norm": {"rms": "layer", "layer": "rms"},
-                       "act": {"gelu": "relu2", "relu2": "gelu"}}.get(flag, {}).get(value)
+                       "act": {"gelu_tanh": "relu2", "gelu": "relu2", "relu2": "gelu"}}.get(flag, {}).get(value)
             if flipped is None:
                 flipped = (0.0 if value else 30.0) if flag == "softcap" else (not value)
             out.append((preset, {flag: flipped}))
         out += [(preset, {"attn_scale": 0.12}), (preset, {"dropout": 0.1})]
-    return out
+    return out + [("gpt2", {"act": "gelu"})]  # the exact GELU, kept next to GPT-2's tanh form
 
 
 @pytest.mark.parametrize("preset,overrides", flag_variants(), ids=lambda v: str(v))
@@ -95,17 +95,19 @@ def test_probe_points_capture_every_activation_with_the_right_width():
         assert shape == (2, T, width), name
 
 
-def test_probe_point_values_are_what_their_names_say():
-    """Residual bookkeeping: attn_resid = block input + attn; mlp_resid = attn_resid + proj; act = f(fc)."""
+@pytest.mark.parametrize("act", [None, "gelu"])
+def test_probe_point_values_are_what_their_names_say(act):
+    """Residual bookkeeping: attn_resid = block input + attn; mlp_resid = attn_resid + proj; act = f(fc):
+    GPT-2's tanh-form GELU in the gpt2 preset, the exact (erf) one with act="gelu"."""
     torch.manual_seed(0)
-    model = GPT(tiny("gpt2")).eval()
+    model = GPT(tiny("gpt2", **({"act": act} if act else {}))).eval()
     acts = {}
     for name, tap in model.probe_points().items():
         tap.register_forward_hook(lambda m, i, o, name=name: acts.__setitem__(name, o))
     model(torch.randint(0, V, (2, T)))
     torch.testing.assert_close(acts["L01.attn_resid"], acts["L00.mlp_resid"] + acts["L01.attn"])
     torch.testing.assert_close(acts["L01.mlp_resid"], acts["L01.attn_resid"] + acts["L01.proj"])
-    torch.testing.assert_close(acts["L01.act"], F.gelu(acts["L01.fc"]))
+    assert torch.equal(acts["L01.act"], F.gelu(acts["L01.fc"], approximate="none" if act else "tanh"))
     torch.testing.assert_close(acts["L00.ln1"], model.blocks[0].ln_1(acts["embed"]))
 
 

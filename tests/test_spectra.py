@@ -167,7 +167,7 @@ def manual_gpt2_points(model, idx):
         x = out[f"{k}.attn_resid"] = x + a
         h = out[f"{k}.ln2"] = ln(x, f"{b}.ln_2")
         f = out[f"{k}.fc"] = lin(h, f"{b}.mlp.c_fc")
-        g = out[f"{k}.act"] = 0.5 * f * (1 + torch.erf(f / math.sqrt(2)))
+        g = out[f"{k}.act"] = 0.5 * f * (1 + torch.tanh(math.sqrt(2 / math.pi) * (f + 0.044715 * f ** 3)))  # tanh GELU
         m = out[f"{k}.proj"] = lin(g, f"{b}.mlp.c_proj")
         x = out[f"{k}.mlp_resid"] = x + m
     out["final"] = ln(x, "ln_f")
