@@ -34,6 +34,7 @@ import glob
 import math
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -106,13 +107,25 @@ def finetune(args, seed, train_tokens):
     settings = dict(init_from=args.model, train_files=os.path.join(args.data, "*_train_*.bin"),
                     val_files=os.path.join(args.data, "*_val_*.bin"), seq_len=args.seq_len,
                     batch_size=args.ft_batch_size, device_batch_size=0, train_tokens=0, max_steps=steps,
-                    optimizer="adamw", adamw_lr=args.ft_lr, warmup_frac=0.0, cooldown_frac=1.0, dropout=args.dropout,
-                    eval_every_tokens=0, val_tokens=args.seq_len * args.ft_batch_size, ckpt_every_tokens=0,
+                    optimizer="adamw", adamw_lr=args.ft_lr, lr_scaling="none", warmup_frac=0.0, cooldown_frac=1.0,
+                    dropout=args.dropout,
+                    eval_every_tokens=0, val_tokens=args.seq_len * args.ft_batch_size,
+                    ckpt_every_tokens=max(1, steps // 4) * tokens_per_step,
                     ckpt_keep=1, spectra_every=0, wandb_mode="disabled", seed=seed, device=args.device,
                     out_dir=os.path.join(args.out, "finetune"), run_name=f"seed{seed}")
+    run_dir = os.path.join(settings["out_dir"], settings["run_name"])
+    final = os.path.join(run_dir, "ckpt", f"step_{steps:08d}.pt")
+    if os.path.exists(final):  # a rerun of the study (after an interruption, say) reuses finished fine-tunings
+        print(f"note: reusing the fine-tuned model {final}")
+        return final
+    settings["resume"] = bool(train_gpt.checkpoints(run_dir))  # an interrupted fine-tuning continues
+    if not settings["resume"] and os.path.isdir(run_dir):  # interrupted before its first checkpoint: kept aside
+        aside = f"{run_dir}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(run_dir, aside)
+        print(f"note: {run_dir} had no checkpoint; moved to {aside} and fine-tuning again")
     overrides = [f"--{k}={v}" for k, v in settings.items()] + [f"--{kv}" for kv in args.ft]
-    run_dir = train_gpt.train(train_gpt.load_config(overrides))
-    return train_gpt.checkpoints(run_dir)[-1]
+    train_gpt.train(train_gpt.load_config(overrides))
+    return final
 
 
 # ----------------------------------------------------------------------------------------------

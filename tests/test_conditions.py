@@ -61,6 +61,11 @@ def test_conditions_end_to_end_average_what_each_seed_measured(tiny_ckpt, tmp_pa
     for plot in ("act_alpha_layers.png", "grad_alpha_layers.png", "act_spectrum_L01.mlp_resid.png",
                  "act_sublayers.png"):
         assert (out / "plots" / plot).exists()
+    # a rerun into the same folder reuses the finished fine-tuning and measures the same spectrum
+    spectra.main(["conditions", "--model", tiny_ckpt, "--data", "data/shakespeare", "--seeds", "1", "--out", str(out),
+                  "--conditions", "ft_train", *SMALL])
+    assert "reusing the fine-tuned model" in capsys.readouterr().out
+    assert np.array_equal(spectra.load_spectra(out / "spectra" / "ft_train_seed0_act.npz")[0][point], ft)
 
 
 def run_cli(*args):
