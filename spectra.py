@@ -426,7 +426,7 @@ def summarise(spectra, family, head, tail, prev=None, first=None, where=""):
 # G = [g_1; ...; g_n]: singular values = sqrt(eig(K)), K = G G^T (n x n, fp64).
 #
 # DDP: probe batch b runs on rank b % world, so every g_i is computed exactly as in one process;
-# the rows of G are then all-gathered and K is formed on rank 0 in sample order. Exchanging G
+# the rows of G are then gathered to rank 0, which forms K in sample order. Exchanging G
 # (n x P per matrix, bounded by grad_spectra_max_gb per pass) is simple and exact; splitting the
 # matrices between ranks instead would leave every rank running every sample.
 
@@ -510,29 +510,33 @@ def gram_method(n, T, d_in, d_out, method="auto"):
 
 
 def gather_rows(rows, index, n, rank, world):
-    """The rows this rank computed (with their sample indices) assembled in sample order on every
-    rank: (n, width). One process: just the reordering."""
-    if world > 1:
-        count = torch.tensor([len(index)], device=rows.device)
-        counts = [torch.zeros_like(count) for _ in range(world)]
-        dist.all_gather(counts, count)
-        most = max(int(c) for c in counts)
-        pad = torch.zeros(most, rows.size(1), dtype=rows.dtype, device=rows.device)
-        pad[:len(index)] = rows
-        idx = torch.full((most,), -1, dtype=torch.long, device=rows.device)
-        idx[:len(index)] = torch.tensor(index, device=rows.device)
-        all_rows, all_idx = [torch.zeros_like(pad) for _ in range(world)], [torch.zeros_like(idx) for _ in range(world)]
-        dist.all_gather(all_rows, pad)
-        dist.all_gather(all_idx, idx)
-        rows, index = torch.cat(all_rows), torch.cat(all_idx)
-        keep = index >= 0
-        rows, index = rows[keep], index[keep]
-    elif index == list(range(n)):  # one process, batches in order: already G, no second copy
-        return rows
-    else:
-        index = torch.tensor(index, device=rows.device)
+    """The rows this rank computed (with their sample indices) assembled in sample order on rank 0:
+    (n, width) there, None on the other ranks. Only rank 0 forms K, so the rows go to it alone
+    (dist.gather): the other ranks hold just their own share. One process: just the reordering."""
+    if world == 1:
+        if index == list(range(n)):  # batches in order: already G, no second copy
+            return rows
+        out = torch.zeros(n, rows.size(1), dtype=rows.dtype, device=rows.device)
+        out[torch.tensor(index, device=rows.device)] = rows
+        return out
+    count = torch.tensor([len(index)], device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    most = max(int(c) for c in counts)  # gather needs equal sizes: pad to the largest share
+    pad = torch.zeros(most, rows.size(1), dtype=rows.dtype, device=rows.device)
+    pad[:len(index)] = rows
+    idx = torch.full((most,), -1, dtype=torch.long, device=rows.device)
+    idx[:len(index)] = torch.tensor(index, dtype=torch.long, device=rows.device)
+    parts = [torch.empty_like(pad) for _ in range(world)] if rank == 0 else None
+    ids = [torch.empty_like(idx) for _ in range(world)] if rank == 0 else None
+    dist.gather(pad, parts, dst=0)
+    dist.gather(idx, ids, dst=0)
+    if rank != 0:
+        return None
     out = torch.zeros(n, rows.size(1), dtype=rows.dtype, device=rows.device)
-    out[index] = rows
+    for part, ix in zip(parts, ids):
+        keep = ix >= 0
+        out[ix[keep]] = part[keep]
     return out
 
 
