@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -316,3 +317,27 @@ def test_init_from_a_checkpoint_starts_from_its_weights(tmp_path):
     assert config["model"]["qk_norm"] and config["model"]["dropout"] == 0.1  # the checkpoint's architecture + override
     with pytest.raises(train_gpt.ConfigError, match="exceeds the 32 learned positions|no such checkpoint"):
         load_config(tiny_args(tmp_path, init_from=str(tmp_path / "none.pt")))
+
+
+def test_init_from_a_hugging_face_directory_trains_with_its_weights_and_dropout(tmp_path):
+    pytest.importorskip("safetensors")
+    from test_conditions import tiny_gpt2_dir
+    from model import from_pretrained
+    source = tiny_gpt2_dir(tmp_path / "tiny-gpt2")
+
+    def args(p):  # the checkpoint fixes the sizes: no config file (cpu_demo sets them), no n_layer, n_head, n_embd
+        given = tiny_args(tmp_path / "runs", run_name=f"p{p}", init_from=source, seq_len=8, max_steps=2, log_every=1,
+                          eval_every_tokens=-1, dropout=p, optimizer="adamw", ckpt_every_tokens=0, spectra_every=0,
+                          lr_scaling="none", train_files="data/shakespeare/shakespeare_train_*.bin",
+                          val_files="data/shakespeare/shakespeare_val_*.bin")
+        return [a for a in given[1:] if not a.startswith("--n_")]
+    runs = {p: train(load_config(args(p))) for p in (0.0, 0.5)}
+    first = {p: [r for r in read_metrics(d) if "train_loss" in r][0]["train_loss"] for p, d in runs.items()}
+    assert first[0.0] != first[0.5]  # dropout is on while training: the model is in train mode
+    # without dropout, the first training loss is the pretrained model's loss on the first batch
+    x = torch.from_numpy(np.asarray(train_gpt.load_tokens(glob.glob("data/shakespeare/shakespeare_train_*.bin")[0])
+                                    [:4 * 8 + 1], dtype=np.int64))
+    model = from_pretrained(source, seq_len=8)
+    with torch.no_grad():
+        _, loss = model(x[:-1].view(4, 8), x[1:].view(4, 8))
+    assert first[0.0] == pytest.approx(loss.item(), rel=1e-5)
