@@ -269,6 +269,10 @@ def model_config(cfg):
         return make_config(cfg.preset, cfg.profile, seq_len=cfg.seq_len, **cfg.model)
     if cfg.init_from.endswith(".pt"):
         base = checkpoint_model_config(cfg.init_from)
+        fixed = [f"{k}={v} (the checkpoint has {base[k]})" for k, v in cfg.model.items()
+                 if k in ("n_layer", "n_head", "n_embd", "vocab_size") and v != base[k]]
+        if fixed:
+            raise ConfigError(f"init_from={cfg.init_from!r} fixes the model's shape: cannot set {', '.join(fixed)}")
         if cfg.seq_len > base["seq_len"] and base["pos"] == "learned":
             raise ConfigError(f"seq_len={cfg.seq_len} exceeds the {base['seq_len']} learned positions of "
                               f"init_from={cfg.init_from!r}; use --seq_len<={base['seq_len']}")
