@@ -675,12 +675,18 @@ class MetricsLog:
 
     MILESTONE_STATS = ("alpha_head", "alpha_tail", "rankme")  # copied to the summary at token milestones
 
-    def __init__(self, run_dir, cfg, run_config, wandb_id, wandb_sent_step=-1, labels=(None, None, ()),
-                 tokens=0):
+    def __init__(self, run_dir, cfg, run_config, wandb_id, wandb_sent_step=-1, labels=(None, None, ())):
         self.run_dir = run_dir
-        self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        path = os.path.join(run_dir, "metrics.jsonl")
+        # (milestone, key) pairs already in the summary: those of the records kept from an interrupted
+        # attempt (sent then), so a resumed run never overwrites them with later values
+        self.milestones, self.summarised = parse_milestones(cfg.wandb_milestones), set()
+        if os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    self.milestone_summary(json.loads(line))
+        self.file = open(path, "a")
         self.wandb, self.wandb_sent_step = None, wandb_sent_step
-        self.milestones, self.last_eval_tokens = parse_milestones(cfg.wandb_milestones), tokens
         self.artifact_tokens = None  # tokens of the last spectra artifact logged
         mode = cfg.wandb_mode or os.environ.get("WANDB_MODE") or "offline"
         if mode == "disabled":
@@ -701,25 +707,35 @@ class MetricsLog:
                       "metrics.jsonl is unaffected", stacklevel=2)
         self.wandb = None
 
+    def milestone_summary(self, record):
+        """{'<key>@<milestone>': value} for the alphas, RankMe and val_loss of `record` whose milestone
+        this is the first record at or past (per key: an evaluation without gradient spectra leaves
+        the grad keys to the next one that has them); each pair is marked as summarised."""
+        out = {}
+        for label, tokens in self.milestones:
+            if record.get("tokens", -1) < tokens:
+                continue
+            for k, v in record.items():
+                wanted = k == "val_loss" or k.count("/") == 2 and k.split("/")[1] in self.MILESTONE_STATS
+                if wanted and v is not None and (label, k) not in self.summarised:
+                    self.summarised.add((label, k))
+                    out[f"{k}@{label}"] = v
+        return out
+
     def log(self, record, media=None):
         """One line of metrics.jsonl and the same keys to W&B; `media` (histograms) goes to W&B only.
-        An evaluation's record (it has val_loss) that is the first at or past a token milestone also
-        sets `<key>@<milestone>` in the W&B run summary for its alphas, RankMe and val_loss, so a
-        sweep table sorts by early alpha."""
+        Milestone copies go to the W&B run summary (milestone_summary), so a sweep table sorts by
+        early alpha."""
         record = json_safe(record)
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        summary = self.milestone_summary(record)  # re-sent records count as summarised too
         if self.wandb is None or record["step"] <= self.wandb_sent_step:
             return
         try:
             self.wandb.log({**record, **(media or {})})
-            if "val_loss" in record:
-                for label, tokens in self.milestones:
-                    if self.last_eval_tokens < tokens <= record["tokens"]:
-                        self.wandb.summary.update({f"{k}@{label}": v for k, v in record.items() if v is not None
-                                                   and (k == "val_loss" or k.count("/") == 2
-                                                        and k.split("/")[1] in self.MILESTONE_STATS)})
-                self.last_eval_tokens = record["tokens"]
+            if summary:
+                self.wandb.summary.update(summary)
         except Exception as e:
             self._wandb_failed(e)
 
@@ -870,10 +886,14 @@ def load_forecast_reference(cfg, gcfg):
         raise ConfigError(f"forecast_reference={cfg.forecast_reference!r}: {e}") from None
     finals = [loss for loss in (analyze.final_loss(r.records) for r in runs) if loss is not None]
     target = cfg.forecast_target_loss or cfg.target_val_loss or max(finals, default=0.0)
-    reached = sum(analyze.tokens_to_target(r.records, target) is not None for r in runs)
-    if reached < 3:
-        raise ConfigError(f"forecast_reference={cfg.forecast_reference!r}: {reached} of its {len(runs)} runs reach "
+    ratios = [ratio for _, ratio in analyze.token_ratios(runs, target).values() if ratio is not None]
+    if len(ratios) < 3:
+        raise ConfigError(f"forecast_reference={cfg.forecast_reference!r}: {len(ratios)} of its {len(runs)} runs reach "
                           f"val_loss {target:.4g}; a forecast needs 3 (set forecast_target_loss higher or add runs)")
+    if len(set(ratios)) < 2:  # no spread to correlate with: every run is the best of its own family
+        raise ConfigError(f"forecast_reference={cfg.forecast_reference!r}: every run's token ratio is "
+                          f"{ratios[0]:g}, so no predictor can rank them; the reference needs runs of one family "
+                          "(same preset, profile, architecture and seed) at different batch sizes")
     return runs, target
 
 
@@ -993,7 +1013,7 @@ def train(cfg):
                   cfg.grad_samples * cfg.seq_len if cfg.grad_spectra_every else 0)
     probe = torch.from_numpy(load_prefix(find_shards(cfg.val_files), n_probe, gcfg.vocab_size,
                                          key="spectra_tokens / grad_samples x seq_len")) if cfg.spectra_every else None
-    reference, forecast_target = load_forecast_reference(cfg, gcfg) if rank == 0 else (None, None)
+    reference, forecast_target = load_forecast_reference(cfg, gcfg)  # every rank: a bad one fails on all alike
     run_dir = resolve_run_dir(cfg, rank)
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     if device.type == "cuda":
@@ -1049,11 +1069,10 @@ def train(cfg):
             atomic_write(os.path.join(run_dir, "config.json"), lambda f: f.write(text))
         print(describe(cfg, gcfg, raw.param_counts(), derived))
         print(f"run directory: {run_dir}")
-        log = MetricsLog(run_dir, cfg, run_config, wandb_id, wandb_sent_step, run_labels(cfg, gcfg),
-                         tokens=step * tokens_per_step)
+        log = MetricsLog(run_dir, cfg, run_config, wandb_id, wandb_sent_step, run_labels(cfg, gcfg))
     # the in-run forecast reads this run's evaluations so far (those of an interrupted attempt too)
     own_records = []
-    if reference and cfg.resume:
+    if reference and cfg.resume and rank == 0:
         import analyze
         own_records = analyze.read_records(os.path.join(run_dir, "metrics.jsonl"))[0]
 

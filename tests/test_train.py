@@ -343,3 +343,40 @@ def test_init_from_a_hugging_face_directory_trains_with_its_weights_and_dropout(
     with torch.no_grad():
         _, loss = model(x[:-1].view(4, 8), x[1:].view(4, 8))
     assert first[0.0] == pytest.approx(loss.item(), rel=1e-5)
+
+
+class FakeWandbRun:
+    def __init__(self):
+        self.logged, self.summary = [], {}
+
+
+def milestone_log(run_dir, sent_step=-1):
+    cfg = load_config(tiny_args(run_dir, wandb_milestones="1K,2K"))
+    log = train_gpt.MetricsLog(str(run_dir), cfg, {}, "id", sent_step)  # wandb disabled by tiny_args ...
+    log.wandb = FakeWandbRun()  # ... then a fake run that records what would be sent
+    log.wandb.log = log.wandb.logged.append
+    return log
+
+
+def test_milestone_summaries_take_each_key_from_its_first_evaluation_past_the_milestone(tmp_path):
+    log = milestone_log(tmp_path)
+    log.log(dict(step=0, tokens=0, val_loss=9.0, **{"act/alpha_tail/L0": 0.5}))
+    log.log(dict(step=10, tokens=1024, val_loss=8.0, **{"act/alpha_tail/L0": 0.6, "act/r2_tail/L0": 0.9}))
+    log.log(dict(step=15, tokens=1536, val_loss=7.5, **{"act/alpha_tail/L0": 0.7, "grad/alpha_head/L0.c": 0.3}))
+    log.log(dict(step=20, tokens=2048, val_loss=7.0, **{"act/alpha_tail/L0": 0.8, "grad/alpha_head/L0.c": 0.2}))
+    assert log.wandb.summary == {"val_loss@1K": 8.0, "act/alpha_tail/L0@1K": 0.6, "grad/alpha_head/L0.c@1K": 0.3,
+                                 "val_loss@2K": 7.0, "act/alpha_tail/L0@2K": 0.8, "grad/alpha_head/L0.c@2K": 0.2}
+    log.file.close()
+
+
+def test_a_resumed_run_keeps_the_milestone_summaries_of_the_interrupted_attempt(tmp_path):
+    # the interrupted attempt logged evaluations at 0 and 1024 tokens (kept: before the checkpoint) and at
+    # 1536 (re-run after the resume, already sent to W&B); the resumed attempt then reaches 2048
+    kept = [dict(step=0, tokens=0, val_loss=9.0), dict(step=10, tokens=1024, val_loss=8.0)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    log = milestone_log(tmp_path, sent_step=15)
+    log.log(dict(step=15, tokens=1536, val_loss=7.5))  # re-run of a sent record: not sent again
+    log.log(dict(step=20, tokens=2048, val_loss=7.0))
+    assert log.wandb.summary == {"val_loss@2K": 7.0}  # @1K stays what the first attempt set (8.0)
+    assert [r["step"] for r in log.wandb.logged] == [20]
+    log.file.close()
