@@ -31,6 +31,7 @@ gradient alpha against layer, and sublayer alpha against depth.
 
 import csv
 import glob
+import json
 import math
 import os
 import sys
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 
 import spectra
-from data.shards import ShardError, check_vocab, find_shards, load_tokens
+from data.shards import ShardError, atomic_write, check_vocab, find_shards, load_tokens
 from model import GPT
 
 CONDITIONS = ("ft_train", "ft_test", "pre_train", "pre_test", "random_train")
@@ -51,13 +52,20 @@ LABELS = {"ft_train": "fine-tuned, train", "ft_test": "fine-tuned, test", "pre_t
 # Models and data
 
 
+def model_name(spec):
+    """A label for a model: the GPT-2 name or directory name, or <run>_<step_N> for a checkpoint."""
+    if spec.endswith(".pt"):  # runs/RUN/ckpt/step_00000157.pt
+        run = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(spec))))
+        return f"{run}_{os.path.basename(spec)[:-3]}"
+    return os.path.basename(spec.rstrip("/"))
+
+
 def load_model(spec, device):
-    """(model in eval mode, short name) from a GPT-2 name, a Hugging Face directory or a .pt checkpoint."""
+    """The model in eval mode from a GPT-2 name, a Hugging Face directory or a .pt checkpoint."""
     if spec.endswith(".pt"):
-        model, _ = spectra.load_checkpoint_model(spec, device)
-        return model, os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(spec))))
+        return spectra.load_checkpoint_model(spec, device)[0]
     from model import from_pretrained
-    return from_pretrained(spec).to(device).eval(), os.path.basename(spec.rstrip("/"))
+    return from_pretrained(spec).to(device).eval()
 
 
 def random_like(model, seed):
@@ -113,18 +121,31 @@ def finetune(args, seed, train_tokens):
                     ckpt_every_tokens=max(1, steps // 4) * tokens_per_step,
                     ckpt_keep=1, spectra_every=0, wandb_mode="disabled", seed=seed, device=args.device,
                     out_dir=os.path.join(args.out, "finetune"), run_name=f"seed{seed}")
+    overrides = [f"--{k}={v}" for k, v in settings.items()] + [f"--{kv}" for kv in args.ft]
     run_dir = os.path.join(settings["out_dir"], settings["run_name"])
-    final = os.path.join(run_dir, "ckpt", f"step_{steps:08d}.pt")
-    if os.path.exists(final):  # a rerun of the study (after an interruption, say) reuses finished fine-tunings
-        print(f"note: reusing the fine-tuned model {final}")
-        return final
-    settings["resume"] = bool(train_gpt.checkpoints(run_dir))  # an interrupted fine-tuning continues
-    if not settings["resume"] and os.path.isdir(run_dir):  # interrupted before its first checkpoint: kept aside
+    # A rerun of the study (after an interruption, say) reuses a finished fine-tuning and resumes an
+    # interrupted one, but only of the same model with the same settings: recorded beside the run.
+    record = os.path.join(settings["out_dir"], f"seed{seed}.json")
+    wanted = {"model": os.path.abspath(args.model) if os.path.exists(args.model) else args.model,
+              "overrides": sorted(overrides)}
+    if os.path.isdir(run_dir):
+        done = json.load(open(record)) if os.path.exists(record) else {}
+        if {k: done.get(k) for k in wanted} != wanted:
+            raise ValueError(f"{run_dir} holds a fine-tuning of other settings or another model (see {record}); "
+                             "choose another --out or remove it")
+        if done.get("final"):
+            print(f"note: reusing the fine-tuned model {done['final']}")
+            return done["final"]
+    os.makedirs(settings["out_dir"], exist_ok=True)
+    atomic_write(record, lambda f: f.write(json.dumps(wanted, indent=1).encode()))
+    resume = bool(train_gpt.checkpoints(run_dir))  # an interrupted fine-tuning continues
+    if not resume and os.path.isdir(run_dir):  # interrupted before its first checkpoint: kept aside
         aside = f"{run_dir}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}"
         os.replace(run_dir, aside)
         print(f"note: {run_dir} had no checkpoint; moved to {aside} and fine-tuning again")
-    overrides = [f"--{k}={v}" for k, v in settings.items()] + [f"--{kv}" for kv in args.ft]
-    train_gpt.train(train_gpt.load_config(overrides))
+    train_gpt.train(train_gpt.load_config(overrides + [f"--resume={int(resume)}"]))
+    final = train_gpt.checkpoints(run_dir)[-1]  # where the trainer stopped (--ft may change the budget)
+    atomic_write(record, lambda f: f.write(json.dumps({**wanted, "final": final}, indent=1).encode()))
     return final
 
 
@@ -172,15 +193,23 @@ def run_condition(name, seed, model, act_tokens, grad_tokens, args, results):
 def run_study(args):
     """{condition: [scalars per seed]} for every condition and seed."""
     device = spectra.pick_device(args.device)
-    start, name = load_model(args.model, device)
-    vocab = start.cfg.vocab_size
-    if args.seq_len > start.cfg.seq_len:
-        raise ValueError(f"--seq_len {args.seq_len} exceeds the model's {start.cfg.seq_len} positions")
+    start, name = load_model(args.model, device), model_name(args.model)
+    vocab, n_layer = start.cfg.vocab_size, start.cfg.n_layer
+    extra = [(load_model(path, device), model_name(path)) for path in args.ckpt]
+    # everything that can be wrong with the input fails here, before any fine-tuning or measuring
+    labels = [label for _, label in extra]
+    if len(set(labels)) < len(labels) or set(labels) & {c.rsplit("_", 1)[0] for c in CONDITIONS}:
+        raise ValueError(f"--ckpt: the labels {labels} must be distinct and not ft/pre/random")
+    for model, label in [(start, name), *extra]:
+        if args.seq_len > model.cfg.seq_len:
+            raise ValueError(f"--seq_len {args.seq_len} exceeds the {model.cfg.seq_len} positions of {label}")
+        spectra.select_linears(model.linears(), model.cfg.n_layer, args.matrices, "all")
+    if args.layer is not None and not 0 <= args.layer < n_layer:
+        raise ValueError(f"--layer {args.layer}: the model has layers 0 to {n_layer - 1}")
     train, test = split_tokens(split_files(args.data, "train"), vocab), split_tokens(split_files(args.data, "test"),
                                                                                     vocab)
     n_act, n_grad = args.act_tokens // args.seq_len * args.seq_len, args.grad_samples * args.seq_len
     test_act, test_grad = probe_block(test, n_act, what="test split"), probe_block(test, n_grad, what="test split")
-    extra = [(load_model(path, device), path) for path in args.ckpt]
     results = {}
     for seed in range(args.seeds):
         train_act, train_grad = (probe_block(train, n, seed=seed, what="train split") for n in (n_act, n_grad))
@@ -196,10 +225,10 @@ def run_study(args):
                 run_condition(cond, seed, start, *tokens, args, results)
         if "random_train" in wanted:
             run_condition("random_train", seed, random_like(start, seed), train_act, train_grad, args, results)
-        for (model, label), _ in extra:
+        for model, label in extra:
             for split, tokens in (("train", (train_act, train_grad)), ("test", (test_act, test_grad))):
                 run_condition(f"{label}_{split}", seed, model, *tokens, args, results)
-    return results, start.cfg.n_layer, name
+    return results, n_layer, name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,7 +242,8 @@ def aggregate(results):
         keys = dict.fromkeys(k for s in per_seed for k in s)
         out[cond] = {}
         for k in keys:
-            values = [s[k] for s in per_seed if isinstance(s.get(k), float) and math.isfinite(s[k])]
+            values = [s[k] for s in per_seed if isinstance(s.get(k), (int, float)) and not isinstance(s[k], bool)
+                      and math.isfinite(s[k])]
             if values:
                 out[cond][k] = (float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
                                 len(values))
@@ -374,7 +404,7 @@ def main(args):
     try:
         check_arguments(args)
         if args.out is None:
-            args.out = os.path.join("conditions", os.path.basename(args.model.rstrip("/")).replace(".pt", ""))
+            args.out = os.path.join("conditions", model_name(args.model))
         results, n_layer, name = run_study(args)
     except (ValueError, ShardError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -40,7 +40,9 @@ def test_conditions_end_to_end_average_what_each_seed_measured(tiny_ckpt, tmp_pa
     assert "the val split stands in" in printed and "act/alpha_tail (mean +- std over seeds)" in printed
     summary = read_summary(out / "conditions.csv")
     conditions = {c for c, _ in summary}
-    assert conditions == {"ft_train", "ft_test", "pre_train", "pre_test", "random_train", "tiny_train", "tiny_test"}
+    extra = "tiny_step_00000004"  # the checkpoint's label: run and step
+    assert conditions == {"ft_train", "ft_test", "pre_train", "pre_test", "random_train", f"{extra}_train",
+                          f"{extra}_test"}
     point = "L01.mlp_resid"
     for cond in ("ft_train", "pre_train", "pre_test", "random_train"):
         per_seed = [tail_alpha(out / "spectra" / f"{cond}_seed{s}_act.npz", point) for s in (0, 1)]
@@ -51,7 +53,8 @@ def test_conditions_end_to_end_average_what_each_seed_measured(tiny_ckpt, tmp_pa
     assert summary[("pre_test", f"act/alpha_tail/{point}")][1] == 0
     assert summary[("pre_train", f"act/alpha_tail/{point}")][1] > 0
     # the extra checkpoint is the starting model itself: its conditions equal pre_*
-    assert summary[("tiny_train", f"act/alpha_tail/{point}")] == summary[("pre_train", f"act/alpha_tail/{point}")]
+    assert summary[(f"{extra}_train", f"act/alpha_tail/{point}")] == summary[("pre_train", f"act/alpha_tail/{point}")]
+    assert summary[("pre_train", f"act/valid_rank/{point}")][0] == 64  # integer scalars are averaged too
     # fine-tuning changed the weights: same tokens, different spectrum
     ft, pre = (spectra.load_spectra(out / "spectra" / f"{c}_seed0_act.npz")[0][point]
                for c in ("ft_train", "pre_train"))
@@ -66,6 +69,11 @@ def test_conditions_end_to_end_average_what_each_seed_measured(tiny_ckpt, tmp_pa
                   "--conditions", "ft_train", *SMALL])
     assert "reusing the fine-tuned model" in capsys.readouterr().out
     assert np.array_equal(spectra.load_spectra(out / "spectra" / "ft_train_seed0_act.npz")[0][point], ft)
+    # ... but not a fine-tuning of other settings
+    with pytest.raises(SystemExit):
+        spectra.main(["conditions", "--model", tiny_ckpt, "--data", "data/shakespeare", "--seeds", "1", "--out",
+                      str(out), "--conditions", "ft_train", "--ft_lr", "1e-3", *SMALL])
+    assert "holds a fine-tuning of other settings" in capsys.readouterr().err
 
 
 def run_cli(*args):
@@ -82,7 +90,16 @@ def test_conditions_bad_input_names_the_problem(tiny_ckpt, tmp_path):
     r = run_cli("--model", str(tmp_path / "missing.pt"), "--data", "data/shakespeare", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "not found" in r.stderr
     r = run_cli("--model", tiny_ckpt, "--data", "data/shakespeare", "--seq_len", "64", "--out", str(tmp_path / "o"))
-    assert r.returncode == 2 and "exceeds the model's 32 positions" in r.stderr
+    assert r.returncode == 2 and "exceeds the 32 positions of tiny_step_00000004" in r.stderr
+    r = run_cli("--model", tiny_ckpt, "--data", "data/shakespeare", "--seq_len", "32", "--layer", "2",
+                "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "--layer 2: the model has layers 0 to 1" in r.stderr
+    r = run_cli("--model", tiny_ckpt, "--data", "data/shakespeare", "--seq_len", "32", "--matrices", "attn.c_x",
+                "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "attn.c_x" in r.stderr
+    r = run_cli("--model", tiny_ckpt, "--data", "data/shakespeare", "--seq_len", "32", "--ckpt", tiny_ckpt,
+                "--ckpt", tiny_ckpt, "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "must be distinct" in r.stderr
     assert not (tmp_path / "o").exists()
 
 
