@@ -172,10 +172,12 @@ def prepare(name, out_dir=None, local=None, shard_tokens=100_000_000, encoding="
     parquet_module()  # before any download
     out_dir = out_dir or os.path.join(HERE, prefix)
     files = find_local(config, local) if local else fetch_hub(config)
+    # every split read and parsed before any is written: a bad file leaves no partial set of shards
+    articles = {split: split_articles(read_lines(files[hub_split])) for hub_split, split in SPLITS}
     os.makedirs(out_dir, exist_ok=True)
     result = {}
-    for hub_split, split in SPLITS:
-        docs = tokenize(split_articles(read_lines(files[hub_split])), encoding)
+    for _, split in SPLITS:
+        docs = tokenize(articles.pop(split), encoding)
         paths = write_split(docs, out_dir, prefix, split, shard_tokens)
         remove_stale(out_dir, prefix, split, paths)
         n_tokens = sum(len(d) for d in docs)

@@ -319,6 +319,10 @@ def test_init_from_a_checkpoint_starts_from_its_weights(tmp_path):
         load_config(tiny_args(tmp_path, init_from=str(tmp_path / "none.pt")))
     with pytest.raises(train_gpt.ConfigError, match=r"cannot set n_embd=128 \(the checkpoint has 64\)"):
         load_config(tiny_args(tmp_path, init_from=ckpt, n_embd=128))
+    learned = train(load_config(tiny_args(tmp_path, run_name="learned", max_steps=1, preset="gpt2",
+                                          eval_every_tokens=-1, spectra_every=0, ckpt_every_tokens=0)))
+    with pytest.raises(train_gpt.ConfigError, match="seq_len=64 exceeds the 32 learned positions"):
+        load_config(tiny_args(tmp_path, init_from=train_gpt.checkpoints(learned)[-1], seq_len=64))
 
 
 def test_init_from_a_hugging_face_directory_trains_with_its_weights_and_dropout(tmp_path):
