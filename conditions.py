@@ -190,22 +190,27 @@ def run_condition(name, seed, model, act_tokens, grad_tokens, args, results):
     print(f"measured {name} (seed {seed})")
 
 
+def check_models(args, models):
+    """Everything about the models that can be wrong with the input, before any fine-tuning or measuring."""
+    labels = [label for _, label in models[1:]]
+    if len(set(labels)) < len(labels) or set(labels) & {"ft", "pre", "random"}:
+        raise ValueError(f"--ckpt: the labels {labels} must be distinct and not ft/pre/random")
+    for model, label in models:
+        if args.seq_len > model.cfg.seq_len:
+            raise ValueError(f"--seq_len {args.seq_len} exceeds the {model.cfg.seq_len} positions of {label}")
+        spectra.select_linears(model.linears(), model.cfg.n_layer, args.matrices, "all")
+    n_layer = models[0][0].cfg.n_layer
+    if args.layer is not None and not 0 <= args.layer < n_layer:
+        raise ValueError(f"--layer {args.layer}: the model has layers 0 to {n_layer - 1}")
+
+
 def run_study(args):
     """{condition: [scalars per seed]} for every condition and seed."""
     device = spectra.pick_device(args.device)
     start, name = load_model(args.model, device), model_name(args.model)
     vocab, n_layer = start.cfg.vocab_size, start.cfg.n_layer
     extra = [(load_model(path, device), model_name(path)) for path in args.ckpt]
-    # everything that can be wrong with the input fails here, before any fine-tuning or measuring
-    labels = [label for _, label in extra]
-    if len(set(labels)) < len(labels) or set(labels) & {c.rsplit("_", 1)[0] for c in CONDITIONS}:
-        raise ValueError(f"--ckpt: the labels {labels} must be distinct and not ft/pre/random")
-    for model, label in [(start, name), *extra]:
-        if args.seq_len > model.cfg.seq_len:
-            raise ValueError(f"--seq_len {args.seq_len} exceeds the {model.cfg.seq_len} positions of {label}")
-        spectra.select_linears(model.linears(), model.cfg.n_layer, args.matrices, "all")
-    if args.layer is not None and not 0 <= args.layer < n_layer:
-        raise ValueError(f"--layer {args.layer}: the model has layers 0 to {n_layer - 1}")
+    check_models(args, [(start, name), *extra])
     train, test = split_tokens(split_files(args.data, "train"), vocab), split_tokens(split_files(args.data, "test"),
                                                                                     vocab)
     n_act, n_grad = args.act_tokens // args.seq_len * args.seq_len, args.grad_samples * args.seq_len
