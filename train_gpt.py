@@ -323,7 +323,8 @@ def parse_milestones(text):
         number = float(label[:-1] if scale > 1 else label)
         if number <= 0:
             raise ValueError(label)
-        out.append((label, int(number * scale)))
+        if int(number * scale) not in (tokens for _, tokens in out):  # "1M,1000K": one milestone
+            out.append((label, int(number * scale)))
     return out
 
 
@@ -709,11 +710,14 @@ class MetricsLog:
 
     def milestone_summary(self, record):
         """{'<key>@<milestone>': value} for the alphas, RankMe and val_loss of `record` whose milestone
-        this is the first record at or past (per key: an evaluation without gradient spectra leaves
-        the grad keys to the next one that has them); each pair is marked as summarised."""
+        this is the first record at or past, per key (an evaluation without gradient spectra leaves
+        the grad keys to the next one that has them), but before the next milestone (a value @1M is
+        never one measured at 10M); each pair is marked as summarised."""
         out = {}
+        bounds = sorted(tokens for _, tokens in self.milestones) + [math.inf]
         for label, tokens in self.milestones:
-            if record.get("tokens", -1) < tokens:
+            upper = bounds[bounds.index(tokens) + 1]
+            if not tokens <= record.get("tokens", -1) < upper:
                 continue
             for k, v in record.items():
                 wanted = k == "val_loss" or k.count("/") == 2 and k.split("/")[1] in self.MILESTONE_STATS

@@ -367,9 +367,12 @@ def test_milestone_summaries_take_each_key_from_its_first_evaluation_past_the_mi
     log.log(dict(step=0, tokens=0, val_loss=9.0, **{"act/alpha_tail/L0": 0.5}))
     log.log(dict(step=10, tokens=1024, val_loss=8.0, **{"act/alpha_tail/L0": 0.6, "act/r2_tail/L0": 0.9}))
     log.log(dict(step=15, tokens=1536, val_loss=7.5, **{"act/alpha_tail/L0": 0.7, "grad/alpha_head/L0.c": 0.3}))
-    log.log(dict(step=20, tokens=2048, val_loss=7.0, **{"act/alpha_tail/L0": 0.8, "grad/alpha_head/L0.c": 0.2}))
+    log.log(dict(step=20, tokens=2048, val_loss=7.0, **{"act/alpha_tail/L0": 0.8, "grad/alpha_head/L0.c": 0.2,
+                                                         "weight/rankme/L0.c": 5.0}))
+    # weight/rankme first appears at 2K: it is that milestone's, never reported as the 1K value
     assert log.wandb.summary == {"val_loss@1K": 8.0, "act/alpha_tail/L0@1K": 0.6, "grad/alpha_head/L0.c@1K": 0.3,
-                                 "val_loss@2K": 7.0, "act/alpha_tail/L0@2K": 0.8, "grad/alpha_head/L0.c@2K": 0.2}
+                                 "val_loss@2K": 7.0, "act/alpha_tail/L0@2K": 0.8, "grad/alpha_head/L0.c@2K": 0.2,
+                                 "weight/rankme/L0.c@2K": 5.0}
     log.file.close()
 
 
