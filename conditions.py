@@ -29,7 +29,6 @@ against layer per condition, the spectrum of one layer per condition with its fi
 gradient alpha against layer, and sublayer alpha against depth.
 """
 
-import csv
 import glob
 import json
 import math
@@ -40,6 +39,7 @@ import time
 import numpy as np
 import torch
 
+import analyze
 import spectra
 from data.shards import ShardError, atomic_write, check_vocab, find_shards, load_tokens
 from model import GPT
@@ -255,15 +255,6 @@ def aggregate(results):
     return out
 
 
-def write_csv(path, summary):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["condition", "key", "mean", "std", "seeds"])
-        for cond, stats in summary.items():
-            for key, (mean, std, n) in stats.items():
-                w.writerow([cond, key, mean, std, n])
-
-
 def print_table(summary, n_layer, stat="alpha_tail"):
     """act mlp_resid and grad attn.c_proj-style alphas per layer and condition: mean +- std."""
     conds = list(summary)
@@ -316,12 +307,9 @@ def plot_layer_spectra(path, out, conds, point, tail, title):
         values, rank = eig[point], spectra.numerical_rank(eig[point], limits[point])
         if rank < 2:
             continue
-        fit = spectra.fit_power_law(values, tail, rank)
-        line, = ax.loglog(np.arange(1, rank + 1), values[:rank], lw=1.2,
-                          label=f"{LABELS.get(cond, cond)} (alpha {fit['alpha']:.2f})")
-        if math.isfinite(fit["alpha"]):
-            i = np.arange(fit["lo"], fit["hi"] + 1)
-            ax.loglog(i, np.exp(fit["intercept"]) * i ** -fit["alpha"], "--", color="k", lw=1)
+        fit = spectra.draw_fit(ax, values, tail, rank)
+        ax.loglog(np.arange(1, rank + 1), values[:rank], lw=1.2,
+                  label=f"{LABELS.get(cond, cond)} (alpha {fit['alpha']:.2f})")
     ax.set(xlabel="rank i", ylabel="eigenvalue", title=title)
     ax.legend(fontsize=7)
     spectra.save_figure(fig, path)
@@ -415,7 +403,8 @@ def main(args):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     summary = aggregate(results)
-    write_csv(os.path.join(args.out, "conditions.csv"), summary)
+    analyze.write_csv(os.path.join(args.out, "conditions.csv"), ["condition", "key", "mean", "std", "seeds"],
+                      [[cond, key, *stats] for cond, by_key in summary.items() for key, stats in by_key.items()])
     print_table(summary, n_layer)
     write_plots(args.out, summary, n_layer, name, args)
     print(f"wrote {args.out}/conditions.csv, {args.out}/spectra/, {args.out}/plots/")

@@ -821,6 +821,15 @@ def pyplot():
     return plt
 
 
+def draw_fit(ax, values, window, rank, style="--"):
+    """The fitted power law over `window` as a black line on log-log axes; returns the fit."""
+    fit = fit_power_law(values, window, rank)
+    if math.isfinite(fit["alpha"]):
+        i = np.arange(fit["lo"], fit["hi"] + 1)
+        ax.loglog(i, np.exp(fit["intercept"]) * i ** -fit["alpha"], style, color="k", lw=1)
+    return fit
+
+
 def plot_spectra(path, eig, limits, head, tail, title, max_lines=5):
     """Log-log eigenvalues against rank for a few points (first, middle and last block outputs, embed
     and final when present) with the fitted head and tail lines."""
@@ -834,14 +843,9 @@ def plot_spectra(path, eig, limits, head, tail, title, max_lines=5):
         rank = numerical_rank(values, limits[p])
         if rank < 2:
             continue
-        line, = ax.loglog(np.arange(1, rank + 1), values[:rank], lw=1.2, label=p)
-        for window, style in ((head, ":"), (tail, "--")):
-            fit = fit_power_law(values, window, rank)
-            if math.isfinite(fit["alpha"]):
-                i = np.arange(fit["lo"], fit["hi"] + 1)
-                ax.loglog(i, np.exp(fit["intercept"]) * i ** -fit["alpha"], style, color="k", lw=1)
-        line.set_label(f"{p}  (head {fit_power_law(values, head, rank)['alpha']:.2f}, "
-                       f"tail {fit_power_law(values, tail, rank)['alpha']:.2f})")
+        fits = [draw_fit(ax, values, window, rank, style) for window, style in ((head, ":"), (tail, "--"))]
+        ax.loglog(np.arange(1, rank + 1), values[:rank], lw=1.2,
+                  label=f"{p}  (head {fits[0]['alpha']:.2f}, tail {fits[1]['alpha']:.2f})")
     ax.set(xlabel="rank i", ylabel="eigenvalue" if title.startswith("act") else "singular value", title=title)
     ax.legend(fontsize=7)
     save_figure(fig, path)
