@@ -12,7 +12,8 @@ so everything after loading is one code path. Outputs go to --out (default analy
 Read top to bottom:
 
 1. Loading: run directories and W&B into Run(name, config, records, truncated).
-2. Checks: runs compared together must share the probe set, the fit windows and the model profile.
+2. Checks: runs compared together must share the probe set, the fit windows, the model profile and
+   the arithmetic of the gradient passes.
 3. Curves: a metric's value at a token count (linear interpolation between evaluations) and the
    tokens at which the validation loss first reaches a target.
 4. Forecast core, pure functions the trainer can import: predictors at T, Spearman correlation,
@@ -73,7 +74,7 @@ class AnalysisError(Exception):
 
 
 class MixedRunsError(AnalysisError):
-    """Runs measured differently (probe set, fit windows, model profile) in one comparison."""
+    """Runs measured differently (probe set, fit windows, model profile, gradient precision) in one comparison."""
 
 
 class WandbError(AnalysisError):
@@ -207,7 +208,10 @@ def load_wandb_runs(path, api=None):
 
 COMPARABLE = {"probe set": ("spectra_tokens", "grad_samples", "seq_len", "val_files"),
               "fit windows": ("spectra_head", "spectra_tail"),
-              "model profile": ("profile", "n_layer", "n_embd")}
+              "model profile": ("profile", "n_layer", "n_embd"),
+              "gradient precision": ("grad_spectra_precision",)}
+# what a run from before a setting existed measured with
+SETTING_DEFAULTS = {"grad_spectra_precision": "fp32"}
 
 
 def freeze(value):
@@ -222,7 +226,7 @@ def setting(config, key):
         part = config.get(section)
         if isinstance(part, dict) and key in part and not (section == "config" and key == "model"):
             return freeze(part[key])
-    return freeze(config.get(key))
+    return freeze(config.get(key, SETTING_DEFAULTS.get(key)))
 
 
 def differing_settings(runs):

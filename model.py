@@ -303,25 +303,27 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def sequence_loss_grad(self, h, targets, chunk_elements=None):
+    def sequence_loss_grad(self, h, targets, chunk_elements=None, dtype=torch.float32):
         """d/dh of sum_b mean_t CE(head(h)[b, t], targets[b, t]) for final hidden states h (B, T, d):
         every sequence's own mean loss, the gradient per-example measurement needs at the head.
 
         Written out rather than left to autograd because the head dominates that measurement: with
         s = c tanh(z / c) and z = h W^T, the gradient is ((softmax(s) - onehot) * (1 - tanh^2)) W / T,
         a handful of passes over one chunk of rows at a time, where autograd's log-softmax, NLL and
-        tanh backwards each sweep (and zero-fill) the whole (B T, vocab) buffer: half the time on CPU."""
+        tanh backwards each sweep (and zero-fill) the whole (B T, vocab) buffer: half the time on CPU.
+        `dtype` is that of the two products with W (bf16 for a fast approximate measurement); the
+        softcap, softmax and result are fp32."""
         B, T, d = h.shape
-        W = self.lm_head.weight.float()
-        rows, flat_targets = h.reshape(B * T, d).float(), targets.reshape(B * T)
+        W = self.lm_head.weight.to(dtype)
+        rows, flat_targets = h.reshape(B * T, d).to(dtype), targets.reshape(B * T)
         if chunk_elements is None:  # CPU: chunks of a few hundred rows, the fastest on a 32 MB L3 (smaller
             chunk_elements = 2 ** 23 if h.device.type == "cpu" else 2 ** 28  # ones re-read W too often)
         # whole multiples of 8 rows: some BLAS kernels for a few odd rows round differently with the
         # thread count, and DDP workers must get the same numbers as one process
         step = max(8, chunk_elements // W.size(0) // 8 * 8)
-        out = torch.empty_like(rows)
+        out = torch.empty(B * T, d, dtype=torch.float32, device=h.device)
         for i in range(0, B * T, step):
-            z = rows[i:i + step] @ W.T
+            z = (rows[i:i + step] @ W.T).float()
             if self.cfg.softcap:
                 t = z.div_(self.cfg.softcap).tanh_()
                 p = torch.softmax(t * self.cfg.softcap, dim=-1)
@@ -330,7 +332,7 @@ class GPT(nn.Module):
             p[torch.arange(len(p), device=p.device), flat_targets[i:i + step]] -= 1.0
             if self.cfg.softcap:
                 p = torch.ops.aten.tanh_backward(p, t)  # p * (1 - t^2): the softcap's derivative, one pass
-            torch.mm(p, W, out=out[i:i + step])
+            out[i:i + step] = p.to(dtype) @ W
         return out.div_(T).view(B, T, d).to(h.dtype)
 
     # ---- names for measurement -------------------------------------------------------------

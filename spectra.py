@@ -99,11 +99,12 @@ def empty_stats(width, device):
 
 
 @contextmanager
-def exact_fp32():
-    """fp32 matrix products in full fp32 (TF32 off) inside the block; the previous setting after."""
+def fp32_matmuls(tf32=False):
+    """fp32 matrix products in full fp32 (TF32 off) inside the block, or with tf32=True on TF32 tensor
+    cores (CUDA only: CPU products stay full fp32); the previous settings after."""
     precision, cudnn_tf32 = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    torch.set_float32_matmul_precision("highest")
-    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = tf32
     try:
         yield
     finally:
@@ -347,7 +348,7 @@ def activation_stats(model, tokens, points, seq_len, batch_size=16, act_norm="rm
     was_training = model.training
     model.eval()
     try:
-        with Probe({p: taps[p] for p in points}, accumulate), exact_fp32():
+        with Probe({p: taps[p] for p in points}, accumulate), fp32_matmuls():
             for b in range(rank, math.ceil(n_seq / batch_size), world):
                 first[0] = b * batch_size
                 model.features(seqs[b * batch_size:(b + 1) * batch_size].to(device))
@@ -464,10 +465,13 @@ def select_linears(model_names, n_layer, matrices="attn.c_proj", layers=""):
     return names
 
 
-def per_example_outputs(model, linears, idx, targets):
+def per_example_outputs(model, linears, idx, targets, precision="fp32"):
     """{name: (A, B)} for one batch: each Linear's input A (b, T, d_in) and the gradient B (b, T,
-    d_out) of every sequence's own mean loss at its output, from one forward and one backward."""
+    d_out) of every sequence's own mean loss at its output, from one forward and one backward.
+    precision='bf16' runs the forward under bf16 autocast (its backward follows in the same dtypes)
+    and the head's products in bf16; otherwise fp32, TF32 or not as the caller has set it."""
     captured = {}
+    bf16 = precision == "bf16"
 
     def keep(name, inp, out):
         captured[name] = (inp[0].detach(), out)
@@ -475,10 +479,11 @@ def per_example_outputs(model, linears, idx, targets):
                for name, m in linears.items()]
     try:
         with torch.enable_grad():
-            h = model.features(idx)
+            with torch.autocast(idx.device.type, dtype=torch.bfloat16, enabled=bf16):
+                h = model.features(idx)
             # the head's gradient in closed form (GPT.sequence_loss_grad), then autograd from h down to
             # the chosen outputs: the gradient of sum_i loss_i at out_i is the gradient of loss_i alone
-            dh = model.sequence_loss_grad(h.detach(), targets)
+            dh = model.sequence_loss_grad(h.detach(), targets, dtype=torch.bfloat16 if bf16 else torch.float32)
             outs = [captured[n][1] for n in linears]
             grads = torch.autograd.grad(h, outs, grad_outputs=dh)
     finally:
@@ -540,14 +545,28 @@ def gather_rows(rows, index, n, rank, world):
     return out
 
 
+# Arithmetic of the forward/backward passes that give A and B. The products g_i = vec(B_i^T A_i) and
+# K = G G^T are fp64 whatever is chosen. 'fp32' is exact (agrees with a batch-size-1 fp32 loop to
+# ~1e-6); 'tf32' (TF32 tensor cores, CUDA only: full fp32 on CPU) and 'bf16' (autocast, as the
+# trainer's CUDA steps) trade that agreement for speed: bench/grad_spectra.py --precision prints both.
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def check_precision(precision):
+    if precision not in PRECISIONS:
+        raise ValueError(f"grad_spectra_precision={precision!r}: valid values are {', '.join(PRECISIONS)} "
+                         "(fp32 is exact; tf32 and bf16 are faster on a GPU and approximate)")
+
+
 @torch.no_grad()
 def gradient_grams(model, tokens, names, seq_len, n_samples, batch_size=8, max_gb=8.0, method="auto",
-                   rank=0, world=1):
+                   rank=0, world=1, precision="fp32"):
     """{name: K} (n x n fp64, on rank 0; None elsewhere): the Gram of the per-example gradients of
     each named Linear over the first n_samples sequences of `tokens` (windows of seq_len + 1).
     Materialised G is built in column blocks of output units, as many per pass over the probe set
-    as max_gb allows, so the whole of G is held only when it fits. The model is used in eval mode
-    and restored; parameters, .grad and RNG are untouched."""
+    as max_gb allows, so the whole of G is held only when it fits. The passes run at `precision`
+    (PRECISIONS). The model is used in eval mode and restored; parameters, .grad and RNG are untouched."""
+    check_precision(precision)
     linears_all = model.linears()
     linears = {n: linears_all[n] for n in names}
     device = next(model.parameters()).device
@@ -578,9 +597,9 @@ def gradient_grams(model, tokens, names, seq_len, n_samples, batch_size=8, max_g
     was_training = model.training
     model.eval()
     try:
-        with exact_fp32():  # A and B in full fp32 (no TF32), like the activations
+        with fp32_matmuls(tf32=precision == "tf32"):  # 'fp32': A and B in full fp32, like the activations
             grams = run_passes(passes, token, model, linears, windows, mine, n, seq_len, batch_size, rank, world,
-                               device)
+                               device, precision)
     finally:
         model.train(was_training)
     return grams if rank == 0 else None
@@ -591,7 +610,8 @@ def stack_rows(parts, width, device):
     return torch.cat(parts) if parts else torch.zeros(0, width, dtype=torch.float64, device=device)
 
 
-def run_passes(passes, token, model, linears, windows, mine, n, seq_len, batch_size, rank, world, device):
+def run_passes(passes, token, model, linears, windows, mine, n, seq_len, batch_size, rank, world, device,
+               precision="fp32"):
     """The passes planned by gradient_grams: {name: K} on rank 0."""
     grams = {}
     for p, job_list in enumerate(passes):
@@ -606,7 +626,7 @@ def run_passes(passes, token, model, linears, windows, mine, n, seq_len, batch_s
         saved = {name: [] for name in token} if p == 0 else {}
         for batch in mine:
             w = windows[batch].to(device)
-            ab = per_example_outputs(model, pass_linears, w[:, :-1], w[:, 1:])
+            ab = per_example_outputs(model, pass_linears, w[:, :-1], w[:, 1:], precision)
             for j, (name, rows) in enumerate(job_list):
                 blocks[j][len(index):len(index) + len(batch)] = per_example_rows(*ab[name], rows)
             index += batch
@@ -655,11 +675,12 @@ def noise_scale(K):
 
 
 def measure_gradients(model, tokens, names, seq_len, n_samples, batch_size=8, max_gb=8.0, method="auto",
-                      rank=0, world=1):
+                      rank=0, world=1, precision="fp32"):
     """Gradient spectra on rank 0 as {name: {eig (singular values), eig_half0, eig_half1, n, ...,
     width, limit..., noise_scale}} in the form summarise() takes; None on other ranks. The halves
     are the even and odd samples: sub-Grams of the same K, no extra pass."""
-    grams = gradient_grams(model, tokens, names, seq_len, n_samples, batch_size, max_gb, method, rank, world)
+    grams = gradient_grams(model, tokens, names, seq_len, n_samples, batch_size, max_gb, method, rank, world,
+                           precision)
     if grams is None:
         return None
     out, linears = {}, model.linears()
@@ -976,6 +997,9 @@ def parse_args(argv):
     grad.add_argument("--layers", help="'' (5 evenly spaced), 'all' or '0,5,11' (default: the run's)")
     grad.add_argument("--max_gb", type=float, help="per-example gradients held at once (default: the run's)")
     grad.add_argument("--method", choices=("auto", "materialise", "token_gram"))
+    grad.add_argument("--precision", choices=PRECISIONS,
+                      help="arithmetic of the passes: fp32 (exact), tf32 or bf16 (GPU speed, approximate) "
+                           "(default: the run's grad_spectra_precision)")
     import conditions  # the conditions study lives in its own file; its options are defined there
     conditions.add_arguments(sub.add_parser("conditions", help="the conditions study (fine-tuned / pretrained / "
                                             "random init x train / test), averaged over seeds"))
@@ -1034,9 +1058,12 @@ def main(argv=None):
     if args.command == "act":
         measured = {"act": measure_activations(model, tokens, names, seq_len, batch_size, act_norm)}
     else:
+        precision = setting(args.precision, "grad_spectra_precision", "fp32")
+        meta["precision"] = precision
         measured = {"grad": measure_gradients(model, tokens, names, seq_len, n_seq, batch_size,
                                               setting(args.max_gb, "grad_spectra_max_gb", 8.0),
-                                              setting(args.method, "grad_spectra_method", "auto")),
+                                              setting(args.method, "grad_spectra_method", "auto"),
+                                              precision=precision),
                     "weight": measure_weights(model, names)}
     print(f"spectra of {args.ckpt} (step {step}, {seen:,} tokens) on {n_seq} probe sequences of {seq_len} tokens")
     for family, spec in measured.items():

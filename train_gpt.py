@@ -108,6 +108,7 @@ class Config:
     grad_batch_size: int = 8           # examples per forward/backward (a fixed unit, like spectra_batch_size)
     grad_spectra_max_gb: float = 8.0   # per-example gradients (fp64) held at once; more goes in column blocks
     grad_spectra_method: str = "auto"  # auto | materialise | token_gram (see spectra.gram_method)
+    grad_spectra_precision: str = "fp32"  # fp32 (exact) | tf32 | bf16: faster, approximate passes on a GPU
     # checkpoints
     ckpt_every_tokens: int = 0         # 0: only at the end; -1: never
     ckpt_keep: int = 2                 # most recent checkpoints kept
@@ -123,7 +124,7 @@ class Config:
 
 
 CHOICES = {"device": ("auto", "cpu", "cuda"), "optimizer": ("muon", "adamw"), "spectra_act_norm": ("rms", "none"),
-           "grad_spectra_method": ("auto", "materialise", "token_gram"),
+           "grad_spectra_method": ("auto", "materialise", "token_gram"), "grad_spectra_precision": spectra.PRECISIONS,
            "lr_scaling": ("none", "sqrt", "linear"), "wandb_mode": ("", "online", "offline", "disabled")}
 MODEL_KEYS = {f.name: f.type for f in dataclasses.fields(GPTConfig) if f.name != "seq_len"}
 TRAIN_KEYS = {k: v for k, v in get_type_hints(Config).items() if k not in ("model", "config_file")}
@@ -850,7 +851,8 @@ def evaluate(model, raw, val, probe, cfg, rank, world, device, autocast, spectra
         names = spectra.select_linears(raw.linears(), raw.cfg.n_layer, cfg.grad_matrices, cfg.grad_layers)
         measured["grad"] = spectra.measure_gradients(raw, probe, names, cfg.seq_len, cfg.grad_samples,
                                                      cfg.grad_batch_size, cfg.grad_spectra_max_gb,
-                                                     cfg.grad_spectra_method, rank, world)
+                                                     cfg.grad_spectra_method, rank, world,
+                                                     cfg.grad_spectra_precision)
         measured["weight"] = spectra.measure_weights(raw, names) if rank == 0 else None
     return metrics, measured
 
@@ -863,6 +865,8 @@ def log_spectra(run_dir, family, measured, cfg, n_layer, step, tokens, seen_note
     n_probe = cfg.spectra_tokens // cfg.seq_len if family == "act" else cfg.grad_samples
     meta = dict(step=step, tokens=tokens, probe_tokens=n_probe * cfg.seq_len, seq_len=cfg.seq_len, head=head,
                 tail=tail, act_norm=cfg.spectra_act_norm)
+    if family == "grad":
+        meta["precision"] = cfg.grad_spectra_precision
     prev, first = spectra.reference_spectra(run_dir, family, tokens, meta)
     metrics, notes = spectra.summarise(measured, family, head, tail, prev, first, where=f"at step {step}")
     metrics.update(spectra.extra_metrics(family, measured))

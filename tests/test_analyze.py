@@ -297,6 +297,17 @@ def test_mixed_probe_sets_are_an_error_unless_allowed(tmp_path, capsys):
                   trainer_config(tmp_path, "d", n_embd=128, **base))
     with pytest.raises(analyze.MixedRunsError, match=r"model profile: n_embd = 64 in a; 128 in d"):
         analyze.check_comparable(analyze.load_runs([a, d]))
+    # gradient spectra from bf16 passes are approximate: not mixed silently with exact ones; a run
+    # from before the setting existed measured in fp32
+    e = write_run(tmp_path, "e", make_records(128, GRID, curve(5000), {}),
+                  trainer_config(tmp_path, "e", grad_spectra_precision="bf16", **base))
+    with pytest.raises(analyze.MixedRunsError, match=r"gradient precision: grad_spectra_precision = 'fp32' in a; "
+                                                     r"'bf16' in e"):
+        analyze.check_comparable(analyze.load_runs([a, e]))
+    old = trainer_config(tmp_path, "old", **base)
+    del old["config"]["grad_spectra_precision"]
+    old = write_run(tmp_path, "old", make_records(128, GRID, curve(5000), {}), old)
+    analyze.check_comparable(analyze.load_runs([a, old]))
 
 
 def test_truncated_and_empty_metrics_and_paths_that_are_not_runs(tmp_path, capsys):

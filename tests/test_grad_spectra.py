@@ -82,6 +82,36 @@ def test_blocked_token_gram_and_materialised_grams_agree():
         assert torch.allclose(whole[name], whole[name].T)
 
 
+def precision_settings():
+    return (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
+            torch.is_autocast_enabled("cpu"))
+
+
+def test_reduced_precision_passes_approximate_the_exact_spectra_and_restore_the_settings(tmp_path):
+    model = random_model(n_layer=3)
+    tokens, T, n = probe_tokens(24 * 16 + 1), 16, 24
+    names = ["L00.attn.c_proj", "L02.mlp.c_fc"]
+    exact = spectra.measure_gradients(model, tokens, names, T, n, batch_size=8)
+    before = precision_settings()
+    bf16 = spectra.measure_gradients(model, tokens, names, T, n, batch_size=8, precision="bf16")
+    tf32 = spectra.measure_gradients(model, tokens, names, T, n, batch_size=8, precision="tf32")
+    assert precision_settings() == before
+    for name in names:
+        want = exact[name]["eig"]
+        k = spectra.numerical_rank(want, n)
+        assert k == n
+        # bf16 really ran (the values moved) and measures the same spectrum to bf16's resolution
+        assert 1e-5 < rel(bf16[name]["eig"][:k], want[:k]) < 3e-2, name
+        for window in ((1, 5), (5, 20)):
+            alphas = [spectra.fit_power_law(v, window, k)["alpha"] for v in (bf16[name]["eig"], want)]
+            assert abs(alphas[0] - alphas[1]) < 0.01, (name, window, alphas)
+        assert rel(tf32[name]["eig"], want) < 1e-6  # TF32 is CUDA's: CPU products stay fp32
+    with pytest.raises(ValueError, match=r"grad_spectra_precision='fp16': valid values are fp32, tf32, bf16"):
+        spectra.measure_gradients(model, tokens, names, T, n, precision="fp16")
+    with pytest.raises(ConfigError, match=r"grad_spectra_precision='fp16' is not one of \('fp32', 'tf32', 'bf16'\)"):
+        load_config(tiny_args(tmp_path, grad_spectra_precision="fp16"))
+
+
 def test_gram_method_follows_the_cost_estimate():
     assert spectra.gram_method(512, 1024, 768, 768) == "materialise"  # long sequences: build G
     assert spectra.gram_method(64, 4, 3072, 768) == "token_gram"  # short sequences, wide matrix
