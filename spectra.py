@@ -574,26 +574,7 @@ def gradient_grams(model, tokens, names, seq_len, n_samples, batch_size=8, max_g
     n = len(windows)
     batches = [list(range(b, min(b + batch_size, n))) for b in range(0, n, batch_size)]
     mine = [batches[b] for b in range(rank, len(batches), world)]
-    budget = max(1, int(max_gb * 2 ** 30 / 8))  # fp64 entries of G held at once
-    jobs, token = [], []
-    for name, lin in linears.items():
-        d_out, d_in = lin.weight.shape
-        if gram_method(n, seq_len, d_in, d_out, method) == "token_gram":
-            token.append(name)
-            continue
-        step = max(1, min(d_out, budget // max(1, n * d_in)))
-        jobs += [(name, slice(o, min(o + step, d_out))) for o in range(0, d_out, step)]
-    # group column blocks into passes that fit the budget
-    passes, current, used = [], [], 0
-    for name, rows in jobs:
-        size = n * (rows.stop - rows.start) * linears[name].weight.shape[1]
-        if current and used + size > budget:
-            passes.append(current)
-            current, used = [], 0
-        current.append((name, rows))
-        used += size
-    if current or token:
-        passes.append(current)
+    passes, token = plan_passes({k: lin.weight.shape for k, lin in linears.items()}, n, seq_len, max_gb, method)
     was_training = model.training
     model.eval()
     try:
@@ -603,6 +584,43 @@ def gradient_grams(model, tokens, names, seq_len, n_samples, batch_size=8, max_g
     finally:
         model.train(was_training)
     return grams if rank == 0 else None
+
+
+def plan_passes(shapes, n, seq_len, max_gb=8.0, method="auto"):
+    """How gradient_grams keeps what it holds at once within max_gb (fp64 entries): (passes, token).
+    token: the matrices (of `shapes`, {name: (d_out, d_in)}) whose Gram comes from the token-Gram;
+    their A and B of all n examples are held whole, n T (d_in + d_out) entries each, so one is taken
+    only while those fit (under 'auto', a matrix that does not fit is materialised instead; forced
+    'token_gram' that does not fit is a ValueError). passes: [[(name, slice of output rows)]], each
+    pass one sweep over the probe set building column blocks of G, n |rows| d_in entries each,
+    grouped while they fit; the first pass also holds the token-Gram matrices' A and B."""
+    budget = max(1, int(max_gb * 2 ** 30 / 8))
+    jobs, token, held = [], [], 0
+    for name, (d_out, d_in) in shapes.items():
+        if gram_method(n, seq_len, d_in, d_out, method) == "token_gram":
+            size = n * seq_len * (d_in + d_out)
+            if held + size <= budget:
+                token.append(name)
+                held += size
+                continue
+            if method == "token_gram":
+                raise ValueError(f"grad_spectra_method='token_gram': {name} needs the inputs and output gradients "
+                                 f"of all {n} examples at once, {size * 8 / 2 ** 30:.2f} GB in fp64, beyond "
+                                 f"grad_spectra_max_gb={max_gb:g} with the other token-Gram matrices; raise it "
+                                 "or use 'auto' or 'materialise' (column blocks of G)")
+        step = max(1, min(d_out, budget // max(1, n * d_in)))
+        jobs += [(name, slice(o, min(o + step, d_out))) for o in range(0, d_out, step)]
+    passes, current, used = [], [], held
+    for name, rows in jobs:
+        size = n * (rows.stop - rows.start) * shapes[name][1]
+        if (current or used) and used + size > budget:  # a full first pass of token-Gram A, B goes alone
+            passes.append(current)
+            current, used = [], 0
+        current.append((name, rows))
+        used += size
+    if current or token:
+        passes.append(current)
+    return passes, token
 
 
 def stack_rows(parts, width, device):
@@ -1043,6 +1061,11 @@ def main(argv=None):
         else:
             names = select_linears(model.linears(), model.cfg.n_layer, setting(args.matrices, "grad_matrices",
                                    "attn.c_proj"), setting(args.layers, "grad_layers", ""))
+            max_gb = setting(args.max_gb, "grad_spectra_max_gb", 8.0)
+            method = setting(args.method, "grad_spectra_method", "auto")
+            if not max_gb > 0:
+                raise ValueError(f"--max_gb {max_gb} must be positive")
+            plan_passes({m: model.linears()[m].weight.shape for m in names}, n_seq, seq_len, max_gb, method)
         data = setting(args.data, "val_files", None)
         if data is None:
             raise ValueError("--data is required: the checkpoint does not name its val_files")
@@ -1060,9 +1083,7 @@ def main(argv=None):
     else:
         precision = setting(args.precision, "grad_spectra_precision", "fp32")
         meta["precision"] = precision
-        measured = {"grad": measure_gradients(model, tokens, names, seq_len, n_seq, batch_size,
-                                              setting(args.max_gb, "grad_spectra_max_gb", 8.0),
-                                              setting(args.method, "grad_spectra_method", "auto"),
+        measured = {"grad": measure_gradients(model, tokens, names, seq_len, n_seq, batch_size, max_gb, method,
                                               precision=precision),
                     "weight": measure_weights(model, names)}
     print(f"spectra of {args.ckpt} (step {step}, {seen:,} tokens) on {n_seq} probe sequences of {seq_len} tokens")

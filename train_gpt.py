@@ -258,7 +258,11 @@ def check_config(cfg):
         gcfg = model_config(cfg)
         spectra.select_points(gcfg.n_layer, cfg.spectra_points, cfg.spectra_sublayers)
         with torch.device("meta"):
-            spectra.select_linears(GPT(gcfg).linears(), gcfg.n_layer, cfg.grad_matrices, cfg.grad_layers)
+            linears = GPT(gcfg).linears()
+        names = spectra.select_linears(linears, gcfg.n_layer, cfg.grad_matrices, cfg.grad_layers)
+        if cfg.spectra_every and cfg.grad_spectra_every:  # a forced token-Gram must fit grad_spectra_max_gb
+            spectra.plan_passes({m: linears[m].weight.shape for m in names}, cfg.grad_samples, cfg.seq_len,
+                                cfg.grad_spectra_max_gb, cfg.grad_spectra_method)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

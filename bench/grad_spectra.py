@@ -123,41 +123,22 @@ def baseline_spectra(model, tokens, names, seq_len, n, timing):
 
 
 # ----------------------------------------------------------------------------------------------
-# The memory plan of spectra.gradient_grams, recomputed from its rule
+# The memory plan of spectra.gradient_grams (spectra.plan_passes)
 
 
 def gram_plan(model, names, n, seq_len, max_gb, method):
-    """(materialised names, token-Gram names, passes: [[(name, rows in block)]]) as gradient_grams
-    plans them: output rows per block = max(1, min(d_out, budget // (n d_in))), blocks grouped into
-    passes while their entries fit the budget."""
-    budget = max(1, int(max_gb * 2 ** 30 / 8))
+    """(materialised names, token-Gram names, passes: [[(name, slice of output rows)]]) as
+    gradient_grams plans them."""
     linears = model.linears()
-    dense, token, jobs = [], [], []
-    for name in names:
-        d_out, d_in = linears[name].weight.shape
-        if spectra.gram_method(n, seq_len, d_in, d_out, method) == "token_gram":
-            token.append(name)
-            continue
-        dense.append(name)
-        step = max(1, min(d_out, budget // max(1, n * d_in)))
-        jobs += [(name, min(step, d_out - o)) for o in range(0, d_out, step)]
-    passes, current, used = [], [], 0
-    for name, rows in jobs:
-        size = n * rows * linears[name].weight.shape[1]
-        if current and used + size > budget:
-            passes.append(current)
-            current, used = [], 0
-        current.append((name, rows))
-        used += size
-    if current:
-        passes.append(current)
-    return dense, token, passes
+    passes, token = spectra.plan_passes({m: linears[m].weight.shape for m in names}, n, seq_len, max_gb, method)
+    return [m for m in names if m not in token], token, passes
 
 
 def peak_block_bytes(model, passes, n):
     """Bytes of G held at once in the fullest pass (fp64): n x rows x d_in x 8 summed over its blocks."""
     linears = model.linears()
-    return max((sum(n * rows * linears[name].weight.shape[1] * 8 for name, rows in p) for p in passes), default=0)
+    return max((sum(n * (rows.stop - rows.start) * linears[name].weight.shape[1] * 8 for name, rows in p)
+                for p in passes), default=0)
 
 
 def blocking_max_gb(model, names, n, blocks):

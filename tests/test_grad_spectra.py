@@ -112,6 +112,35 @@ def test_reduced_precision_passes_approximate_the_exact_spectra_and_restore_the_
         load_config(tiny_args(tmp_path, grad_spectra_precision="fp16"))
 
 
+def test_the_token_gram_counts_its_inputs_against_max_gb():
+    model = random_model(n_layer=2)
+    tokens, T, n = probe_tokens(10 * 2 + 1), 2, 10  # short sequences: auto prefers the token-Gram
+    linears = model.linears()
+    names = ["L00.attn.c_proj", "L01.mlp.c_fc"]
+    shapes = {m: tuple(linears[m].weight.shape) for m in names}
+    assert all(spectra.gram_method(n, T, d_in, d_out) == "token_gram" for d_out, d_in in shapes.values())
+    ab = {m: n * T * (d_in + d_out) for m, (d_out, d_in) in shapes.items()}  # fp64 entries of A and B
+    budget = ab["L00.attn.c_proj"] + n * 8 * shapes["L01.mlp.c_fc"][1]  # room for one A, B and 8 rows of G
+    max_gb = (budget + 0.5) * 8 / 2 ** 30
+    passes, token = spectra.plan_passes(shapes, n, T, max_gb)
+    assert token == ["L00.attn.c_proj"]  # the second does not fit beside it: materialised in column blocks
+    for i, p in enumerate(passes):
+        held = sum(n * (r.stop - r.start) * shapes[m][1] for m, r in p) + (ab["L00.attn.c_proj"] if i == 0 else 0)
+        assert held <= budget
+    rows = sorted((r.start, r.stop) for p in passes for _, r in p)
+    assert rows[0][0] == 0 and rows[-1][1] == shapes["L01.mlp.c_fc"][0]
+    assert all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
+    whole = spectra.gradient_grams(model, tokens, names, T, n, batch_size=4)
+    planned = spectra.gradient_grams(model, tokens, names, T, n, batch_size=4, max_gb=max_gb)
+    assert all(rel(planned[m], whole[m]) < 1e-12 for m in names)
+    with pytest.raises(ValueError, match=r"grad_spectra_method='token_gram': L01.mlp.c_fc needs the inputs and output "
+                                         r"gradients of all 10 examples at once, .* raise it or use 'auto'"):
+        spectra.gradient_grams(model, tokens, names, T, n, max_gb=max_gb, method="token_gram")
+    # the trainer refuses it before anything is written
+    with pytest.raises(ConfigError, match=r"grad_spectra_method='token_gram': L0\d.attn.c_proj needs the inputs"):
+        load_config(tiny_args("/tmp", grad_spectra_method="token_gram", grad_samples=512, grad_spectra_max_gb=0.01))
+
+
 def test_gram_method_follows_the_cost_estimate():
     assert spectra.gram_method(512, 1024, 768, 768) == "materialise"  # long sequences: build G
     assert spectra.gram_method(64, 4, 3072, 768) == "token_gram"  # short sequences, wide matrix
