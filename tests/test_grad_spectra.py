@@ -242,11 +242,12 @@ model = random_model("modded", n_layer=2)
 names = ["L00.attn.c_proj", "L01.mlp.c_fc"]
 got = spectra.measure_gradients(model, probe_tokens(7 * 16 + 1), names, 16, 7, 2, 8.0, "auto", rank, world)
 tg = spectra.measure_gradients(model, probe_tokens(7 * 16 + 1), names, 16, 7, 2, 8.0, "token_gram", rank, world)
+bf = spectra.measure_gradients(model, probe_tokens(7 * 16 + 1), names, 16, 7, 2, 8.0, "auto", rank, world, "bf16")
 # 3 examples in one batch of 4: rank 1 has no batch at all
 lone = spectra.measure_gradients(model, probe_tokens(3 * 16 + 1), names, 16, 3, 4, 8.0, "auto", rank, world)
 if rank == 0:
     np.savez({out!r}, **{{n: got[n]["eig"] for n in names}}, **{{"tg" + n: tg[n]["eig"] for n in names}},
-             **{{"lone" + n: lone[n]["eig"] for n in names}})
+             **{{"lone" + n: lone[n]["eig"] for n in names}}, **{{"bf" + n: bf[n]["eig"] for n in names}})
 dist.destroy_process_group()
 """
 
@@ -257,9 +258,12 @@ def test_two_processes_give_the_same_singular_values_as_one(tmp_path):
     model = random_model("modded", n_layer=2)
     one = spectra.measure_gradients(model, probe_tokens(7 * 16 + 1), names, 16, 7, 2)
     lone = spectra.measure_gradients(model, probe_tokens(3 * 16 + 1), names, 16, 3, 4)
+    bf = spectra.measure_gradients(model, probe_tokens(7 * 16 + 1), names, 16, 7, 2, precision="bf16")
     for name in names:  # 4 batches (2, 2, 2, 1): rank 0 takes batches 0 and 2, rank 1 batches 1 and 3
         assert rel(ddp[name], one[name]["eig"]) < 1e-10 and rel(ddp["tg" + name], one[name]["eig"]) < 1e-10
         assert rel(ddp["lone" + name], lone[name]["eig"]) < 1e-10
+        # approximate passes are still the same numbers in one process and two
+        assert rel(ddp["bf" + name], bf[name]["eig"]) < 1e-10 and rel(bf[name]["eig"], one[name]["eig"]) > 1e-6
 
 
 def test_checkpoint_command_measures_the_same_gradient_spectra_as_the_trainer(tmp_path):
