@@ -250,8 +250,8 @@ def check_comparable(runs, allow_mixed=False):
         return
     text = "the runs were not measured alike:\n  " + "\n  ".join(problems)
     if not allow_mixed:
-        raise MixedRunsError(text + "\ncompare runs of one probe set, fit windows and model profile, "
-                                    "or pass --allow-mixed")
+        raise MixedRunsError(text + "\ncompare runs of one probe set, fit windows, model profile and gradient "
+                                    "precision, or pass --allow-mixed")
     warn(text + "\n(--allow-mixed: comparing them anyway)")
 
 

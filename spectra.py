@@ -100,16 +100,23 @@ def empty_stats(width, device):
 
 @contextmanager
 def fp32_matmuls(tf32=False):
-    """fp32 matrix products in full fp32 (TF32 off) inside the block, or with tf32=True on TF32 tensor
-    cores (CUDA only: CPU products stay full fp32); the previous settings after."""
-    precision, cudnn_tf32 = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    """fp32 matrix products in full fp32 (TF32 off) inside the block, or with tf32=True on CUDA's
+    TF32 tensor cores; CPU products stay full fp32 either way. Every setting touched is restored."""
+    cpu = getattr(torch.backends.mkldnn, "matmul", None)  # torch >= 2.9 also routes "high" to oneDNN
+    saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
+             torch.backends.cuda.matmul.fp32_precision if cpu is not None else None,
+             cpu.fp32_precision if cpu is not None else None)
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
     torch.backends.cudnn.allow_tf32 = tf32
+    if cpu is not None:
+        cpu.fp32_precision = "ieee"
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(precision)
-        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
+        if cpu is not None:
+            torch.backends.cuda.matmul.fp32_precision, cpu.fp32_precision = saved[2], saved[3]
 
 
 def merge_stats(a, b):
@@ -574,100 +581,116 @@ def gradient_grams(model, tokens, names, seq_len, n_samples, batch_size=8, max_g
     n = len(windows)
     batches = [list(range(b, min(b + batch_size, n))) for b in range(0, n, batch_size)]
     mine = [batches[b] for b in range(rank, len(batches), world)]
-    passes, token = plan_passes({k: lin.weight.shape for k, lin in linears.items()}, n, seq_len, max_gb, method)
+    passes = plan_passes({k: tuple(lin.weight.shape) for k, lin in linears.items()}, n, seq_len, max_gb, method)
     was_training = model.training
     model.eval()
     try:
         with fp32_matmuls(tf32=precision == "tf32"):  # 'fp32': A and B in full fp32, like the activations
-            grams = run_passes(passes, token, model, linears, windows, mine, n, seq_len, batch_size, rank, world,
-                               device, precision)
+            grams = run_passes(passes, model, linears, windows, mine, n, seq_len, batch_size, rank, world, device,
+                               precision)
     finally:
         model.train(was_training)
     return grams if rank == 0 else None
 
 
+def held_entries(shape, n, seq_len, rows):
+    """fp64 entries one job of a pass holds for n examples: a column block of G (n |rows| d_in), or,
+    for a token-Gram matrix (rows None), its inputs A and output gradients B (n T (d_in + d_out))."""
+    d_out, d_in = shape
+    return n * seq_len * (d_in + d_out) if rows is None else n * (rows.stop - rows.start) * d_in
+
+
 def plan_passes(shapes, n, seq_len, max_gb=8.0, method="auto"):
-    """How gradient_grams keeps what it holds at once within max_gb (fp64 entries): (passes, token).
-    token: the matrices (of `shapes`, {name: (d_out, d_in)}) whose Gram comes from the token-Gram;
-    their A and B of all n examples are held whole, n T (d_in + d_out) entries each, so one is taken
-    only while those fit (under 'auto', a matrix that does not fit is materialised instead; forced
-    'token_gram' that does not fit is a ValueError). passes: [[(name, slice of output rows)]], each
-    pass one sweep over the probe set building column blocks of G, n |rows| d_in entries each,
-    grouped while they fit; the first pass also holds the token-Gram matrices' A and B."""
+    """How gradient_grams keeps what it holds at once within max_gb of fp64 entries: a list of
+    passes, each one sweep over the probe set, each a list of jobs (name, rows): a slice of output
+    units of a materialised matrix (a column block of G), or None for a token-Gram matrix, whose A
+    and B are held whole (held_entries). `shapes`: {name: (d_out, d_in)}. A matrix the cost estimate
+    gives to the token-Gram takes it only while the A and B fit beside the others'; under 'auto' one
+    that does not is materialised instead, a forced 'token_gram' that does not is a ValueError."""
     budget = max(1, int(max_gb * 2 ** 30 / 8))
-    jobs, token, held = [], [], 0
+    blocks, token, held = [], [], 0
     for name, (d_out, d_in) in shapes.items():
         if gram_method(n, seq_len, d_in, d_out, method) == "token_gram":
-            size = n * seq_len * (d_in + d_out)
+            size = held_entries((d_out, d_in), n, seq_len, None)
             if held + size <= budget:
-                token.append(name)
+                token.append((name, None))
                 held += size
                 continue
             if method == "token_gram":
-                raise ValueError(f"grad_spectra_method='token_gram': {name} needs the inputs and output gradients "
-                                 f"of all {n} examples at once, {size * 8 / 2 ** 30:.2f} GB in fp64, beyond "
-                                 f"grad_spectra_max_gb={max_gb:g} with the other token-Gram matrices; raise it "
-                                 "or use 'auto' or 'materialise' (column blocks of G)")
+                need = (held + size) * 8 / 2 ** 30
+                raise ValueError(f"method 'token_gram' (grad_spectra_method, --method): {name} needs the inputs and "
+                                 f"output gradients of all {n} examples at once, {size * 8 / 2 ** 30:.3g} GB in fp64, "
+                                 f"{need:.3g} GB with the token-Gram matrices before it, beyond max_gb={max_gb:g}: "
+                                 f"raise grad_spectra_max_gb (--max_gb) to {need:.3g} or more, or use method 'auto' "
+                                 "or 'materialise' (column blocks of G)")
         step = max(1, min(d_out, budget // max(1, n * d_in)))
-        jobs += [(name, slice(o, min(o + step, d_out))) for o in range(0, d_out, step)]
-    passes, current, used = [], [], held
-    for name, rows in jobs:
-        size = n * (rows.stop - rows.start) * shapes[name][1]
-        if (current or used) and used + size > budget:  # a full first pass of token-Gram A, B goes alone
-            passes.append(current)
-            current, used = [], 0
-        current.append((name, rows))
-        used += size
-    if current or token:
-        passes.append(current)
-    return passes, token
+        blocks += [(name, slice(o, min(o + step, d_out))) for o in range(0, d_out, step)]
+    passes, used = [], []  # blocks grouped into passes while they fit
+    for job in blocks:
+        size = held_entries(shapes[job[0]], n, seq_len, job[1])
+        if passes and used[-1] + size <= budget:
+            passes[-1].append(job)
+            used[-1] += size
+        else:
+            passes.append([job])
+            used.append(size)
+    if token:  # the token-Gram matrices ride along with the emptiest pass if they fit there, else alone
+        emptiest = min(range(len(passes)), key=used.__getitem__, default=None)
+        if emptiest is not None and used[emptiest] + held <= budget:
+            passes[emptiest] += token
+        else:
+            passes.append(token)
+    return passes
 
 
-def stack_rows(parts, width, device):
-    """This rank's rows of G (or of A, B); an empty (0, width) block when it got no probe batch."""
-    return torch.cat(parts) if parts else torch.zeros(0, width, dtype=torch.float64, device=device)
+def token_gram_matrix(A, B, block):
+    """K of the token-Gram matrices from every example's A (n, T, d_in) and B (n, T, d_out): the
+    upper blocks of `block` x `block` examples at a time (K is symmetric)."""
+    n = len(A)
+    K = torch.zeros(n, n, dtype=torch.float64, device=A.device)
+    for i in range(0, n, block):
+        for j in range(i, n, block):
+            part = token_gram(A[i:i + block], B[i:i + block], A[j:j + block], B[j:j + block])
+            K[i:i + block, j:j + block], K[j:j + block, i:i + block] = part, part.T
+    return K
 
 
-def run_passes(passes, token, model, linears, windows, mine, n, seq_len, batch_size, rank, world, device,
+def run_passes(passes, model, linears, windows, mine, n, seq_len, batch_size, rank, world, device,
                precision="fp32"):
-    """The passes planned by gradient_grams: {name: K} on rank 0."""
+    """The passes planned by plan_passes: {name: K} on rank 0. Each pass sweeps this rank's probe
+    batches once and writes, batch by batch and in place, what each job holds (held_entries): G is
+    held once, not as per-batch pieces plus their concatenation."""
     grams = {}
-    for p, job_list in enumerate(passes):
-        need = {name for name, _ in job_list} | (set(token) if p == 0 else set())
-        pass_linears = {k: v for k, v in linears.items() if k in need}
-        n_mine = sum(len(batch) for batch in mine)
-        # this rank's rows of each block, written in place batch by batch: G is held once, not as
-        # per-batch pieces plus their concatenation
-        blocks = [torch.empty(n_mine, (rows.stop - rows.start) * linears[name].weight.shape[1],
-                              dtype=torch.float64, device=device) for name, rows in job_list]
+    n_mine = sum(len(batch) for batch in mine)
+    for jobs in passes:
+        shapes = [tuple(linears[name].weight.shape) for name, _ in jobs]
+        held = [torch.empty(n_mine, held_entries(shape, 1, seq_len, rows), dtype=torch.float64, device=device)
+                for shape, (_, rows) in zip(shapes, jobs)]
         index = []
-        saved = {name: [] for name in token} if p == 0 else {}
         for batch in mine:
             w = windows[batch].to(device)
-            ab = per_example_outputs(model, pass_linears, w[:, :-1], w[:, 1:], precision)
-            for j, (name, rows) in enumerate(job_list):
-                blocks[j][len(index):len(index) + len(batch)] = per_example_rows(*ab[name], rows)
+            ab = per_example_outputs(model, {name: linears[name] for name, _ in jobs}, w[:, :-1], w[:, 1:],
+                                     precision)
+            at = slice(len(index), len(index) + len(batch))
+            for j, (name, rows) in enumerate(jobs):
+                A, B = ab[name]
+                if rows is None:  # token-Gram: A and B side by side in one row per example
+                    held[j][at, :A[0].numel()] = A.flatten(1)
+                    held[j][at, A[0].numel():] = B.flatten(1)
+                else:
+                    held[j][at] = per_example_rows(A, B, rows)
             index += batch
-            for name in saved:
-                saved[name].append(ab[name])
-        for j, (name, rows) in enumerate(job_list):
-            G = gather_rows(blocks[j], index, n, rank, world)
-            blocks[j] = None
-            if rank == 0:
-                grams[name] = grams.get(name, 0) + G @ G.T
-        for name in saved:
-            d_out, d_in = linears[name].weight.shape
-            A, B = (gather_rows(stack_rows([ab[k].flatten(1) for ab in saved[name]], seq_len * d, device),
-                                index, n, rank, world) for k, d in ((0, d_in), (1, d_out)))
-            if rank == 0:
-                A, B = A.view(n, seq_len, d_in), B.view(n, seq_len, d_out)
-                K = torch.zeros(n, n, dtype=torch.float64, device=device)
-                for i in range(0, n, batch_size):
-                    for j in range(i, n, batch_size):  # upper blocks; K is symmetric
-                        block = token_gram(A[i:i + batch_size], B[i:i + batch_size],
-                                           A[j:j + batch_size], B[j:j + batch_size])
-                        K[i:i + batch_size, j:j + batch_size], K[j:j + batch_size, i:i + batch_size] = block, block.T
-                grams[name] = K
+        for j, ((name, rows), (d_out, d_in)) in enumerate(zip(jobs, shapes)):
+            full = gather_rows(held[j], index, n, rank, world)
+            held[j] = None
+            if rank != 0:
+                continue
+            if rows is None:
+                A = full[:, :seq_len * d_in].unflatten(1, (seq_len, d_in))
+                B = full[:, seq_len * d_in:].unflatten(1, (seq_len, d_out))
+                grams[name] = token_gram_matrix(A, B, batch_size)
+            else:
+                grams[name] = grams.get(name, 0) + full @ full.T
     return grams
 
 
@@ -804,7 +827,8 @@ def spectra_files(run_dir, family):
     return sorted((int(os.path.basename(f)[len(family) + 1:-4]), f) for f in files)
 
 
-SAME_PROBE = ("probe_tokens", "seq_len", "act_norm")  # meta that must agree for spectra to be compared
+SAME_PROBE = ("probe_tokens", "seq_len", "act_norm", "precision")  # meta that must agree for spectra to be compared
+META_DEFAULTS = {"precision": "fp32"}  # what spectra saved before a meta key existed were measured with
 
 
 def reference_spectra(run_dir, family, tokens, meta):
@@ -817,7 +841,8 @@ def reference_spectra(run_dir, family, tokens, meta):
     earlier = [f for t, f in spectra_files(run_dir, family) if t < tokens]
     for i, f in enumerate(earlier):
         eig, their_meta, _ = load_spectra(f)
-        if family != "weight" and any(their_meta.get(k) != meta.get(k) for k in SAME_PROBE):  # weights: no data
+        if family != "weight" and any(their_meta.get(k, META_DEFAULTS.get(k)) != meta.get(k, META_DEFAULTS.get(k))
+                                      for k in SAME_PROBE):  # weights: no data
             continue
         for p, values in eig.items():
             if p not in first and numerical_rank(values, len(values)) > 0:
@@ -1065,6 +1090,8 @@ def main(argv=None):
             method = setting(args.method, "grad_spectra_method", "auto")
             if not max_gb > 0:
                 raise ValueError(f"--max_gb {max_gb} must be positive")
+            precision = setting(args.precision, "grad_spectra_precision", "fp32")
+            check_precision(precision)
             plan_passes({m: model.linears()[m].weight.shape for m in names}, n_seq, seq_len, max_gb, method)
         data = setting(args.data, "val_files", None)
         if data is None:
@@ -1081,7 +1108,6 @@ def main(argv=None):
     if args.command == "act":
         measured = {"act": measure_activations(model, tokens, names, seq_len, batch_size, act_norm)}
     else:
-        precision = setting(args.precision, "grad_spectra_precision", "fp32")
         meta["precision"] = precision
         measured = {"grad": measure_gradients(model, tokens, names, seq_len, n_seq, batch_size, max_gb, method,
                                               precision=precision),

@@ -1050,10 +1050,11 @@ def train(cfg):
                     if ckpt["model_config"].get(k) != v}
             raise ConfigError(f"--resume=1: the model config differs from the checkpoint's, "
                               f"{{key: (checkpoint, now)}} = {diff}")
-        for key in ("batch_size", "seq_len"):
-            if ckpt["config"][key] != getattr(cfg, key):
-                raise ConfigError(f"--resume=1: {key}={getattr(cfg, key)} but the run was trained with "
-                                  f"{key}={ckpt['config'][key]}; resume with the same value")
+        for key in ("batch_size", "seq_len", "grad_spectra_precision"):  # the same measurements throughout
+            before = ckpt["config"].get(key, getattr(Config, key))
+            if before != getattr(cfg, key):
+                raise ConfigError(f"--resume=1: {key}={getattr(cfg, key)!r} but the run was trained with "
+                                  f"{key}={before!r}; resume with the same value")
         raw.load_state_dict(ckpt["model"])
         for o, s in zip(opts, ckpt["optimizers"]):
             o.load_state_dict(s)

@@ -20,10 +20,11 @@ loss the mean cross-entropy over its tokens; the first --samples windows of the 
 and prints both times, the speedup (a ratio; timing is never asserted), the largest relative
 singular-value difference over the meaningful ranks (spectra.numerical_rank of the baseline's
 values) and the largest |difference| / sigma_1. It also prints the memory plan of the Gram
-accumulation (the largest block of G held at once against n x P x 8 bytes for G whole; on CUDA the
-measured peak too), and runs ours again with a --max_gb small enough that each matrix needs --blocks
-column blocks, to show the blocked result equals the unblocked one. Exits 1 if the relative error
-exceeds 1e-5: the two methods then disagree on the spectra.
+accumulation (the most held at once, column blocks of G and any token-Gram A and B, against
+n x P x 8 bytes for G whole; on CUDA the measured peak too), and runs ours again with a --max_gb
+small enough that each matrix needs --blocks column blocks, to show the blocked result equals the
+unblocked one. Exits 1 if the relative error exceeds 1e-5: the two methods then disagree on the
+spectra.
 
 --precision tf32 or bf16 runs our passes in that arithmetic (spectra.PRECISIONS; the baseline stays
 full fp32, the seed protocol's), for the speed a GPU's tensor cores give. Those spectra are
@@ -127,18 +128,18 @@ def baseline_spectra(model, tokens, names, seq_len, n, timing):
 
 
 def gram_plan(model, names, n, seq_len, max_gb, method):
-    """(materialised names, token-Gram names, passes: [[(name, slice of output rows)]]) as
-    gradient_grams plans them."""
+    """(materialised names, token-Gram names, passes) as gradient_grams plans them (spectra.plan_passes)."""
     linears = model.linears()
-    passes, token = spectra.plan_passes({m: linears[m].weight.shape for m in names}, n, seq_len, max_gb, method)
+    passes = spectra.plan_passes({m: tuple(linears[m].weight.shape) for m in names}, n, seq_len, max_gb, method)
+    token = [name for jobs in passes for name, rows in jobs if rows is None]
     return [m for m in names if m not in token], token, passes
 
 
-def peak_block_bytes(model, passes, n):
-    """Bytes of G held at once in the fullest pass (fp64): n x rows x d_in x 8 summed over its blocks."""
+def peak_held_bytes(model, passes, n, seq_len):
+    """Bytes held at once in the fullest pass (fp64): its column blocks of G and token-Gram A and B."""
     linears = model.linears()
-    return max((sum(n * (rows.stop - rows.start) * linears[name].weight.shape[1] * 8 for name, rows in p)
-                for p in passes), default=0)
+    return max((sum(spectra.held_entries(tuple(linears[name].weight.shape), n, seq_len, rows) * 8
+                    for name, rows in jobs) for jobs in passes), default=0)
 
 
 def blocking_max_gb(model, names, n, blocks):
@@ -293,8 +294,8 @@ def main(argv=None):
         ("" if args.precision == "fp32" else f"; tolerance {ALPHA_TOLERANCE}"))
 
     whole = sum(n * P[m] * 8 for m in names)
-    note = f"; {len(token)} token-Gram matrices hold A, B instead" if token else ""
-    print(f"memory: largest block of G held at once {mb(peak_block_bytes(model, passes, n))} "
+    note = f"; {len(token)} token-Gram matrices hold A, B instead of G" if token else ""
+    print(f"memory: most held at once {mb(peak_held_bytes(model, passes, n, args.seq_len))} "
           f"({len(passes)} pass{'es' * (len(passes) != 1)} over the probe set) vs G whole {mb(whole)} "
           f"(n x P x 8 bytes, all {len(names)} matrices){note}")
     if measured is not None:
@@ -304,7 +305,8 @@ def main(argv=None):
                          for m in names)
         block_rel = max(relative_difference(blocked[m]["eig"], ours_out[m]["eig"], min(n, P[m])) for m in names)
         print(f"blocked (max_gb {small_gb:.3g}, {args.blocks} column blocks per matrix, {len(small_passes)} passes): "
-              f"largest block {mb(peak_block_bytes(model, small_passes, n))}, time {t_blocked:.3f} s = "
+              f"most held at once {mb(peak_held_bytes(model, small_passes, n, args.seq_len))}, "
+              f"time {t_blocked:.3f} s = "
               f"{t_blocked / t_ours:.1f}x ours; max relative difference to unblocked {block_rel:.2e}, "
               f"max |difference| / sigma_1 {block_diff:.2e}")
     elif args.blocks > 0:

@@ -83,8 +83,8 @@ def test_blocked_token_gram_and_materialised_grams_agree():
 
 
 def precision_settings():
-    return (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
-            torch.is_autocast_enabled("cpu"))
+    return (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.is_autocast_enabled("cpu"),
+            torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision)
 
 
 def test_reduced_precision_passes_approximate_the_exact_spectra_and_restore_the_settings(tmp_path):
@@ -112,7 +112,7 @@ def test_reduced_precision_passes_approximate_the_exact_spectra_and_restore_the_
         load_config(tiny_args(tmp_path, grad_spectra_precision="fp16"))
 
 
-def test_the_token_gram_counts_its_inputs_against_max_gb():
+def test_the_token_gram_counts_its_inputs_against_max_gb(tmp_path):
     model = random_model(n_layer=2)
     tokens, T, n = probe_tokens(10 * 2 + 1), 2, 10  # short sequences: auto prefers the token-Gram
     linears = model.linears()
@@ -122,23 +122,38 @@ def test_the_token_gram_counts_its_inputs_against_max_gb():
     ab = {m: n * T * (d_in + d_out) for m, (d_out, d_in) in shapes.items()}  # fp64 entries of A and B
     budget = ab["L00.attn.c_proj"] + n * 8 * shapes["L01.mlp.c_fc"][1]  # room for one A, B and 8 rows of G
     max_gb = (budget + 0.5) * 8 / 2 ** 30
-    passes, token = spectra.plan_passes(shapes, n, T, max_gb)
-    assert token == ["L00.attn.c_proj"]  # the second does not fit beside it: materialised in column blocks
-    for i, p in enumerate(passes):
-        held = sum(n * (r.stop - r.start) * shapes[m][1] for m, r in p) + (ab["L00.attn.c_proj"] if i == 0 else 0)
+    passes = spectra.plan_passes(shapes, n, T, max_gb)
+    # the second does not fit beside the first: materialised in column blocks, and the first rides
+    # along with the pass that has room for it rather than costing a sweep of its own
+    token = [(m, p) for p, jobs in enumerate(passes) for m, rows in jobs if rows is None]
+    assert token == [("L00.attn.c_proj", len(passes) - 1)] and len(passes[-1]) == 2
+    for jobs in passes:
+        held = sum(n * (r.stop - r.start) * shapes[m][1] if r is not None else ab[m] for m, r in jobs)
         assert held <= budget
-    rows = sorted((r.start, r.stop) for p in passes for _, r in p)
+    rows = sorted((r.start, r.stop) for jobs in passes for _, r in jobs if r is not None)
     assert rows[0][0] == 0 and rows[-1][1] == shapes["L01.mlp.c_fc"][0]
     assert all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
     whole = spectra.gradient_grams(model, tokens, names, T, n, batch_size=4)
     planned = spectra.gradient_grams(model, tokens, names, T, n, batch_size=4, max_gb=max_gb)
     assert all(rel(planned[m], whole[m]) < 1e-12 for m in names)
-    with pytest.raises(ValueError, match=r"grad_spectra_method='token_gram': L01.mlp.c_fc needs the inputs and output "
-                                         r"gradients of all 10 examples at once, .* raise it or use 'auto'"):
+    with pytest.raises(ValueError, match=r"method 'token_gram' \(grad_spectra_method, --method\): L01.mlp.c_fc needs "
+                                         r"the inputs and output gradients of all 10 examples at once, .* raise "
+                                         r"grad_spectra_max_gb \(--max_gb\) to 3.34e-05 or more"):
         spectra.gradient_grams(model, tokens, names, T, n, max_gb=max_gb, method="token_gram")
     # the trainer refuses it before anything is written
-    with pytest.raises(ConfigError, match=r"grad_spectra_method='token_gram': L0\d.attn.c_proj needs the inputs"):
-        load_config(tiny_args("/tmp", grad_spectra_method="token_gram", grad_samples=512, grad_spectra_max_gb=0.01))
+    with pytest.raises(ConfigError, match=r"method 'token_gram' .*: L0\d.attn.c_proj needs the inputs"):
+        load_config(tiny_args(tmp_path, grad_spectra_method="token_gram", grad_samples=512, grad_spectra_max_gb=0.01))
+
+
+def test_the_trainer_measures_at_its_grad_spectra_precision(tmp_path):
+    runs = {p: train(load_config(tiny_args(tmp_path, run_name=p, max_steps=2, grad_spectra_precision=p)))
+            for p in ("fp32", "bf16")}
+    assert losses(read_metrics(runs["fp32"])) == losses(read_metrics(runs["bf16"]))  # training itself unchanged
+    (_, fp32), (_, bf16) = (spectra.spectra_files(runs[p], "grad")[-1] for p in ("fp32", "bf16"))
+    (a, meta_a, _), (b, meta_b, _) = spectra.load_spectra(fp32), spectra.load_spectra(bf16)
+    assert (meta_a["precision"], meta_b["precision"]) == ("fp32", "bf16")
+    for name in a:
+        assert 1e-5 < rel(b[name], a[name]) < 3e-2, name
 
 
 def test_gram_method_follows_the_cost_estimate():
@@ -283,6 +298,15 @@ def test_checkpoint_command_measures_the_same_gradient_spectra_as_the_trainer(tm
     r = subprocess.run([sys.executable, "spectra.py", "grad", "--ckpt", ckpt, "--matrices", "attn.proj"], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "'attn.proj' is not a matrix of a block; valid names are" in r.stderr
+    r = subprocess.run([sys.executable, "spectra.py", "grad", "--ckpt", ckpt, "--method", "token_gram", "--max_gb",
+                        "1e-6"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "raise grad_spectra_max_gb (--max_gb) to" in r.stderr
+    out = str(tmp_path / "bf16")
+    r = subprocess.run([sys.executable, "spectra.py", "grad", "--ckpt", ckpt, "--no_plots", "--precision", "bf16",
+                        "--out", out], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (_, bf16), = spectra.spectra_files(out, "grad")
+    assert spectra.load_spectra(bf16)[1]["precision"] == "bf16"
 
 
 def test_activation_spectra_read_their_own_probe_slice_when_gradients_need_more(tmp_path):

@@ -85,10 +85,21 @@ def test_resume_finds_the_newest_run_of_the_config(tmp_path):
     assert read_metrics(run_dir)[-1]["step"] == 6
 
 
-def test_resume_refuses_a_different_model(tmp_path):
-    train(load_config(tiny_args(tmp_path, max_steps=2)))
+def test_resume_refuses_a_different_model_or_measurement(tmp_path):
+    run_dir = train(load_config(tiny_args(tmp_path, max_steps=2)))
     with pytest.raises(train_gpt.ConfigError, match=r"model config differs.*'n_embd': \(64, 96\)"):
         train(load_config(tiny_args(tmp_path, max_steps=4, resume=1, n_embd=96)))
+    # gradient spectra measured in one arithmetic throughout a run
+    with pytest.raises(train_gpt.ConfigError, match=r"--resume=1: grad_spectra_precision='bf16' but the run was "
+                                                     r"trained with grad_spectra_precision='fp32'; resume with"):
+        train(load_config(tiny_args(tmp_path, max_steps=4, resume=1, grad_spectra_precision="bf16")))
+    # a checkpoint from before the setting existed measured in fp32
+    path = train_gpt.checkpoints(run_dir)[-1]
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["config"]["grad_spectra_precision"]
+    torch.save(ckpt, path)
+    assert train(load_config(tiny_args(tmp_path, max_steps=3, resume=1, eval_every_tokens=-1))) == run_dir
+    assert read_metrics(run_dir)[-1]["step"] == 3
 
 
 def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
