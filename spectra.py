@@ -608,7 +608,7 @@ def plan_passes(shapes, n, seq_len, max_gb=8.0, method="auto"):
     gives to the token-Gram takes it only while the A and B fit beside the others'; under 'auto' one
     that does not is materialised instead, a forced 'token_gram' that does not is a ValueError."""
     budget = max(1, int(max_gb * 2 ** 30 / 8))
-    blocks, token, held = [], [], 0
+    dense, token, held = [], [], 0
     for name, (d_out, d_in) in shapes.items():
         if gram_method(n, seq_len, d_in, d_out, method) == "token_gram":
             size = held_entries((d_out, d_in), n, seq_len, None)
@@ -623,17 +623,22 @@ def plan_passes(shapes, n, seq_len, max_gb=8.0, method="auto"):
                                  f"{need:.3g} GB with the token-Gram matrices before it, beyond max_gb={max_gb:g}: "
                                  f"raise grad_spectra_max_gb (--max_gb) to {need:.3g} or more, or use method 'auto' "
                                  "or 'materialise' (column blocks of G)")
-        step = max(1, min(d_out, budget // max(1, n * d_in)))
-        blocks += [(name, slice(o, min(o + step, d_out))) for o in range(0, d_out, step)]
-    passes, used = [], []  # blocks grouped into passes while they fit
-    for job in blocks:
-        size = held_entries(shapes[job[0]], n, seq_len, job[1])
-        if passes and used[-1] + size <= budget:
-            passes[-1].append(job)
-            used[-1] += size
-        else:
-            passes.append([job])
-            used.append(size)
+        dense.append(name)
+    # each pass filled to the budget with output rows, a matrix continuing in the next pass where the
+    # last one is full: ceil(size of G / budget) passes (d48's five attn.c_proj under 8 GB: 7, not the
+    # 10 of one block per matrix and pass); a single row wider than the budget still goes, alone
+    passes, used = [], []
+    for name in dense:
+        d_out, d_in = shapes[name]
+        start = 0
+        while start < d_out:
+            if not passes or used[-1] + n * d_in > budget:
+                passes.append([])
+                used.append(0)
+            rows = max(1, min(d_out - start, (budget - used[-1]) // (n * d_in)))
+            passes[-1].append((name, slice(start, start + rows)))
+            used[-1] += n * rows * d_in
+            start += rows
     if token:  # the token-Gram matrices ride along with the emptiest pass if they fit there, else alone
         emptiest = min(range(len(passes)), key=used.__getitem__, default=None)
         if emptiest is not None and used[emptiest] + held <= budget:
