@@ -431,7 +431,10 @@ def summarise(spectra, family, head, tail, prev=None, first=None, where=""):
 # one backward of the summed per-sequence losses yields every B_i at once; torch.autograd.grad
 # asks only for the outputs of the chosen layers, so no parameter gradient is computed, .grad is
 # never written, and nothing below the lowest chosen layer runs backward. The spectrum is that of
-# G = [g_1; ...; g_n]: singular values = sqrt(eig(K)), K = G G^T (n x n, fp64).
+# G = [g_1; ...; g_n]: singular values = sqrt(eig(K)), K = G G^T (n x n, fp64). Each g_i is
+# formed in fp64 and held in fp32, the precision of the gradients autograd itself would give
+# (rounding G to fp32 moved singular values by under 1e-9 relative in tests), at half the memory: d12's five
+# default matrices on 512 sequences (5.6 GB) fit one pass under the default 8 GB.
 #
 # DDP: probe batch b runs on rank b % world, so every g_i is computed exactly as in one process;
 # the rows of G are then gathered to rank 0, which forms K in sample order. Exchanging G
@@ -553,7 +556,7 @@ def gather_rows(rows, index, n, rank, world):
 
 
 # Arithmetic of the forward/backward passes that give A and B. The products g_i = vec(B_i^T A_i) and
-# K = G G^T are fp64 whatever is chosen. 'fp32' is exact (agrees with a batch-size-1 fp32 loop to
+# K = G G^T are fp64 whatever is chosen (G held in fp32). 'fp32' is exact (agrees with a batch-size-1 fp32 loop to
 # ~1e-6); 'tf32' (TF32 tensor cores, CUDA only: full fp32 on CPU) and 'bf16' (autocast, as the
 # trainer's CUDA steps) trade that agreement for speed: bench/grad_spectra.py --precision prints both.
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -594,20 +597,21 @@ def gradient_grams(model, tokens, names, seq_len, n_samples, batch_size=8, max_g
 
 
 def held_entries(shape, n, seq_len, rows):
-    """fp64 entries one job of a pass holds for n examples: a column block of G (n |rows| d_in), or,
-    for a token-Gram matrix (rows None), its inputs A and output gradients B (n T (d_in + d_out))."""
+    """fp32 entries one job of a pass holds for n examples: a column block of G (n |rows| d_in), or,
+    for a token-Gram matrix (rows None), its inputs A and output gradients B (n T (d_in + d_out);
+    fp32 holds them exactly: they come from fp32 or bf16 passes)."""
     d_out, d_in = shape
     return n * seq_len * (d_in + d_out) if rows is None else n * (rows.stop - rows.start) * d_in
 
 
 def plan_passes(shapes, n, seq_len, max_gb=8.0, method="auto"):
-    """How gradient_grams keeps what it holds at once within max_gb of fp64 entries: a list of
+    """How gradient_grams keeps what it holds at once within max_gb of fp32 entries: a list of
     passes, each one sweep over the probe set, each a list of jobs (name, rows): a slice of output
     units of a materialised matrix (a column block of G), or None for a token-Gram matrix, whose A
     and B are held whole (held_entries). `shapes`: {name: (d_out, d_in)}. A matrix the cost estimate
     gives to the token-Gram takes it only while the A and B fit beside the others'; under 'auto' one
     that does not is materialised instead, a forced 'token_gram' that does not is a ValueError."""
-    budget = max(1, int(max_gb * 2 ** 30 / 8))
+    budget = max(1, int(max_gb * 2 ** 30 / 4))
     dense, token, held = [], [], 0
     for name, (d_out, d_in) in shapes.items():
         if gram_method(n, seq_len, d_in, d_out, method) == "token_gram":
@@ -617,16 +621,16 @@ def plan_passes(shapes, n, seq_len, max_gb=8.0, method="auto"):
                 held += size
                 continue
             if method == "token_gram":
-                need = (held + size) * 8 / 2 ** 30
+                need = (held + size) * 4 / 2 ** 30
                 raise ValueError(f"method 'token_gram' (grad_spectra_method, --method): {name} needs the inputs and "
-                                 f"output gradients of all {n} examples at once, {size * 8 / 2 ** 30:.3g} GB in fp64, "
+                                 f"output gradients of all {n} examples at once, {size * 4 / 2 ** 30:.3g} GB in fp32, "
                                  f"{need:.3g} GB with the token-Gram matrices before it, beyond max_gb={max_gb:g}: "
                                  f"raise grad_spectra_max_gb (--max_gb) to {need:.3g} or more, or use method 'auto' "
                                  "or 'materialise' (column blocks of G)")
         dense.append(name)
     # each pass filled to the budget with output rows, a matrix continuing in the next pass where the
-    # last one is full: ceil(size of G / budget) passes (d48's five attn.c_proj under 8 GB: 7, not the
-    # 10 of one block per matrix and pass); a single row wider than the budget still goes, alone
+    # last one is full: ceil(size of G / budget) passes (d48's five attn.c_proj under 8 GB: 4, where
+    # one fp64 block per matrix and pass took 10); a single row wider than the budget still goes, alone
     passes, used = [], []
     for name in dense:
         d_out, d_in = shapes[name]
@@ -649,14 +653,25 @@ def plan_passes(shapes, n, seq_len, max_gb=8.0, method="auto"):
 
 
 def token_gram_matrix(A, B, block):
-    """K of the token-Gram matrices from every example's A (n, T, d_in) and B (n, T, d_out): the
-    upper blocks of `block` x `block` examples at a time (K is symmetric)."""
+    """K of the token-Gram matrices from every example's A (n, T, d_in) and B (n, T, d_out), in fp64:
+    the upper blocks of `block` x `block` examples at a time (K is symmetric)."""
     n = len(A)
     K = torch.zeros(n, n, dtype=torch.float64, device=A.device)
     for i in range(0, n, block):
         for j in range(i, n, block):
-            part = token_gram(A[i:i + block], B[i:i + block], A[j:j + block], B[j:j + block])
+            part = token_gram(*(X[r:r + block].double() for X, r in ((A, i), (B, i), (A, j), (B, j))))
             K[i:i + block, j:j + block], K[j:j + block, i:i + block] = part, part.T
+    return K
+
+
+def gram_fp64(G, chunk_elements=2 ** 26):
+    """G G^T in fp64 from an fp32 G, a column chunk (at most chunk_elements, 512 MB) upcast at a time."""
+    n = len(G)
+    K = torch.zeros(n, n, dtype=torch.float64, device=G.device)
+    step = max(1, chunk_elements // max(1, n))
+    for c in range(0, G.size(1), step):
+        part = G[:, c:c + step].double()
+        K.addmm_(part, part.T)
     return K
 
 
@@ -669,7 +684,7 @@ def run_passes(passes, model, linears, windows, mine, n, seq_len, batch_size, ra
     n_mine = sum(len(batch) for batch in mine)
     for jobs in passes:
         shapes = [tuple(linears[name].weight.shape) for name, _ in jobs]
-        held = [torch.empty(n_mine, held_entries(shape, 1, seq_len, rows), dtype=torch.float64, device=device)
+        held = [torch.empty(n_mine, held_entries(shape, 1, seq_len, rows), dtype=torch.float32, device=device)
                 for shape, (_, rows) in zip(shapes, jobs)]
         index = []
         for batch in mine:
@@ -695,7 +710,7 @@ def run_passes(passes, model, linears, windows, mine, n, seq_len, batch_size, ra
                 B = full[:, seq_len * d_in:].unflatten(1, (seq_len, d_out))
                 grams[name] = token_gram_matrix(A, B, batch_size)
             else:
-                grams[name] = grams.get(name, 0) + full @ full.T
+                grams[name] = grams.get(name, 0) + gram_fp64(full)
     return grams
 
 

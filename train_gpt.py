@@ -106,7 +106,7 @@ class Config:
     grad_matrices: str = "attn.c_proj" # comma-separated from attn.c_q/c_k/c_v/c_proj, mlp.c_fc/c_proj
     grad_layers: str = ""              # "" -> 5 evenly spaced layers, first and last included; "all"; or "0,5,11"
     grad_batch_size: int = 8           # examples per forward/backward (a fixed unit, like spectra_batch_size)
-    grad_spectra_max_gb: float = 8.0   # per-example gradients (fp64) held at once; more goes in column blocks
+    grad_spectra_max_gb: float = 8.0   # per-example gradients (fp32) held at once; more goes in column blocks
     grad_spectra_method: str = "auto"  # auto | materialise | token_gram (see spectra.gram_method)
     grad_spectra_precision: str = "fp32"  # fp32 (exact) | tf32 | bf16: faster, approximate passes on a GPU
     # checkpoints

@@ -11,8 +11,9 @@ is the gradient of one chosen Linear's weight for example i (one sequence of --s
 loss the mean cross-entropy over its tokens; the first --samples windows of the embedded corpus):
 
   ours      spectra.measure_gradients: batched forward/backward passes give each layer's inputs A_i
-            and output gradients B_i, g_i = vec(B_i^T A_i) in fp64 (or the token-Gram), K = G G^T
-            accumulated in column blocks of G bounded by --max_gb; singular values = sqrt(eig(K))
+            and output gradients B_i, g_i = vec(B_i^T A_i) formed in fp64 and held in fp32 (or the
+            token-Gram), K = G G^T accumulated in fp64 over column blocks of G bounded by --max_gb;
+            singular values = sqrt(eig(K))
   baseline  the seed protocol, written here independently: for each example, zero the gradients,
             forward the single sequence, backward its mean loss, copy every chosen weight's .grad
             (fp64) into row i of G; singular values with torch.linalg.svdvals(G)
@@ -21,7 +22,7 @@ and prints both times, the speedup (a ratio; timing is never asserted), the larg
 singular-value difference over the meaningful ranks (spectra.numerical_rank of the baseline's
 values) and the largest |difference| / sigma_1. It also prints the memory plan of the Gram
 accumulation (the most held at once, column blocks of G and any token-Gram A and B, against
-n x P x 8 bytes for G whole; on CUDA the measured peak too), and runs ours again with a --max_gb
+n x P x 4 bytes for G whole in fp32; on CUDA the measured peak too), and runs ours again with a --max_gb
 small enough that each matrix needs --blocks column blocks, to show the blocked result equals the
 unblocked one. Exits 1 if the relative error exceeds 1e-5: the two methods then disagree on the
 spectra.
@@ -136,9 +137,9 @@ def gram_plan(model, names, n, seq_len, max_gb, method):
 
 
 def peak_held_bytes(model, passes, n, seq_len):
-    """Bytes held at once in the fullest pass (fp64): its column blocks of G and token-Gram A and B."""
+    """Bytes held at once in the fullest pass (fp32): its column blocks of G and token-Gram A and B."""
     linears = model.linears()
-    return max((sum(spectra.held_entries(tuple(linears[name].weight.shape), n, seq_len, rows) * 8
+    return max((sum(spectra.held_entries(tuple(linears[name].weight.shape), n, seq_len, rows) * 4
                     for name, rows in jobs) for jobs in passes), default=0)
 
 
@@ -147,7 +148,7 @@ def blocking_max_gb(model, names, n, blocks):
     one block): budget = n x ceil(d_out / blocks) x d_in entries."""
     linears = model.linears()
     entries = max(n * math.ceil(linears[m].weight.shape[0] / blocks) * linears[m].weight.shape[1] for m in names)
-    return (entries + 0.5) * 8 / 2 ** 30
+    return (entries + 0.5) * 4 / 2 ** 30
 
 
 def mb(n_bytes):
@@ -293,11 +294,11 @@ def main(argv=None):
         f"{w} {WINDOWS[w]} {v:.1e} (at {at})" for w, (v, at) in shift.items()) +
         ("" if args.precision == "fp32" else f"; tolerance {ALPHA_TOLERANCE}"))
 
-    whole = sum(n * P[m] * 8 for m in names)
+    whole = sum(n * P[m] * 4 for m in names)
     note = f"; {len(token)} token-Gram matrices hold A, B instead of G" if token else ""
     print(f"memory: most held at once {mb(peak_held_bytes(model, passes, n, args.seq_len))} "
           f"({len(passes)} pass{'es' * (len(passes) != 1)} over the probe set) vs G whole {mb(whole)} "
-          f"(n x P x 8 bytes, all {len(names)} matrices){note}")
+          f"(n x P x 4 bytes, all {len(names)} matrices){note}")
     if measured is not None:
         print(f"memory: measured peak of ours above the model {mb(measured)} (torch.cuda.max_memory_allocated)")
     if blocked is not None:

@@ -73,12 +73,12 @@ def test_blocked_token_gram_and_materialised_grams_agree():
     tokens, T, n = probe_tokens(10 * 16 + 1), 16, 10
     names = ["L00.attn.c_proj", "L01.mlp.c_fc"]
     whole = spectra.gradient_grams(model, tokens, names, T, n, batch_size=4, method="materialise")
-    # 10 x 32 x 8 fp64 entries per block of 8 output rows: several column blocks and passes
-    blocked = spectra.gradient_grams(model, tokens, names, T, n, batch_size=4, max_gb=10 * 32 * 8 * 8 / 2**30,
+    # 10 x 32 x 8 fp32 entries per block of 8 output rows: several column blocks and passes
+    blocked = spectra.gradient_grams(model, tokens, names, T, n, batch_size=4, max_gb=10 * 32 * 8 * 4 / 2**30,
                                      method="materialise")
     tg = spectra.gradient_grams(model, tokens, names, T, n, batch_size=4, method="token_gram")
-    for name in names:
-        assert rel(blocked[name], whole[name]) < 1e-12 and rel(tg[name], whole[name]) < 1e-12
+    for name in names:  # the materialised G is held in fp32, the token-Gram's A and B exactly
+        assert rel(blocked[name], whole[name]) < 1e-12 and rel(tg[name], whole[name]) < 1e-7
         assert torch.allclose(whole[name], whole[name].T)
 
 
@@ -113,15 +113,15 @@ def test_reduced_precision_passes_approximate_the_exact_spectra_and_restore_the_
 
 
 def test_passes_cover_every_output_row_once_within_the_budget():
-    # d48's default five attn.c_proj (1600 x 1600) on 512 sequences: 48.8 GB of G under 8 GB a pass
+    # d48's default five attn.c_proj (1600 x 1600) on 512 sequences: 24.4 GB of G (fp32) under 8 GB a pass
     shapes = {f"L{i:02d}.attn.c_proj": (1600, 1600) for i in (0, 12, 24, 35, 47)}
-    assert len(spectra.plan_passes(shapes, 512, 1024, 8.0)) == math.ceil(5 * 512 * 1600 ** 2 * 8 / 2 ** 30 / 8)
+    assert len(spectra.plan_passes(shapes, 512, 1024, 8.0)) == math.ceil(5 * 512 * 1600 ** 2 * 4 / 2 ** 30 / 8) == 4
     rng = np.random.default_rng(0)
     for _ in range(300):
         n, T = int(rng.integers(2, 40)), int(rng.integers(1, 20))
         shapes = {f"m{k}": tuple(int(v) for v in rng.integers(1, 60, size=2)) for k in range(int(rng.integers(1, 5)))}
         budget = int(rng.integers(1, 4 * n * 60))
-        passes = spectra.plan_passes(shapes, n, T, (budget + 0.5) * 8 / 2 ** 30)
+        passes = spectra.plan_passes(shapes, n, T, (budget + 0.5) * 4 / 2 ** 30)
         for name, (d_out, d_in) in shapes.items():
             jobs = [rows for p in passes for m, rows in p if m == name]
             if jobs == [None]:  # token-Gram: A and B held whole
@@ -145,9 +145,9 @@ def test_the_token_gram_counts_its_inputs_against_max_gb(tmp_path):
     names = ["L00.attn.c_proj", "L01.mlp.c_fc"]
     shapes = {m: tuple(linears[m].weight.shape) for m in names}
     assert all(spectra.gram_method(n, T, d_in, d_out) == "token_gram" for d_out, d_in in shapes.values())
-    ab = {m: n * T * (d_in + d_out) for m, (d_out, d_in) in shapes.items()}  # fp64 entries of A and B
+    ab = {m: n * T * (d_in + d_out) for m, (d_out, d_in) in shapes.items()}  # fp32 entries of A and B
     budget = ab["L00.attn.c_proj"] + n * 8 * shapes["L01.mlp.c_fc"][1]  # room for one A, B and 8 rows of G
-    max_gb = (budget + 0.5) * 8 / 2 ** 30
+    max_gb = (budget + 0.5) * 4 / 2 ** 30
     passes = spectra.plan_passes(shapes, n, T, max_gb)
     # the second does not fit beside the first: materialised in column blocks, and the first rides
     # along with the pass that has room for it rather than costing a sweep of its own
@@ -161,10 +161,11 @@ def test_the_token_gram_counts_its_inputs_against_max_gb(tmp_path):
     assert all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
     whole = spectra.gradient_grams(model, tokens, names, T, n, batch_size=4)
     planned = spectra.gradient_grams(model, tokens, names, T, n, batch_size=4, max_gb=max_gb)
-    assert all(rel(planned[m], whole[m]) < 1e-12 for m in names)
+    # L00 by the token-Gram in both; L01's G materialised (held in fp32) rather than its token-Gram
+    assert rel(planned[names[0]], whole[names[0]]) < 1e-12 and rel(planned[names[1]], whole[names[1]]) < 1e-7
     with pytest.raises(ValueError, match=r"method 'token_gram' \(grad_spectra_method, --method\): L01.mlp.c_fc needs "
                                          r"the inputs and output gradients of all 10 examples at once, .* raise "
-                                         r"grad_spectra_max_gb \(--max_gb\) to 3.34e-05 or more"):
+                                         r"grad_spectra_max_gb \(--max_gb\) to 1.67e-05 or more"):
         spectra.gradient_grams(model, tokens, names, T, n, max_gb=max_gb, method="token_gram")
     # the trainer refuses it before anything is written
     with pytest.raises(ConfigError, match=r"method 'token_gram' .*: L0\d.attn.c_proj needs the inputs"):
@@ -301,7 +302,7 @@ def test_two_processes_give_the_same_singular_values_as_one(tmp_path):
     lone = spectra.measure_gradients(model, probe_tokens(3 * 16 + 1), names, 16, 3, 4)
     bf = spectra.measure_gradients(model, probe_tokens(7 * 16 + 1), names, 16, 7, 2, precision="bf16")
     for name in names:  # 4 batches (2, 2, 2, 1): rank 0 takes batches 0 and 2, rank 1 batches 1 and 3
-        assert rel(ddp[name], one[name]["eig"]) < 1e-10 and rel(ddp["tg" + name], one[name]["eig"]) < 1e-10
+        assert rel(ddp[name], one[name]["eig"]) < 1e-10 and rel(ddp["tg" + name], one[name]["eig"]) < 1e-7
         assert rel(ddp["lone" + name], lone[name]["eig"]) < 1e-10
         # approximate passes are still the same numbers in one process and two
         assert rel(ddp["bf" + name], bf[name]["eig"]) < 1e-10 and rel(bf[name]["eig"], one[name]["eig"]) > 1e-6
