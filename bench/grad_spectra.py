@@ -3,8 +3,10 @@ Per-example gradient spectra: our batched Gram method against the seed protocol'
 
     python bench/grad_spectra.py [--samples 64] [--seq_len 128] [--matrices attn.c_proj] [--layers all]
                                  [--batch_size 8] [--max_gb 8] [--blocks 2] [--repeats 3] [--device auto]
-                                 [--precision fp32|tf32|bf16]
+                                 [--precision fp32[,tf32,bf16]]
     python bench/grad_spectra.py --profile d12 --samples 512 --seq_len 1024      # one GPU
+    python bench/grad_spectra.py --profile d12 --samples 512 --seq_len 1024 --layers '' \
+        --precision fp32,tf32,bf16 --batch_size 8,32 --blocks 0               # variants, one baseline
 
 Both methods measure the singular values of the same G on the same model and probe set: row i of G
 is the gradient of one chosen Linear's weight for example i (one sequence of --seq_len tokens, its
@@ -27,11 +29,13 @@ small enough that each matrix needs --blocks column blocks, to show the blocked 
 unblocked one. Exits 1 if the relative error exceeds 1e-5: the two methods then disagree on the
 spectra.
 
---precision tf32 or bf16 runs our passes in that arithmetic (spectra.PRECISIONS; the baseline stays
-full fp32, the seed protocol's), for the speed a GPU's tensor cores give. Those spectra are
-approximate, so instead of the 1e-5 check the bench prints how far the fitted exponents (alpha over
-the head and tail windows, as logged) move from the baseline's and exits 1 if any moves by more
-than 0.01, a tenth of the smallest differences the studies report between conditions.
+Lists in --precision and --batch_size run ours once per combination, each printed against the one
+baseline. --precision tf32 or bf16 runs our passes in that arithmetic (spectra.PRECISIONS; the
+baseline stays full fp32, the seed protocol's), for the speed a GPU's tensor cores give. Those
+spectra are approximate, so instead of the 1e-5 check the bench prints how far the fitted exponents
+(alpha over the head and tail windows, as logged) move from the baseline's and exits 1 if any moves
+by more than 0.01, a tenth of the smallest differences the studies report between conditions.
+
 Defaults are the CPU tiny config of configs/cpu_demo.py with random weights (every parameter
 ~ N(0, 0.02), so the zero-initialised projections are not zero). For stable CPU timings, run with
 GLIBC_TUNABLES=glibc.malloc.hugetlb=1.
@@ -192,18 +196,44 @@ def scaled_difference(ours, base):
 
 def alpha_shift(ours, base, limit):
     """{window name: |alpha(ours) - alpha(base)|} over the trainer's default fit windows, both fits
-    clipped to the baseline's meaningful ranks, as the logged fits are; inf if either is not finite."""
+    clipped to the baseline's meaningful ranks, as the logged fits are; NaN where the window lies
+    beyond those ranks (neither has a fit), inf where only one side has a finite fit."""
     rank = spectra.numerical_rank(base, limit)
     out = {}
     for window, ranks in WINDOWS.items():
         a, b = (spectra.fit_power_law(v, ranks, rank)["alpha"] for v in (ours, base))
-        out[window] = abs(a - b) if math.isfinite(a) and math.isfinite(b) else math.inf
+        out[window] = abs(a - b) if math.isfinite(a) and math.isfinite(b) else \
+            math.nan if math.isnan(b) and math.isnan(a) else math.inf
     return out
 
 
 def worst(diffs):
-    name = max(diffs, key=diffs.get)
-    return diffs[name], name
+    """(largest value, its key), NaN values ignored; (nan, '-') when all are NaN."""
+    finite = {k: v for k, v in diffs.items() if not math.isnan(v)}
+    if not finite:
+        return math.nan, "-"
+    name = max(finite, key=finite.get)
+    return finite[name], name
+
+
+def int_list(text):
+    """'8,32' -> [8, 32] (positive integers)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive integers like 8 or 8,32")
+    return values
+
+
+def precision_list(text):
+    """'fp32,bf16' -> ['fp32', 'bf16'], each one of spectra.PRECISIONS."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values or any(v not in spectra.PRECISIONS for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected one or more of {', '.join(spectra.PRECISIONS)}, "
+                                         "comma-separated")
+    return values
 
 
 def resolve_sizes(args):
@@ -226,7 +256,9 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=64, help="examples (sequences), the rows of G")
     ap.add_argument("--matrices", default="attn.c_proj", help="comma-separated block Linears")
     ap.add_argument("--layers", default="all", help="'all', '' (5 evenly spaced) or '0,2,3'")
-    ap.add_argument("--batch_size", type=int, default=8, help="sequences per pass of ours")
+    ap.add_argument("--batch_size", type=int_list, default=[8],
+                    help="sequences per forward/backward of ours; a comma-separated list runs each, against the same "
+                         "baseline")
     ap.add_argument("--max_gb", type=float, default=8.0, help="ours: G entries held at once, in GiB")
     ap.add_argument("--method", choices=("auto", "materialise", "token_gram"), default="auto")
     ap.add_argument("--blocks", type=int, default=2,
@@ -235,8 +267,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of ours after one warm-up (best is reported)")
     ap.add_argument("--baseline_repeats", type=int, default=1, help="timed runs of the baseline")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--precision", choices=spectra.PRECISIONS, default="fp32",
-                    help="arithmetic of our passes (the baseline is always full fp32); tf32 and bf16 are approximate")
+    ap.add_argument("--precision", type=precision_list, default=["fp32"],
+                    help="arithmetic of our passes, fp32, tf32 or bf16 (the baseline is always full fp32; tf32 and "
+                         "bf16 are approximate); a comma-separated list runs each, against the same baseline")
     args = ap.parse_args(argv)
 
     device = spectra.pick_device(args.device)
@@ -251,73 +284,89 @@ def main(argv=None):
           f"weights, {device.type}, {threads}, OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}")
     print(f"probe set: {n} sequences x {args.seq_len} tokens ({split} split); {len(names)} matrices "
           f"({args.matrices}, layers {args.layers}), P = {sorted(set(P.values()))} weights each; "
-          f"ours: batch {args.batch_size}, max_gb {args.max_gb:g}, method {args.method}, precision {args.precision}")
+          f"ours: batch {','.join(map(str, args.batch_size))}, max_gb {args.max_gb:g}, method {args.method}, "
+          f"precision {','.join(args.precision)}")
 
-    def ours(max_gb=args.max_gb):
-        return spectra.measure_gradients(model, tokens, names, args.seq_len, n, args.batch_size, max_gb, args.method,
-                                         precision=args.precision)
+    def ours(precision, batch_size, max_gb=args.max_gb):
+        return spectra.measure_gradients(model, tokens, names, args.seq_len, n, batch_size, max_gb, args.method,
+                                         precision=precision)
 
-    ours()  # warm-up: first-call allocations and kernel selection are not part of the method
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        held = torch.cuda.memory_allocated(device)
-    t_ours, ours_out = best_time(ours, args.repeats, device)
-    measured = torch.cuda.max_memory_allocated(device) - held if device.type == "cuda" else None
+    runs = []  # (precision, batch size, best time, spectra, measured peak or None)
+    for precision in args.precision:
+        for batch_size in args.batch_size:
+            ours(precision, batch_size)  # warm-up: first-call allocations and kernel choice are not the method
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                held = torch.cuda.memory_allocated(device)
+            t, out = best_time(lambda: ours(precision, batch_size), args.repeats, device)
+            runs.append((precision, batch_size, t, out,
+                         torch.cuda.max_memory_allocated(device) - held if device.type == "cuda" else None))
 
     blocked = None
+    first_precision, first_batch, t_first, first_out, _ = runs[0]
     dense, token, passes = gram_plan(model, names, n, args.seq_len, args.max_gb, args.method)
     if args.blocks > 0 and dense:
         small_gb = blocking_max_gb(model, dense, n, args.blocks)
-        t_blocked, blocked = best_time(lambda: ours(small_gb), 1, device)
+        t_blocked, blocked = best_time(lambda: ours(first_precision, first_batch, small_gb), 1, device)
         _, _, small_passes = gram_plan(model, names, n, args.seq_len, small_gb, args.method)
 
     timing = {}
     t_base, base_out = best_time(lambda: baseline_spectra(model, tokens, names, args.seq_len, n, timing),
                                  args.baseline_repeats, device)
-
-    rel = {m: relative_difference(ours_out[m]["eig"], base_out[m], min(n, P[m])) for m in names}
-    scaled = {m: scaled_difference(ours_out[m]["eig"], base_out[m]) for m in names}
-    ranks = [spectra.numerical_rank(base_out[m], min(n, P[m])) for m in names]
-    shifts = {m: alpha_shift(ours_out[m]["eig"], base_out[m], min(n, P[m])) for m in names}
-    shift = {w: worst({m: s[w] for m, s in shifts.items()}) for w in WINDOWS}
-    (rel_max, rel_at), (scaled_max, scaled_at) = worst(rel), worst(scaled)
-    print(f"ours (batched, Gram of G):          {t_ours:8.3f} s  (best of {args.repeats})")
     print(f"baseline (one backward per example): {t_base:7.3f} s  (best of {args.baseline_repeats}; last run: loop "
           f"{timing['loop']:.3f} s, SVD {timing['svd']:.3f} s on {device.type})")
-    print(f"speedup: {t_base / t_ours:.1f}x (goal >= 1.5x on the CPU tiny config; >= 20x for d12 at n=512, "
-          f"T=1024 on one GPU)")
-    print(f"max relative singular-value error:  {rel_max:.2e} (at {rel_at}; over the meaningful ranks, "
-          f"{min(ranks)}..{max(ranks)} of {n}; " + (f"tolerance {RELATIVE_TOLERANCE:.0e})" if args.precision == "fp32"
-                                                     else f"{args.precision}: approximate, alphas checked)"))
-    print(f"max |difference| / sigma_1:         {scaled_max:.2e} (at {scaled_at})")
-    print("max |alpha difference|:             " + "; ".join(
-        f"{w} {WINDOWS[w]} {v:.1e} (at {at})" for w, (v, at) in shift.items()) +
-        ("" if args.precision == "fp32" else f"; tolerance {ALPHA_TOLERANCE}"))
+    failures = [report(precision, batch_size, t, out, peak, t_base, base_out, names, n, P, args.repeats)
+                for precision, batch_size, t, out, peak in runs]
 
     whole = sum(n * P[m] * 4 for m in names)
     note = f"; {len(token)} token-Gram matrices hold A, B instead of G" if token else ""
     print(f"memory: most held at once {mb(peak_held_bytes(model, passes, n, args.seq_len))} "
           f"({len(passes)} pass{'es' * (len(passes) != 1)} over the probe set) vs G whole {mb(whole)} "
           f"(n x P x 4 bytes, all {len(names)} matrices){note}")
-    if measured is not None:
-        print(f"memory: measured peak of ours above the model {mb(measured)} (torch.cuda.max_memory_allocated)")
     if blocked is not None:
-        block_diff = max(float(np.max(np.abs(blocked[m]["eig"] - ours_out[m]["eig"]) / ours_out[m]["eig"][0]))
+        block_diff = max(float(np.max(np.abs(blocked[m]["eig"] - first_out[m]["eig"]) / first_out[m]["eig"][0]))
                          for m in names)
-        block_rel = max(relative_difference(blocked[m]["eig"], ours_out[m]["eig"], min(n, P[m])) for m in names)
-        print(f"blocked (max_gb {small_gb:.3g}, {args.blocks} column blocks per matrix, {len(small_passes)} passes): "
-              f"most held at once {mb(peak_held_bytes(model, small_passes, n, args.seq_len))}, "
-              f"time {t_blocked:.3f} s = "
-              f"{t_blocked / t_ours:.1f}x ours; max relative difference to unblocked {block_rel:.2e}, "
+        block_rel = max(relative_difference(blocked[m]["eig"], first_out[m]["eig"], min(n, P[m])) for m in names)
+        print(f"blocked ({first_precision}, batch {first_batch}, max_gb {small_gb:.3g}, {args.blocks} column blocks "
+              f"per matrix, {len(small_passes)} passes): most held at once "
+              f"{mb(peak_held_bytes(model, small_passes, n, args.seq_len))}, time {t_blocked:.3f} s = "
+              f"{t_blocked / t_first:.1f}x unblocked; max relative difference to unblocked {block_rel:.2e}, "
               f"max |difference| / sigma_1 {block_diff:.2e}")
     elif args.blocks > 0:
         print("blocked: every chosen matrix uses the token-Gram (no G is materialised), so max_gb does not apply")
-    if args.precision == "fp32" and not rel_max <= RELATIVE_TOLERANCE:
-        print("FAIL: the two methods disagree on the singular values")
+    for failure in filter(None, failures):
+        print("FAIL: " + failure)
+    if any(failures):
         sys.exit(1)
-    if args.precision != "fp32" and not max(v for v, _ in shift.values()) <= ALPHA_TOLERANCE:
-        print(f"FAIL: {args.precision} passes move a fitted alpha by more than {ALPHA_TOLERANCE}")
-        sys.exit(1)
+
+
+def report(precision, batch_size, t, out, peak, t_base, base_out, names, n, P, repeats):
+    """Print one run of ours against the baseline; the reason it fails its accuracy check, or None."""
+    rel = {m: relative_difference(out[m]["eig"], base_out[m], min(n, P[m])) for m in names}
+    scaled = {m: scaled_difference(out[m]["eig"], base_out[m]) for m in names}
+    ranks = [spectra.numerical_rank(base_out[m], min(n, P[m])) for m in names]
+    shifts = {m: alpha_shift(out[m]["eig"], base_out[m], min(n, P[m])) for m in names}
+    shift = {w: worst({m: s[w] for m, s in shifts.items()}) for w in WINDOWS}
+    (rel_max, rel_at), (scaled_max, scaled_at) = worst(rel), worst(scaled)
+    exact = precision == "fp32"
+    print(f"ours, {precision}, batch {batch_size} (batched, Gram of G): {t:8.3f} s  (best of {repeats})")
+    print(f"  speedup: {t_base / t:.1f}x (goal >= 1.5x on the CPU tiny config; >= 20x for d12 at n=512, T=1024 "
+          f"on one GPU)")
+    print(f"  max relative singular-value error:  {rel_max:.2e} (at {rel_at}; over the meaningful ranks, "
+          f"{min(ranks)}..{max(ranks)} of {n}; " + (f"tolerance {RELATIVE_TOLERANCE:.0e})" if exact
+                                                     else f"{precision}: approximate, alphas checked)"))
+    print(f"  max |difference| / sigma_1:         {scaled_max:.2e} (at {scaled_at})")
+    print("  max |alpha difference|:             " + "; ".join(
+        f"{w} {WINDOWS[w]} " + (f"{v:.1e} (at {at})" if not math.isnan(v) else "none (beyond the ranks)")
+        for w, (v, at) in shift.items()) +
+        ("" if exact else f"; tolerance {ALPHA_TOLERANCE}"))
+    if peak is not None:
+        print(f"  memory: measured peak above the model {mb(peak)} (torch.cuda.max_memory_allocated)")
+    if exact and not rel_max <= RELATIVE_TOLERANCE:
+        return f"{precision}, batch {batch_size}: the two methods disagree on the singular values"
+    if not exact and any(v > ALPHA_TOLERANCE for v, _ in shift.values()):  # NaN: no window to fit
+        return f"{precision}, batch {batch_size}: the passes move a fitted alpha by more than {ALPHA_TOLERANCE}"
+    return None
 
 
 if __name__ == "__main__":
