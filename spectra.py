@@ -101,22 +101,27 @@ def empty_stats(width, device):
 @contextmanager
 def fp32_matmuls(tf32=False):
     """fp32 matrix products in full fp32 (TF32 off) inside the block, or with tf32=True on CUDA's
-    TF32 tensor cores; CPU products stay full fp32 either way. Every setting touched is restored."""
-    cpu = getattr(torch.backends.mkldnn, "matmul", None)  # torch >= 2.9 also routes "high" to oneDNN
-    saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
-             torch.backends.cuda.matmul.fp32_precision if cpu is not None else None,
-             cpu.fp32_precision if cpu is not None else None)
-    torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    torch.backends.cudnn.allow_tf32 = tf32
-    if cpu is not None:
-        cpu.fp32_precision = "ieee"
+    TF32 tensor cores; CPU products stay full fp32 either way. Every setting touched is restored.
+    torch >= 2.9 keeps per-backend switches (cuda.matmul and mkldnn.matmul .fp32_precision) that
+    the legacy one maps onto, and its legacy getter refuses to answer once a caller has set them
+    directly: then only those are used. (cuDNN's TF32 switch concerns convolutions: none here.)"""
+    cuda, cpu = torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None)
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the caller used the per-backend switches
+        legacy = None
+    switches = (cuda.fp32_precision, cpu.fp32_precision) if cpu is not None else None
+    if legacy is not None:
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    if switches is not None:
+        cuda.fp32_precision, cpu.fp32_precision = ("tf32" if tf32 else "ieee"), "ieee"
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(saved[0])
-        torch.backends.cudnn.allow_tf32 = saved[1]
-        if cpu is not None:
-            torch.backends.cuda.matmul.fp32_precision, cpu.fp32_precision = saved[2], saved[3]
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy)
+        if switches is not None:
+            cuda.fp32_precision, cpu.fp32_precision = switches
 
 
 def merge_stats(a, b):
@@ -432,9 +437,10 @@ def summarise(spectra, family, head, tail, prev=None, first=None, where=""):
 # asks only for the outputs of the chosen layers, so no parameter gradient is computed, .grad is
 # never written, and nothing below the lowest chosen layer runs backward. The spectrum is that of
 # G = [g_1; ...; g_n]: singular values = sqrt(eig(K)), K = G G^T (n x n, fp64). Each g_i is
-# formed in fp64 and held in fp32, the precision of the gradients autograd itself would give
-# (rounding G to fp32 moved singular values by under 1e-9 relative in tests), at half the memory: d12's five
-# default matrices on 512 sequences (5.6 GB) fit one pass under the default 8 GB.
+# formed in fp64 and held in fp32, the precision of the gradients autograd itself would give, at
+# half the memory: d12's five default matrices on 512 sequences (5.6 GB) fit one pass under the
+# default 8 GB. Rounding G to fp32 moves sigma_k by about 6e-8 sigma_1 / sigma_k relative: ~1e-8
+# of sigma_1, up to ~1e-4 relative near the round-off floor; fitted alphas by < 1e-6 (tested).
 #
 # DDP: probe batch b runs on rank b % world, so every g_i is computed exactly as in one process;
 # the rows of G are then gathered to rank 0, which forms K in sample order. Exchanging G
@@ -628,9 +634,10 @@ def plan_passes(shapes, n, seq_len, max_gb=8.0, method="auto"):
                                  f"raise grad_spectra_max_gb (--max_gb) to {need:.3g} or more, or use method 'auto' "
                                  "or 'materialise' (column blocks of G)")
         dense.append(name)
-    # each pass filled to the budget with output rows, a matrix continuing in the next pass where the
-    # last one is full: ceil(size of G / budget) passes (d48's five attn.c_proj under 8 GB: 4, where
-    # one fp64 block per matrix and pass took 10); a single row wider than the budget still goes, alone
+    # each pass filled to the budget with whole output rows, a matrix continuing in the next pass
+    # where the last one is full: ceil(size of G / budget) passes when a row is small against the
+    # budget (d48's five attn.c_proj under 8 GB: 4, where one fp64 block per matrix and pass took
+    # 10), more when rows are wide; a single row wider than the budget still goes, alone
     passes, used = [], []
     for name in dense:
         d_out, d_in = shapes[name]
@@ -639,7 +646,7 @@ def plan_passes(shapes, n, seq_len, max_gb=8.0, method="auto"):
             if not passes or used[-1] + n * d_in > budget:
                 passes.append([])
                 used.append(0)
-            rows = max(1, min(d_out - start, (budget - used[-1]) // (n * d_in)))
+            rows = max(1, min(d_out - start, (budget - used[-1]) // max(1, n * d_in)))
             passes[-1].append((name, slice(start, start + rows)))
             used[-1] += n * rows * d_in
             start += rows

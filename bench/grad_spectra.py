@@ -148,8 +148,8 @@ def peak_held_bytes(model, passes, n, seq_len):
 
 
 def blocking_max_gb(model, names, n, blocks):
-    """A max_gb with which the widest chosen matrix needs `blocks` column blocks (each pass then holds
-    one block): budget = n x ceil(d_out / blocks) x d_in entries."""
+    """A max_gb with which the largest chosen matrix needs `blocks` column blocks: budget = n x
+    ceil(d_out / blocks) x d_in entries (smaller matrices may then share a pass, or span two)."""
     linears = model.linears()
     entries = max(n * math.ceil(linears[m].weight.shape[0] / blocks) * linears[m].weight.shape[1] for m in names)
     return (entries + 0.5) * 4 / 2 ** 30
@@ -216,6 +216,29 @@ def worst(diffs):
     return finite[name], name
 
 
+def at_least(low):
+    """An argparse type: an integer >= low."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= {low}")
+        return value
+    return parse
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number")
+    return value
+
+
 def int_list(text):
     """'8,32' -> [8, 32] (positive integers)."""
     try:
@@ -253,19 +276,20 @@ def main(argv=None):
     ap.add_argument("--n_head", type=int, default=None)
     ap.add_argument("--n_embd", type=int, default=None)
     ap.add_argument("--seq_len", type=int, default=128)
-    ap.add_argument("--samples", type=int, default=64, help="examples (sequences), the rows of G")
+    ap.add_argument("--samples", type=at_least(2), default=64, help="examples (sequences), the rows of G")
     ap.add_argument("--matrices", default="attn.c_proj", help="comma-separated block Linears")
     ap.add_argument("--layers", default="all", help="'all', '' (5 evenly spaced) or '0,2,3'")
     ap.add_argument("--batch_size", type=int_list, default=[8],
                     help="sequences per forward/backward of ours; a comma-separated list runs each, against the same "
                          "baseline")
-    ap.add_argument("--max_gb", type=float, default=8.0, help="ours: G entries held at once, in GiB")
+    ap.add_argument("--max_gb", type=positive_float, default=8.0, help="ours: G entries held at once, in GiB")
     ap.add_argument("--method", choices=("auto", "materialise", "token_gram"), default="auto")
     ap.add_argument("--blocks", type=int, default=2,
                     help="column blocks per matrix of the blocked run (one pass over the probe set each; 4 x "
                          "4 matrices take ~70 s on 2 CPU cores, hence 2); 0 skips it")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs of ours after one warm-up (best is reported)")
-    ap.add_argument("--baseline_repeats", type=int, default=1, help="timed runs of the baseline")
+    ap.add_argument("--repeats", type=at_least(1), default=3,
+                    help="timed runs of ours after one warm-up (best is reported)")
+    ap.add_argument("--baseline_repeats", type=at_least(1), default=1, help="timed runs of the baseline")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", type=precision_list, default=["fp32"],
                     help="arithmetic of our passes, fp32, tf32 or bf16 (the baseline is always full fp32; tf32 and "
@@ -287,6 +311,11 @@ def main(argv=None):
           f"ours: batch {','.join(map(str, args.batch_size))}, max_gb {args.max_gb:g}, method {args.method}, "
           f"precision {','.join(args.precision)}")
 
+    try:  # a forced token-Gram that cannot fit max_gb is refused before anything runs
+        dense, token, passes = gram_plan(model, names, n, args.seq_len, args.max_gb, args.method)
+    except ValueError as e:
+        ap.error(str(e))
+
     def ours(precision, batch_size, max_gb=args.max_gb):
         return spectra.measure_gradients(model, tokens, names, args.seq_len, n, batch_size, max_gb, args.method,
                                          precision=precision)
@@ -304,7 +333,6 @@ def main(argv=None):
 
     blocked = None
     first_precision, first_batch, t_first, first_out, _ = runs[0]
-    dense, token, passes = gram_plan(model, names, n, args.seq_len, args.max_gb, args.method)
     if args.blocks > 0 and dense:
         small_gb = blocking_max_gb(model, dense, n, args.blocks)
         t_blocked, blocked = best_time(lambda: ours(first_precision, first_batch, small_gb), 1, device)

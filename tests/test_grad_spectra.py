@@ -112,6 +112,27 @@ def test_reduced_precision_passes_approximate_the_exact_spectra_and_restore_the_
         load_config(tiny_args(tmp_path, grad_spectra_precision="fp16"))
 
 
+def test_full_fp32_inside_and_the_callers_matmul_settings_after():
+    switches = torch.backends.cuda.matmul, torch.backends.mkldnn.matmul
+    seen = []
+    for set_by_caller in ("legacy", "per-backend"):
+        if set_by_caller == "legacy":  # as the trainer on CUDA
+            torch.set_float32_matmul_precision("high")
+        else:  # torch >= 2.9's own switches; the legacy getter then refuses to answer
+            switches[0].fp32_precision, switches[1].fp32_precision = "tf32", "bf16"
+        before = tuple(s.fp32_precision for s in switches)
+        try:
+            with spectra.fp32_matmuls():
+                seen.append(tuple(s.fp32_precision for s in switches))
+            with spectra.fp32_matmuls(tf32=True):
+                seen.append(tuple(s.fp32_precision for s in switches))
+            assert tuple(s.fp32_precision for s in switches) == before
+        finally:
+            switches[0].fp32_precision = switches[1].fp32_precision = "none"
+            torch.set_float32_matmul_precision("highest")
+    assert seen == [("ieee", "ieee"), ("tf32", "ieee")] * 2  # CPU products stay fp32 under tf32
+
+
 def test_passes_cover_every_output_row_once_within_the_budget():
     # d48's default five attn.c_proj (1600 x 1600) on 512 sequences: 24.4 GB of G (fp32) under 8 GB a pass
     shapes = {f"L{i:02d}.attn.c_proj": (1600, 1600) for i in (0, 12, 24, 35, 47)}
@@ -181,6 +202,26 @@ def test_the_trainer_measures_at_its_grad_spectra_precision(tmp_path):
     assert (meta_a["precision"], meta_b["precision"]) == ("fp32", "bf16")
     for name in a:
         assert 1e-5 < rel(b[name], a[name]) < 3e-2, name
+
+
+def test_g_held_in_fp32_keeps_the_ranks_and_fits_of_fp64():
+    model = random_model(n_layer=2).eval()
+    tokens, T, n = probe_tokens(40 * 16 + 1), 16, 40
+    names = ["L00.attn.c_proj", "L01.mlp.c_fc"]
+    w = windows(tokens, n, T)
+    ab = spectra.per_example_outputs(model, {m: model.linears()[m] for m in names}, w[:, :-1], w[:, 1:])
+    for name in names:
+        G = spectra.per_example_rows(*ab[name], slice(None))  # fp64
+        held = G.float()
+        K = spectra.gram_fp64(held)
+        assert rel(spectra.gram_fp64(held, chunk_elements=7 * n), K) < 1e-13  # column chunks: the same sum
+        exact, got = spectra.gram_spectrum(G @ G.T), spectra.gram_spectrum(K)
+        k = spectra.numerical_rank(exact, n)
+        assert spectra.numerical_rank(got, n) == k
+        assert 0 < np.abs(got - exact).max() / exact[0] < 1e-7
+        for window in ((1, 10), (10, 30)):
+            fits = [spectra.fit_power_law(v, window, k)["alpha"] for v in (got, exact)]
+            assert abs(fits[0] - fits[1]) < 1e-6
 
 
 def test_gram_method_follows_the_cost_estimate():
