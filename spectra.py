@@ -443,9 +443,10 @@ def summarise(spectra, family, head, tail, prev=None, first=None, where=""):
 # of sigma_1, up to ~1e-4 relative near the round-off floor; fitted alphas by < 1e-6 (tested).
 #
 # DDP: probe batch b runs on rank b % world, so every g_i is computed exactly as in one process;
-# the rows of G are then gathered to rank 0, which forms K in sample order. Exchanging G
-# (n x P per matrix, bounded by grad_spectra_max_gb per pass) is simple and exact; splitting the
-# matrices between ranks instead would leave every rank running every sample.
+# each rank holds the rows of G of its own batches, and they travel to rank 0 one column chunk at
+# a time (gathered_gram), where K accumulates. Exchanging G is simple and exact, and with it
+# grad_spectra_max_gb bounds each rank's share, so N GPUs hold N times the rows per pass; splitting
+# the matrices between ranks instead would leave every rank running every sample.
 
 LINEAR_NAMES = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
@@ -561,6 +562,44 @@ def gather_rows(rows, index, n, rank, world):
     return out
 
 
+def gathered_gram(rows, index, n, rank, world, chunk_elements=2 ** 26):
+    """G G^T in fp64 and sample order on rank 0 (None elsewhere) for a G whose rows are spread over
+    the processes: `rows` this rank's, of samples `index`. Under DDP the rows travel to rank 0 one
+    column chunk at a time (dist.gather, each share padded to the largest), so no process ever holds
+    more of G than its own share and one chunk; K is formed in the order the rows arrive and then
+    permuted to sample order, so G itself is never reordered."""
+    if world == 1:
+        K, order = gram_fp64(rows, chunk_elements), index
+    else:
+        count = torch.tensor([len(index)], device=rows.device)
+        counts = [torch.zeros_like(count) for _ in range(world)]
+        dist.all_gather(counts, count)
+        most = max(int(c) for c in counts)
+        ids = torch.full((most,), -1, dtype=torch.long, device=rows.device)
+        ids[:len(index)] = torch.tensor(index, dtype=torch.long, device=rows.device)
+        all_ids = [torch.empty_like(ids) for _ in range(world)] if rank == 0 else None
+        dist.gather(ids, all_ids, dst=0)
+        if rank == 0:
+            all_ids = torch.cat(all_ids)
+            keep, order = all_ids >= 0, all_ids[all_ids >= 0].tolist()
+            K = torch.zeros(n, n, dtype=torch.float64, device=rows.device)
+        step = max(1, chunk_elements // max(1, n))  # the columns gram_fp64 takes at a time
+        for c in range(0, rows.size(1), step):  # every rank has the same width, so the same chunks
+            part = torch.zeros(most, min(step, rows.size(1) - c), dtype=rows.dtype, device=rows.device)
+            part[:len(index)] = rows[:, c:c + step]
+            parts = [torch.empty_like(part) for _ in range(world)] if rank == 0 else None
+            dist.gather(part, parts, dst=0)
+            if rank == 0:
+                block = torch.cat(parts)[keep].double()
+                K.addmm_(block, block.T)
+    if rank != 0:
+        return None
+    if order != list(range(n)):
+        position = torch.argsort(torch.tensor(order, device=K.device))
+        K = K[position][:, position]
+    return K
+
+
 # Arithmetic of the forward/backward passes that give A and B. The products g_i = vec(B_i^T A_i) and
 # K = G G^T are fp64 whatever is chosen (G held in fp32). 'fp32' is exact (agrees with a batch-size-1 fp32 loop to
 # ~1e-6); 'tf32' (TF32 tensor cores, CUDA only: full fp32 on CPU) and 'bf16' (autocast, as the
@@ -590,7 +629,9 @@ def gradient_grams(model, tokens, names, seq_len, n_samples, batch_size=8, max_g
     n = len(windows)
     batches = [list(range(b, min(b + batch_size, n))) for b in range(0, n, batch_size)]
     mine = [batches[b] for b in range(rank, len(batches), world)]
-    passes = plan_passes({k: tuple(lin.weight.shape) for k, lin in linears.items()}, n, seq_len, max_gb, method)
+    share = max(sum(len(batch) for batch in batches[r::world]) for r in range(world))  # the most rows a rank holds
+    passes = plan_passes({k: tuple(lin.weight.shape) for k, lin in linears.items()}, n, seq_len, max_gb, method,
+                         share)
     was_training = model.training
     model.eval()
     try:
@@ -610,13 +651,16 @@ def held_entries(shape, n, seq_len, rows):
     return n * seq_len * (d_in + d_out) if rows is None else n * (rows.stop - rows.start) * d_in
 
 
-def plan_passes(shapes, n, seq_len, max_gb=8.0, method="auto"):
-    """How gradient_grams keeps what it holds at once within max_gb of fp32 entries: a list of
-    passes, each one sweep over the probe set, each a list of jobs (name, rows): a slice of output
+def plan_passes(shapes, n, seq_len, max_gb=8.0, method="auto", share=None):
+    """How gradient_grams keeps what one process holds at once within max_gb of fp32 entries: a list
+    of passes, each one sweep over the probe set, each a list of jobs (name, rows): a slice of output
     units of a materialised matrix (a column block of G), or None for a token-Gram matrix, whose A
-    and B are held whole (held_entries). `shapes`: {name: (d_out, d_in)}. A matrix the cost estimate
-    gives to the token-Gram takes it only while the A and B fit beside the others'; under 'auto' one
-    that does not is materialised instead, a forced 'token_gram' that does not is a ValueError."""
+    and B are held whole (held_entries). `shapes`: {name: (d_out, d_in)}. A process holds the rows
+    of G of its `share` of the n examples (DDP: its probe batches; default all n), but rank 0 the
+    token-Gram A and B of all n. A matrix the cost estimate gives to the token-Gram takes it only
+    while the A and B fit beside the others'; under 'auto' one that does not is materialised
+    instead, a forced 'token_gram' that does not is a ValueError."""
+    share = n if share is None else share
     budget = max(1, int(max_gb * 2 ** 30 / 4))
     dense, token, held = [], [], 0
     for name, (d_out, d_in) in shapes.items():
@@ -643,12 +687,12 @@ def plan_passes(shapes, n, seq_len, max_gb=8.0, method="auto"):
         d_out, d_in = shapes[name]
         start = 0
         while start < d_out:
-            if not passes or used[-1] + n * d_in > budget:
+            if not passes or used[-1] + share * d_in > budget:
                 passes.append([])
                 used.append(0)
-            rows = max(1, min(d_out - start, (budget - used[-1]) // max(1, n * d_in)))
+            rows = max(1, min(d_out - start, (budget - used[-1]) // max(1, share * d_in)))
             passes[-1].append((name, slice(start, start + rows)))
-            used[-1] += n * rows * d_in
+            used[-1] += held_entries((d_out, d_in), share, seq_len, slice(start, start + rows))
             start += rows
     if token:  # the token-Gram matrices ride along with the emptiest pass if they fit there, else alone
         emptiest = min(range(len(passes)), key=used.__getitem__, default=None)
@@ -708,16 +752,17 @@ def run_passes(passes, model, linears, windows, mine, n, seq_len, batch_size, ra
                     held[j][at] = per_example_rows(A, B, rows)
             index += batch
         for j, ((name, rows), (d_out, d_in)) in enumerate(zip(jobs, shapes)):
-            full = gather_rows(held[j], index, n, rank, world)
+            if rows is not None:  # a column block of G: its share of K, the rows gathered chunk by chunk
+                K = gathered_gram(held[j], index, n, rank, world)
+                if rank == 0:
+                    grams[name] = grams.get(name, 0) + K
+            else:  # the token-Gram needs every example's A and B on rank 0
+                full = gather_rows(held[j], index, n, rank, world)
+                if rank == 0:
+                    A = full[:, :seq_len * d_in].unflatten(1, (seq_len, d_in))
+                    B = full[:, seq_len * d_in:].unflatten(1, (seq_len, d_out))
+                    grams[name] = token_gram_matrix(A, B, batch_size)
             held[j] = None
-            if rank != 0:
-                continue
-            if rows is None:
-                A = full[:, :seq_len * d_in].unflatten(1, (seq_len, d_in))
-                B = full[:, seq_len * d_in:].unflatten(1, (seq_len, d_out))
-                grams[name] = token_gram_matrix(A, B, batch_size)
-            else:
-                grams[name] = grams.get(name, 0) + gram_fp64(full)
     return grams
 
 

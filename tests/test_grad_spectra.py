@@ -215,6 +215,8 @@ def test_g_held_in_fp32_keeps_the_ranks_and_fits_of_fp64():
         held = G.float()
         K = spectra.gram_fp64(held)
         assert rel(spectra.gram_fp64(held, chunk_elements=7 * n), K) < 1e-13  # column chunks: the same sum
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(1)).tolist()
+        assert rel(spectra.gathered_gram(held[order], order, n, 0, 1), K) < 1e-13  # rows out of sample order
         exact, got = spectra.gram_spectrum(G @ G.T), spectra.gram_spectrum(K)
         k = spectra.numerical_rank(exact, n)
         assert spectra.numerical_rank(got, n) == k
@@ -326,11 +328,20 @@ names = ["L00.attn.c_proj", "L01.mlp.c_fc"]
 got = spectra.measure_gradients(model, probe_tokens(7 * 16 + 1), names, 16, 7, 2, 8.0, "auto", rank, world)
 tg = spectra.measure_gradients(model, probe_tokens(7 * 16 + 1), names, 16, 7, 2, 8.0, "token_gram", rank, world)
 bf = spectra.measure_gradients(model, probe_tokens(7 * 16 + 1), names, 16, 7, 2, 8.0, "auto", rank, world, "bf16")
+# a budget for 3 rows of 32 of this rank's 4 samples: several passes, each rank's share planned
+small = spectra.measure_gradients(model, probe_tokens(7 * 16 + 1), names, 16, 7, 2, 4 * 3 * 32 * 4 / 2 ** 30,
+                                  "materialise", rank, world)
+# G's rows spread over the ranks out of order, gathered 3 columns at a time
+G = torch.randn(7, 10, generator=torch.Generator().manual_seed(0))
+index = [5, 1, 3] if rank == 0 else [6, 0, 4, 2]
+K = spectra.gathered_gram(G[index].float(), index, 7, rank, world, chunk_elements=3 * 7)
 # 3 examples in one batch of 4: rank 1 has no batch at all
 lone = spectra.measure_gradients(model, probe_tokens(3 * 16 + 1), names, 16, 3, 4, 8.0, "auto", rank, world)
 if rank == 0:
     np.savez({out!r}, **{{n: got[n]["eig"] for n in names}}, **{{"tg" + n: tg[n]["eig"] for n in names}},
-             **{{"lone" + n: lone[n]["eig"] for n in names}}, **{{"bf" + n: bf[n]["eig"] for n in names}})
+             **{{"lone" + n: lone[n]["eig"] for n in names}}, **{{"bf" + n: bf[n]["eig"] for n in names}},
+             **{{"small" + n: small[n]["eig"] for n in names}},
+             gram=(K - G.float().double() @ G.float().double().T).abs().max().numpy())
 dist.destroy_process_group()
 """
 
@@ -347,6 +358,9 @@ def test_two_processes_give_the_same_singular_values_as_one(tmp_path):
         assert rel(ddp["lone" + name], lone[name]["eig"]) < 1e-10
         # approximate passes are still the same numbers in one process and two
         assert rel(ddp["bf" + name], bf[name]["eig"]) < 1e-10 and rel(bf[name]["eig"], one[name]["eig"]) > 1e-6
+        # several passes, planned for each rank's share (4 of 7 samples), gathered in column chunks
+        assert rel(ddp["small" + name], one[name]["eig"]) < 1e-10
+    assert float(ddp["gram"]) < 1e-12  # rows out of order on both ranks, 3 columns per gather
 
 
 def test_checkpoint_command_measures_the_same_gradient_spectra_as_the_trainer(tmp_path):
