@@ -600,10 +600,10 @@ def gathered_gram(rows, index, n, rank, world, chunk_elements=2 ** 26):
     return K
 
 
-# Arithmetic of the forward/backward passes that give A and B. The products g_i = vec(B_i^T A_i) and
-# K = G G^T are fp64 whatever is chosen (G held in fp32). 'fp32' is exact (agrees with a batch-size-1 fp32 loop to
-# ~1e-6); 'tf32' (TF32 tensor cores, CUDA only: full fp32 on CPU) and 'bf16' (autocast, as the
-# trainer's CUDA steps) trade that agreement for speed: bench/grad_spectra.py --precision prints both.
+# Arithmetic of the forward/backward passes that give A and B. g_i = vec(B_i^T A_i) is formed and
+# K = G G^T accumulated in fp64 whatever is chosen. 'fp32' is exact (agrees with a batch-size-1 fp32
+# loop to ~1e-6); 'tf32' (TF32 tensor cores, CUDA only: full fp32 on CPU) and 'bf16' (autocast, as
+# the trainer's CUDA steps) trade that agreement for speed: bench/grad_spectra.py --precision prints both.
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
