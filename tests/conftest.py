@@ -60,6 +60,22 @@ def losses(records):
     return [(r["step"], k, r[k]) for r in records for k in ("train_loss", "val_loss") if k in r]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _wandb_dirs_of_this_session(tmp_path_factory):
+    # W&B's staging copies of artifacts, its cache, settings and service logs in a folder of this
+    # test session, not the user's home: offline runs never upload, so staged files would pile up
+    root = tmp_path_factory.mktemp("wandb")
+    keys = {"WANDB_DATA_DIR": "data", "WANDB_CACHE_DIR": "cache", "WANDB_CONFIG_DIR": "config"}
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: str(root / v) for k, v in keys.items()})
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(autouse=True)
 def _in_repo(monkeypatch):
     # Config paths in configs/ are relative to the repository root, as for a user.
