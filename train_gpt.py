@@ -1179,10 +1179,19 @@ def train(cfg):
     if log:
         log.log_spectra_artifact(step * tokens_per_step)  # unless the final checkpoint just did
         log.close()
+    close_process_group()
+    return run_dir
+
+
+def close_process_group():
+    """Wait for every rank, then end the process group. Gloo's worker threads free the tensors of
+    the last collectives under the GIL, while the process group's destructor joins those threads
+    holding it: a pause that releases the GIL first avoids the rare deadlock this makes at exit
+    (seen as a hung rank after a final all_gather_object and barrier)."""
     if dist.is_initialized():
         dist.barrier()
+        time.sleep(0.2)
         dist.destroy_process_group()
-    return run_dir
 
 
 def main(argv=None):

@@ -342,7 +342,8 @@ if rank == 0:
              **{{"lone" + n: lone[n]["eig"] for n in names}}, **{{"bf" + n: bf[n]["eig"] for n in names}},
              **{{"small" + n: small[n]["eig"] for n in names}},
              gram=(K - G.float().double() @ G.float().double().T).abs().max().numpy())
-dist.destroy_process_group()
+import train_gpt
+train_gpt.close_process_group()
 """
 
 

@@ -310,7 +310,8 @@ lone = spectra.measure_activations(model, probe_tokens(3 * 16), ["L01.fc"], 16, 
 if rank == 0:
     act["lone"] = lone["L01.fc"]
     np.savez({out!r}, **{{k + "|" + p: s[k] for p, s in act.items() for k in ("eig", "eig_half0", "eig_half1")}})
-dist.destroy_process_group()
+import train_gpt
+train_gpt.close_process_group()
 """
 
 
