@@ -531,6 +531,30 @@ def gram_method(n, T, d_in, d_out, method="auto"):
         else "materialise"
 
 
+def gathered_ids(index, rank, world, device):
+    """(most, ids): the largest share of samples a rank holds (dist.gather needs equal sizes, so
+    every share is padded to it) and, on rank 0, the sample index of each row of the padded shares
+    as they arrive there, -1 for padding (None on the other ranks)."""
+    count = torch.tensor([len(index)], device=device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    most = max(int(c) for c in counts)
+    ids = torch.full((most,), -1, dtype=torch.long, device=device)
+    ids[:len(index)] = torch.tensor(index, dtype=torch.long, device=device)
+    parts = [torch.empty_like(ids) for _ in range(world)] if rank == 0 else None
+    dist.gather(ids, parts, dst=0)
+    return most, torch.cat(parts) if rank == 0 else None
+
+
+def gather_padded(rows, most, rank, world):
+    """This rank's rows padded to `most`, gathered to rank 0: (world * most, width) there, else None."""
+    part = torch.zeros(most, rows.size(1), dtype=rows.dtype, device=rows.device)
+    part[:len(rows)] = rows
+    parts = [torch.empty_like(part) for _ in range(world)] if rank == 0 else None
+    dist.gather(part, parts, dst=0)
+    return torch.cat(parts) if rank == 0 else None
+
+
 def gather_rows(rows, index, n, rank, world):
     """The rows this rank computed (with their sample indices) assembled in sample order on rank 0:
     (n, width) there, None on the other ranks. Only rank 0 forms K, so the rows go to it alone
@@ -541,24 +565,13 @@ def gather_rows(rows, index, n, rank, world):
         out = torch.zeros(n, rows.size(1), dtype=rows.dtype, device=rows.device)
         out[torch.tensor(index, device=rows.device)] = rows
         return out
-    count = torch.tensor([len(index)], device=rows.device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    most = max(int(c) for c in counts)  # gather needs equal sizes: pad to the largest share
-    pad = torch.zeros(most, rows.size(1), dtype=rows.dtype, device=rows.device)
-    pad[:len(index)] = rows
-    idx = torch.full((most,), -1, dtype=torch.long, device=rows.device)
-    idx[:len(index)] = torch.tensor(index, dtype=torch.long, device=rows.device)
-    parts = [torch.empty_like(pad) for _ in range(world)] if rank == 0 else None
-    ids = [torch.empty_like(idx) for _ in range(world)] if rank == 0 else None
-    dist.gather(pad, parts, dst=0)
-    dist.gather(idx, ids, dst=0)
+    most, ids = gathered_ids(index, rank, world, rows.device)
+    parts = gather_padded(rows, most, rank, world)
     if rank != 0:
         return None
     out = torch.zeros(n, rows.size(1), dtype=rows.dtype, device=rows.device)
-    for part, ix in zip(parts, ids):
-        keep = ix >= 0
-        out[ix[keep]] = part[keep]
+    keep = ids >= 0
+    out[ids[keep]] = parts[keep]
     return out
 
 
@@ -571,26 +584,15 @@ def gathered_gram(rows, index, n, rank, world, chunk_elements=2 ** 26):
     if world == 1:
         K, order = gram_fp64(rows, chunk_elements), index
     else:
-        count = torch.tensor([len(index)], device=rows.device)
-        counts = [torch.zeros_like(count) for _ in range(world)]
-        dist.all_gather(counts, count)
-        most = max(int(c) for c in counts)
-        ids = torch.full((most,), -1, dtype=torch.long, device=rows.device)
-        ids[:len(index)] = torch.tensor(index, dtype=torch.long, device=rows.device)
-        all_ids = [torch.empty_like(ids) for _ in range(world)] if rank == 0 else None
-        dist.gather(ids, all_ids, dst=0)
+        most, ids = gathered_ids(index, rank, world, rows.device)
         if rank == 0:
-            all_ids = torch.cat(all_ids)
-            keep, order = all_ids >= 0, all_ids[all_ids >= 0].tolist()
+            keep, order = ids >= 0, ids[ids >= 0].tolist()
             K = torch.zeros(n, n, dtype=torch.float64, device=rows.device)
         step = max(1, chunk_elements // max(1, n))  # the columns gram_fp64 takes at a time
         for c in range(0, rows.size(1), step):  # every rank has the same width, so the same chunks
-            part = torch.zeros(most, min(step, rows.size(1) - c), dtype=rows.dtype, device=rows.device)
-            part[:len(index)] = rows[:, c:c + step]
-            parts = [torch.empty_like(part) for _ in range(world)] if rank == 0 else None
-            dist.gather(part, parts, dst=0)
+            parts = gather_padded(rows[:, c:c + step], most, rank, world)
             if rank == 0:
-                block = torch.cat(parts)[keep].double()
+                block = parts[keep].double()
                 K.addmm_(block, block.T)
     if rank != 0:
         return None
