@@ -79,6 +79,11 @@ class GPTConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"model config: {key}={getattr(self, key)!r} is not one of {allowed}")
+        for key in ("vocab_size", "n_layer", "n_head", "n_embd", "seq_len"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"model config: {key}={getattr(self, key)} must be positive")
+        if self.rope_base <= 0:
+            raise ValueError(f"model config: rope_base={self.rope_base} must be positive (modded uses 10000)")
         if self.n_embd % self.n_head:
             raise ValueError(f"model config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.pos == "rotary" and (self.n_embd // self.n_head) % 2:

@@ -266,15 +266,22 @@ def js_divergence(u, v):
     return float(max(0.0, (kl(p) + kl(q)) / 2))
 
 
+SINGULAR_FAMILIES = ("grad", "weight")  # spectra of singular values; "act" holds covariance eigenvalues
 STATS = ("alpha_head", "r2_head", "se_head", "alpha_head_noise", "alpha_tail", "r2_tail", "se_tail",
          "alpha_tail_noise", "rankme", "pr", "stable_rank", "top10", "valid_rank", "js_prev", "js_first")
 
 
-def spectrum_metrics(values, limit, head, tail, halves=None, half_limits=None, prev=None, first=None):
+def spectrum_metrics(values, limit, head, tail, halves=None, half_limits=None, prev=None, first=None,
+                     singular=False):
     """Every scalar of one spectrum, as {stat: value}. `limit` is the largest meaningful rank (for a
     covariance of n samples and width d, min(d, n - 1)); `halves` are the spectra of the two halves of
     the sample, whose alphas differ by sampling noise: alpha_*_noise = |alpha(half 0) - alpha(half 1)| / 2
-    estimates the standard deviation of the full-sample alpha (each half has twice its variance)."""
+    estimates the standard deviation of the full-sample alpha (each half has twice its variance).
+    singular=True: `values` are singular values sigma of a matrix X (gradients, weights). The fits
+    and RankMe (whose paper uses singular values) take them as they are; pr, stable_rank, top10 and
+    the JS divergences take the mode energies sigma^2, the eigenvalues of X X^T, so that they mean
+    for X what they mean for a covariance (stable_rank = ||X||_F^2 / ||X||_2^2, top10 a share of
+    ||X||_F^2)."""
     rank = numerical_rank(values, limit)
     out = {}
     for name, window in (("head", head), ("tail", tail)):
@@ -285,11 +292,13 @@ def spectrum_metrics(values, limit, head, tail, halves=None, half_limits=None, p
             a0, a1 = (fit_power_law(h, window, numerical_rank(h, lim))["alpha"] for h, lim in zip(halves, half_limits))
             noise = abs(a0 - a1) / 2
         out[f"alpha_{name}_noise"] = noise
+    def energy(v):
+        return np.square(v) if singular else v
     valid = values[:rank]
-    out.update(rankme=rankme(valid), pr=participation_ratio(valid), stable_rank=stable_rank(valid),
-               top10=top_share(valid), valid_rank=rank,
-               js_prev=js_divergence(values, prev) if prev is not None else math.nan,
-               js_first=js_divergence(values, first) if first is not None else math.nan)
+    out.update(rankme=rankme(valid), pr=participation_ratio(energy(valid)), stable_rank=stable_rank(energy(valid)),
+               top10=top_share(energy(valid)), valid_rank=rank,
+               js_prev=js_divergence(energy(values), energy(prev)) if prev is not None else math.nan,
+               js_first=js_divergence(energy(values), energy(first)) if first is not None else math.nan)
     return out
 
 
@@ -414,7 +423,8 @@ def summarise(spectra, family, head, tail, prev=None, first=None, where=""):
             halves = (s["eig_half0"], s["eig_half1"]) if "eig_half0" in s else None
             half_limits = (s.get("limit_half0"), s.get("limit_half1"))
             values = spectrum_metrics(s["eig"], limit, head, tail, halves, half_limits,
-                                      (prev or {}).get(p), (first or {}).get(p, s["eig"]))
+                                      (prev or {}).get(p), (first or {}).get(p, s["eig"]),
+                                      singular=family in SINGULAR_FAMILIES)
             rank = values["valid_rank"]
             if rank == 0:
                 notes.append(f"{family} spectrum of {p}: all values are zero (e.g. a zero-initialised "
@@ -913,7 +923,7 @@ def reference_spectra(run_dir, family, tokens, meta):
     compares against the same references as an uninterrupted one."""
     prev, first = {}, {}
     earlier = [f for t, f in spectra_files(run_dir, family) if t < tokens]
-    for i, f in enumerate(earlier):
+    for f in earlier:
         eig, their_meta, _ = load_spectra(f)
         if family != "weight" and any(their_meta.get(k, META_DEFAULTS.get(k)) != meta.get(k, META_DEFAULTS.get(k))
                                       for k in SAME_PROBE):  # weights: no data
@@ -921,8 +931,7 @@ def reference_spectra(run_dir, family, tokens, meta):
         for p, values in eig.items():
             if p not in first and numerical_rank(values, len(values)) > 0:
                 first[p] = values
-        if i == len(earlier) - 1:
-            prev = eig
+        prev = eig  # the latest so far on this probe set
     return prev, first
 
 
@@ -1072,12 +1081,19 @@ def load_checkpoint_model(path, device):
     """(model in eval mode, checkpoint dict without the weights) from a trainer checkpoint."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} not found (trainer checkpoints are runs/RUN/ckpt/step_*.pt)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    hint = "checkpoints are written by train_gpt.py to runs/RUN/ckpt/step_*.pt"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file at all: pickle, zip or weights_only errors
+        raise ValueError(f"{path} is not a trainer checkpoint ({type(e).__name__}: {str(e)[:200]}); {hint}") from None
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{path} is not a trainer checkpoint (no 'model' and 'model_config' entries); "
-                         "checkpoints are written by train_gpt.py to runs/RUN/ckpt/step_*.pt")
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt.pop("model"))
+        raise ValueError(f"{path} is not a trainer checkpoint (no 'model' and 'model_config' entries); {hint}")
+    try:
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt.pop("model"))
+    except (TypeError, RuntimeError) as e:  # written by another version of model.py
+        raise ValueError(f"{path}: its model does not match this model.py ({type(e).__name__}: "
+                         f"{str(e)[:200]}); measure it with the commit that trained it") from None
     return model.to(device).eval(), ckpt
 
 
@@ -1136,14 +1152,14 @@ def main(argv=None):
         def setting(arg, key, default):
             return arg if arg is not None else run.get(key, default)
         seq_len = setting(args.seq_len, "seq_len", model.cfg.seq_len)
+        if not 0 < seq_len <= model.cfg.seq_len:
+            raise ValueError(f"--seq_len {seq_len}: the model takes 1 to {model.cfg.seq_len} tokens per sequence")
         if args.command == "act":
             n_seq = setting(args.tokens, "spectra_tokens", 131072) // seq_len
             batch_size = setting(args.batch_size, "spectra_batch_size", 16)
         else:
             n_seq = setting(args.samples, "grad_samples", 512)
             batch_size = setting(args.batch_size, "grad_batch_size", 8)
-        if not 0 < seq_len <= model.cfg.seq_len:
-            raise ValueError(f"--seq_len {seq_len}: the model takes 1 to {model.cfg.seq_len} tokens per sequence")
         if n_seq < 2:
             raise ValueError(f"--{'tokens' if args.command == 'act' else 'samples'}: fewer than two sequences of "
                              f"{seq_len} tokens (the two halves need one each)")

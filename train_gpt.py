@@ -16,6 +16,7 @@ import functools
 import json
 import math
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -228,6 +229,12 @@ def check_config(cfg):
         raise ConfigError("set a budget: train_tokens > 0 or max_steps > 0")
     if cfg.val_tokens < cfg.seq_len:
         raise ConfigError(f"val_tokens={cfg.val_tokens} is less than one sequence (seq_len={cfg.seq_len})")
+    for key in ("muon_lr", "embed_lr", "head_lr", "scalar_lr", "adamw_lr", "adam_eps", "weight_decay", "grad_clip"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be >= 0")
+    for key in ("muon_momentum", "muon_momentum_start", "adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be in [0, 1) (an exponential-average coefficient)")
     for key in ("warmup_frac", "cooldown_frac", "final_lr_frac"):
         if not 0 <= getattr(cfg, key) <= 1:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be in [0, 1]")
@@ -571,19 +578,24 @@ def choose_run_name(cfg):
     directory; --resume=1 needs one with a checkpoint (default: the newest run of this config)."""
     stem = os.path.splitext(os.path.basename(cfg.config_file))[0] if cfg.config_file else "run"
     name = cfg.run_name
-    if cfg.resume and not name:
-        candidates = sorted((d for d in os.listdir(cfg.out_dir) if d.startswith(stem + "_")
+    if cfg.resume and not name:  # the runs named by the clock below: STEM_YYYYmmdd-HHMMSS sorts by time
+        stamped = re.compile(re.escape(stem) + r"_\d{8}-\d{6}")
+        candidates = sorted((d for d in os.listdir(cfg.out_dir) if stamped.fullmatch(d)
                              and checkpoints(os.path.join(cfg.out_dir, d))), reverse=True) \
             if os.path.isdir(cfg.out_dir) else []
         if not candidates:
-            raise ConfigError(f"--resume=1: no run of {stem!r} with a checkpoint under {cfg.out_dir}/; "
-                              "pass --run_name=NAME of the run to continue")
+            raise ConfigError(f"--resume=1: no automatically named run of {stem!r} ({stem}_YYYYmmdd-HHMMSS) with a "
+                              f"checkpoint under {cfg.out_dir}/; pass --run_name=NAME of the run to continue")
         name = candidates[0]
     name = name or f"{stem}_{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = os.path.join(cfg.out_dir, name)
     if cfg.resume and not checkpoints(run_dir):
-        raise ConfigError(f"--resume=1: {run_dir} has no checkpoint to resume from")
+        raise ConfigError(f"--resume=1: {run_dir} has no checkpoint to resume from (a run stopped before its first "
+                          f"checkpoint cannot be continued: delete {run_dir} and start it again)")
     if not cfg.resume and os.path.isdir(run_dir) and os.listdir(run_dir):
+        if not checkpoints(run_dir):
+            raise ConfigError(f"{run_dir} already holds a run that stopped before its first checkpoint; delete "
+                              f"{run_dir} to start it again, or choose a new --run_name")
         raise ConfigError(f"{run_dir} already holds a run; continue it with --resume=1 or choose a new --run_name")
     return name
 
@@ -676,8 +688,12 @@ def json_safe(record):
 class MetricsLog:
     """metrics.jsonl (one JSON object per line, flushed as written) and W&B with `tokens` as the
     x-axis of every metric. Rank 0 only. A W&B failure is a warning, never a stopped run.
-    After a resume, records up to `wandb_sent_step` were already sent by the interrupted attempt
-    (W&B history cannot be rewound), so only metrics.jsonl receives their re-run."""
+    After a resume (wandb_sent_step >= 0), online: records up to `wandb_sent_step` were already
+    sent by the interrupted attempt (W&B history cannot be rewound), so only metrics.jsonl receives
+    their re-run. Offline: each attempt writes its own offline-run folder, and `wandb sync` of a
+    later folder of the same run id replaces the history of an earlier one (wandb issues #3841,
+    #5865), so the resumed attempt's folder first receives every record kept in metrics.jsonl and
+    then everything after: the newest folder holds the whole run."""
 
     MILESTONE_STATS = ("alpha_head", "alpha_tail", "rankme")  # copied to the summary at token milestones
 
@@ -687,10 +703,12 @@ class MetricsLog:
         # (milestone, key) pairs already in the summary: those of the records kept from an interrupted
         # attempt (sent then), so a resumed run never overwrites them with later values
         self.milestones, self.summarised = parse_milestones(cfg.wandb_milestones), set()
+        kept, kept_summary = [], {}
         if os.path.exists(path):
             with open(path) as f:
                 for line in f:
-                    self.milestone_summary(json.loads(line))
+                    kept.append(json.loads(line))
+                    kept_summary.update(self.milestone_summary(kept[-1]))
         self.file = open(path, "a")
         self.wandb, self.wandb_sent_step = None, wandb_sent_step
         self.artifact_tokens = None  # tokens of the last spectra artifact logged
@@ -705,6 +723,12 @@ class MetricsLog:
                                     resume="allow", config=run_config, dir=run_dir, mode=mode)
             self.wandb.define_metric("tokens")
             self.wandb.define_metric("*", step_metric="tokens")
+            if mode == "offline" and wandb_sent_step >= 0:  # a resume: this folder gets the whole run
+                for record in kept:
+                    self.wandb.log(record)
+                if kept_summary:
+                    self.wandb.summary.update(kept_summary)
+                self.wandb_sent_step = -1
         except Exception as e:
             self._wandb_failed(e)
 
@@ -1043,6 +1067,7 @@ def train(cfg):
 
     # a W&B sweep agent names the run it launched in WANDB_RUN_ID; otherwise a fresh id
     step, elapsed_before, wandb_id = 0, 0.0, os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)
+    resumed_interval = None
     if cfg.resume:
         ckpt = torch.load(checkpoints(run_dir)[-1], map_location=device, weights_only=True)
         if ckpt["model_config"] != asdict(gcfg):
@@ -1060,6 +1085,9 @@ def train(cfg):
             o.load_state_dict(s)
         loader.load_state_dict(ckpt["data"])
         step, elapsed_before, wandb_id = ckpt["step"], ckpt["elapsed_s"], ckpt["wandb_id"]
+        resumed_interval = ckpt.get("interval")  # absent from checkpoints written before it was saved
+        if resumed_interval and len(resumed_interval["loss_sums"]) != world:
+            resumed_interval = None  # another process count: the next log line averages the steps since the resume
         if len(ckpt["rng"]) == world:
             set_rng_state(ckpt["rng"][rank], device)
         elif rank == 0:
@@ -1098,12 +1126,17 @@ def train(cfg):
         return elapsed_before + time.time() - t_start  # wall clock of the run, across resumes
 
     def checkpoint():
+        # the log interval in progress, so that a resumed run's next train_loss and tokens_per_s
+        # average the same steps as an uninterrupted run's (each rank's own loss sum, bitwise)
+        interval = dict(start=interval_step, train_s=t_pause - t_interval, loss_sums=gather_objects(loss_sum.item()))
         state = dict(model=raw.state_dict(), optimizers=[o.state_dict() for o in opts], step=step,
                      tokens=step * tokens_per_step, data=loader.state_dict(), rng=gather_objects(rng_state(device)),
-                     elapsed_s=elapsed(), wandb_id=wandb_id, config=asdict(cfg), model_config=asdict(gcfg))
+                     elapsed_s=elapsed(), wandb_id=wandb_id, config=asdict(cfg), model_config=asdict(gcfg),
+                     interval=interval)
+        if log:
+            log.sync()  # metrics up to this step on disk before the checkpoint that makes them final
         save_checkpoint(run_dir, state, rank, cfg.ckpt_keep)
         if log:
-            log.sync()
             log.log_spectra_artifact(step * tokens_per_step)
 
     seen_notes = set()
@@ -1136,6 +1169,10 @@ def train(cfg):
     done = run_eval() if step == 0 and cfg.eval_every_tokens >= 0 else False
     t_interval, interval_step, train_time = time.time(), step, 0.0  # throughput counts training time only
     loss_sum = torch.zeros((), device=device)  # sum of step losses since the last log line
+    if resumed_interval:  # resumed within a log interval: continue it
+        t_interval, interval_step = t_interval - resumed_interval["train_s"], resumed_interval["start"]
+        loss_sum.fill_(resumed_interval["loss_sums"][rank])
+        start_step = interval_step  # the ETA's rate counts the interval's earlier steps and time too
     while step < n_steps and not done:
         lr = set_schedule(opts, step, n_steps, cfg)
         for m, (x, y) in enumerate(loader.next_step(grad_accum)):

@@ -48,6 +48,13 @@ def test_unknown_key_on_command_line_suggests_model_keys_too():
     ("--preset=gpt3", r"unknown model preset 'gpt3'; known: \['gpt2', 'modded'\]"),
     ("--pos=alibi", r"pos='alibi' is not one of"),
     ("--warmup_frac=2", r"warmup_frac=2.0 must be in \[0, 1\]"),
+    ("--n_embd=0", r"n_embd=0 must be positive"),
+    ("--n_layer=-2", r"n_layer=-2 must be positive"),
+    ("--rope_base=0", r"rope_base=0.0 must be positive"),
+    ("--muon_lr=-0.1", r"muon_lr=-0.1 must be >= 0"),
+    ("--adam_eps=-1", r"adam_eps=-1.0 must be >= 0"),
+    ("--adam_beta1=1.5", r"adam_beta1=1.5 must be in \[0, 1\)"),
+    ("--muon_momentum=1", r"muon_momentum=1.0 must be in \[0, 1\)"),
     ("batch_size=3", r"expected --key=value"),
 ])
 def test_bad_values_are_config_errors(arg, match):
@@ -105,10 +112,14 @@ def test_bad_command_fails_before_writing_anything(tmp_path):
 def test_existing_run_directory_needs_resume(tmp_path):
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match="stopped before its first checkpoint; delete .*tiny to start it again"):
+        train_gpt.train(load_config(tiny_args(tmp_path)))
+    with pytest.raises(ConfigError, match="no checkpoint to resume from .*delete .*tiny and start it again"):
+        train_gpt.train(load_config(tiny_args(tmp_path, resume=1)))
+    (tmp_path / "tiny" / "ckpt").mkdir()
+    (tmp_path / "tiny" / "ckpt" / "step_00000002.pt").write_bytes(b"")
     with pytest.raises(ConfigError, match="already holds a run; continue it with --resume=1"):
         train_gpt.train(load_config(tiny_args(tmp_path)))
-    with pytest.raises(ConfigError, match="no checkpoint to resume from"):
-        train_gpt.train(load_config(tiny_args(tmp_path, resume=1)))
 
 
 def expected_params(L, d, V=50304):

@@ -51,6 +51,28 @@ def test_singular_values_equal_a_batch_size_one_loop():
         assert got[name]["n"] == n and got[name]["width"] == G.shape[1]
 
 
+def test_effective_ranks_of_gradient_and_weight_spectra_are_those_of_the_matrices():
+    # singular values sigma: stable rank, participation ratio and top-10 share are of the mode
+    # energies sigma^2 (||X||_F^2 / ||X||_2^2, as for a covariance), RankMe of sigma itself
+    model = random_model(n_layer=2)
+    tokens, T, n = probe_tokens(24 * 16 + 1), 16, 24
+    name = "L01.attn.c_proj"
+    G = per_example_loop(model, tokens, [name], T, n)[name]
+    W = model.linears()[name].weight.detach().double()
+    measured = {"grad": spectra.measure_gradients(model, tokens, [name], T, n, batch_size=8),
+                "weight": spectra.measure_weights(model, [name])}
+    for family, X in (("grad", G), ("weight", W)):
+        metrics, _ = spectra.summarise(measured[family], family, (1, 10), (11, 20))
+        energies = torch.linalg.eigvalsh(X @ X.T).flip(0).clamp(min=0).numpy()
+        fro2, spec2 = torch.linalg.matrix_norm(X).item() ** 2, torch.linalg.matrix_norm(X, 2).item() ** 2
+        assert metrics[f"{family}/stable_rank/{name}"] == pytest.approx(fro2 / spec2, rel=1e-6), family
+        assert metrics[f"{family}/pr/{name}"] == pytest.approx(fro2 ** 2 / (energies ** 2).sum(), rel=1e-6), family
+        assert metrics[f"{family}/top10/{name}"] == pytest.approx(energies[:10].sum() / fro2, rel=1e-6), family
+        sigma = np.sqrt(energies)
+        p = sigma / sigma.sum()
+        assert metrics[f"{family}/rankme/{name}"] == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-6), family
+
+
 def test_singular_values_equal_vmap_of_grad():
     from torch.func import functional_call, grad, vmap
     model = random_model(n_layer=2).eval()

@@ -1,3 +1,4 @@
+import dataclasses
 import glob
 import json
 import math
@@ -430,7 +431,7 @@ def test_checkpoint_command_writes_the_same_spectra_as_the_trainer(tmp_path):
     assert os.path.exists(os.path.join(out, "plots", "act_alpha_tokens.png"))
 
 
-def test_checkpoint_command_errors_name_the_problem(tmp_path):
+def test_checkpoint_command_errors_name_the_problem(tmp_path, capsys):
     r = subprocess.run([sys.executable, "spectra.py", "act", "--ckpt", str(tmp_path / "nope.pt")], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "nope.pt' not found" in r.stderr
@@ -442,6 +443,20 @@ def test_checkpoint_command_errors_name_the_problem(tmp_path):
     r = subprocess.run([sys.executable, "spectra.py", "act", "--ckpt", str(bogus)], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "is not a trainer checkpoint" in r.stderr
+
+    def error_of(*argv):  # in process: spectra.main exits 2 with one line on stderr
+        with pytest.raises(SystemExit) as e:
+            spectra.main(list(argv))
+        assert e.value.code == 2
+        return capsys.readouterr().err
+    assert "README.md is not a trainer checkpoint (UnpicklingError" in error_of("act", "--ckpt", f"{REPO}/README.md")
+    model = random_model()
+    good = tmp_path / "good.pt"
+    torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg)}, good)
+    assert "--seq_len 0: the model takes 1 to 16 tokens" in error_of("act", "--ckpt", str(good), "--seq_len", "0")
+    torch.save({"model": model.state_dict(), "model_config": {**dataclasses.asdict(model.cfg), "n_experts": 4}},
+               bogus)
+    assert "its model does not match this model.py (TypeError" in error_of("grad", "--ckpt", str(bogus))
 
 
 def test_rms_normalisation_applies_to_residual_points_only():
@@ -504,3 +519,7 @@ def test_js_first_uses_the_first_evaluation_where_a_point_has_a_spectrum(tmp_pat
     np.testing.assert_array_equal(prev["L00.attn"], later)
     prev, first = spectra.reference_spectra(str(tmp_path), "act", 200, {**meta, "probe_tokens": 128})
     assert prev == {} and first == {}  # another probe set: nothing to compare with
+    spectra.save_spectra(spectra.spectra_path(str(tmp_path), "act", 180),  # measured on another probe set
+                         {"L00.attn": dict(eig=grown, n=128, width=8, limit=8)}, {**meta, "probe_tokens": 128})
+    prev, _ = spectra.reference_spectra(str(tmp_path), "act", 200, meta)
+    np.testing.assert_array_equal(prev["L00.attn"], later)  # the latest on the same probe set

@@ -1,8 +1,10 @@
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -60,7 +62,9 @@ def test_validation_loss_is_an_independent_mean_over_the_fixed_slice(tmp_path):
 
 
 def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, monkeypatch):
-    args = tiny_args(tmp_path, max_steps=16, ckpt_every_tokens=768, eval_every_tokens=640, log_every=2, dropout=0.1)
+    # log lines every 4 steps, so the checkpoint at step 6 falls inside a log interval, whose loss
+    # sum and time the checkpoint carries over
+    args = tiny_args(tmp_path, max_steps=16, ckpt_every_tokens=768, eval_every_tokens=640, log_every=4, dropout=0.1)
     full = read_metrics(train(load_config(args + ["--run_name=full"])))
 
     crash_in_step(monkeypatch, args + ["--run_name=part"], 11)  # after the checkpoint at step 6, metrics at 8, 10
@@ -73,13 +77,16 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, monkeypatch)
     assert losses(resumed) == losses(full)  # bitwise, dropout included
     assert [r["step"] for r in resumed] == [r["step"] for r in full]
     discarded = [json.loads(line) for line in open(os.path.join(part_dir, "metrics.discarded.jsonl"))]
-    assert [r["step"] for r in discarded] == [8, 10, 10]
+    assert [r["step"] for r in discarded] == [8, 10]
 
 
 def test_resume_finds_the_newest_run_of_the_config(tmp_path):
     args = tiny_args(tmp_path, max_steps=4, run_name="")
     run_dir = train(load_config(args))
     assert os.path.basename(run_dir).startswith("cpu_demo_")
+    # runs named by hand, or of a config whose name extends this one's, are not "the newest of this config"
+    for decoy in ("cpu_demo_wd01", "cpu_demo_big_20991231-235959"):
+        shutil.copytree(os.path.join(run_dir, "ckpt"), os.path.join(tmp_path, decoy, "ckpt"))
     cfg = load_config(args + ["--resume=1", "--max_steps=6"])
     assert train(cfg) == run_dir
     assert read_metrics(run_dir)[-1]["step"] == 6
@@ -122,10 +129,14 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
         assert abs(e1[p] - e2[p]).max() <= 1e-10 * e1[p][0], p
 
 
-def wandb_records(run_dir):
-    """The records of a W&B offline run file (leveldb-log framing of wandb's protobuf Records)."""
+def wandb_records(run_dir, newest=False):
+    """The records of a W&B offline run file (leveldb-log framing of wandb's protobuf Records): the
+    run's only one, or with newest=True the last written (a resumed run has one per attempt)."""
     from wandb.proto import wandb_internal_pb2 as pb
-    path, = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "*.wandb"))
+    paths = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "*.wandb"))
+    if newest:
+        paths = [max(paths, key=os.path.getmtime)]
+    path, = paths
     data = open(path, "rb").read()
     assert data[:4] == b":W&B"
     records, pos, pending, block = [], 7, b"", 32768
@@ -281,6 +292,27 @@ def test_logged_train_loss_is_the_mean_over_the_interval(tmp_path):
         assert r["train_loss"] == pytest.approx((per_step[r["step"] - 1] + per_step[r["step"]]) / 2, rel=1e-6)
     muon_lr = load_config(tiny_args(tmp_path)).muon_lr
     assert [r["lr"] for r in every if "lr" in r][:3] == [muon_lr] * 3  # the real LR, before the cooldown
+
+
+def wandb_history(records):
+    return [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+            for rec in records if rec.WhichOneof("record_type") == "history"]
+
+
+def test_a_resumed_offline_run_holds_the_whole_history_in_its_newest_folder(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    args = tiny_args(tmp_path, wandb_mode="offline", max_steps=8, ckpt_every_tokens=512, eval_every_tokens=512)
+    crash_in_step(monkeypatch, args, 7)  # checkpoint at step 4, metrics to step 6
+    wandb.finish()  # as the crashed process's exit would; its offline folder stays as it was
+    time.sleep(1.1)  # folders are named by the second they start in
+    train(load_config(args + ["--resume=1"]))
+    assert len(glob.glob(os.path.join(tmp_path, "tiny", "wandb", "offline-run-*"))) == 2
+    local = read_metrics(os.path.join(tmp_path, "tiny"))
+    history = wandb_history(wandb_records(os.path.join(tmp_path, "tiny"), newest=True))
+    assert [h["step"] for h in history] == [r["step"] for r in local] and local[-1]["step"] == 8
+    for mine, theirs in zip(local, history):
+        for key, value in mine.items():
+            assert theirs[key] == pytest.approx(value), key
 
 
 def test_wandb_is_not_sent_the_rerun_of_what_it_already_has(tmp_path):
