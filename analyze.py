@@ -206,12 +206,12 @@ def load_wandb_runs(path, api=None):
 # 2. Checks: what must agree for spectra of different runs to be compared
 
 
-COMPARABLE = {"probe set": ("spectra_tokens", "grad_samples", "seq_len", "val_files"),
+COMPARABLE = {"probe set": ("spectra_tokens", "grad_samples", "seq_len", "val_files", "spectra_act_norm"),
               "fit windows": ("spectra_head", "spectra_tail"),
               "model profile": ("profile", "n_layer", "n_embd"),
               "gradient precision": ("grad_spectra_precision",)}
 # what a run from before a setting existed measured with
-SETTING_DEFAULTS = {"grad_spectra_precision": "fp32"}
+SETTING_DEFAULTS = {"grad_spectra_precision": "fp32", "spectra_act_norm": "rms"}
 
 
 def freeze(value):
@@ -243,15 +243,16 @@ def differing_settings(runs):
     return problems
 
 
-def check_comparable(runs, allow_mixed=False):
-    """MixedRunsError (or, with allow_mixed, a warning) when runs differ in a COMPARABLE setting."""
+def check_comparable(runs, allow_mixed=False, override="pass --allow-mixed"):
+    """MixedRunsError (or, with allow_mixed, a warning) when runs differ in a COMPARABLE setting;
+    `override` says how the caller lets them be compared anyway (None: it does not)."""
     problems = differing_settings(runs)
     if not problems:
         return
     text = "the runs were not measured alike:\n  " + "\n  ".join(problems)
     if not allow_mixed:
-        raise MixedRunsError(text + "\ncompare runs of one probe set, fit windows, model profile and gradient "
-                                    "precision, or pass --allow-mixed")
+        raise MixedRunsError(text + "\ncompare runs of one probe set (and activation normalisation), fit windows, "
+                             "model profile and gradient precision" + (f", or {override}" if override else ""))
     warn(text + "\n(--allow-mixed: comparing them anyway)")
 
 
@@ -664,6 +665,10 @@ def plot_forecast(path, table, best):
 
 
 def forecast_command(runs, target_loss, at_tokens, out):
+    last = max((r["tokens"] for run in runs for r in run.records if finite(r.get("tokens"))), default=0)
+    if at_tokens > last:
+        warn(f"--at-tokens {at_tokens:,.0f} is past every run's last evaluation ({last:,} tokens): no run has "
+             "predictors measured there; choose a token count the runs have reached")
     table, rows, best = forecast_rows(runs, target_loss, at_tokens)
     print_forecast(table, rows, best, target_loss, at_tokens, family_labels(runs))
     os.makedirs(out, exist_ok=True)
@@ -684,7 +689,7 @@ PREFERRED_KIND = {"act": "mlp_resid", "grad": "attn.c_proj"}  # what the trainer
 def plotted_points(runs, family, stat):
     """Points of one kind, by layer: the block outputs (act) or attn.c_proj (grad) where measured,
     else the most common kind; embed and final around them for activations."""
-    points = {k.split("/", 2)[2] for r in runs for k in spectral_keys(r.records) if k.startswith(f"{family}/{stat}/")}
+    points = {k.split("/", 2)[2] for r in runs for rec in r.records for k in rec if k.startswith(f"{family}/{stat}/")}
     kinds = [split_point(p)[1] for p in points if split_point(p)[0] is not None]
     if not kinds:
         return sorted(points)
@@ -710,12 +715,17 @@ def matched_tokens(runs, family, stat, tokens=None):
     """The token count runs are compared at: `tokens` if given, else the largest evaluation all runs
     share, else (evaluations at different batch sizes rarely coincide) the last evaluation of the
     run that stopped first."""
-    if tokens is not None:
-        return tokens
     sets = [set(eval_tokens(r, family, stat)) for r in runs]
     sets = [s for s in sets if s]
     if not sets:
         raise AnalysisError(f"no run has {family}/{stat} measurements")
+    if tokens is not None:
+        first, last = min(min(s) for s in sets), max(max(s) for s in sets)
+        if not first <= tokens <= last:
+            warn(f"--tokens {tokens:,} is {'past every run' if tokens > last else 'before every run'}'s "
+                 f"{'last' if tokens > last else 'first'} evaluation ({last if tokens > last else first:,} tokens); "
+                 "each run is compared at its nearest evaluation")
+        return tokens
     common = set.intersection(*sets)
     return max(common) if common else min(max(s) for s in sets)
 
@@ -865,6 +875,9 @@ def compare_command(runs, out, family="act", stat="alpha_tail", layer=None, toke
     tokens = matched_tokens(runs, family, stat, tokens)
     loss = max(final_loss(r.records) for r in runs) if loss is None else loss
     rows = compare_rows(runs, family, stat, points, tokens, loss)
+    if all(v is None for which in ("tokens", "loss") for row in rows[which] for v in row[3:]):
+        warn(f"every {family}/{stat} value is null at the compared evaluations (a fit window beyond the valid "
+             "ranks, e.g. a tail window with fewer grad_samples than its start): try --stat alpha_head")
     print_compare(rows, family, stat, points, tokens, loss)
     n_layer = n_layers(runs)
     layer = n_layer // 2 if layer is None else layer

@@ -35,6 +35,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -69,10 +70,12 @@ def load_model(spec, device):
 
 
 def random_like(model, seed):
-    """The same architecture, initialised as the trainer initialises it, from `seed`."""
+    """The same architecture, initialised as the trainer initialises it from `seed`, except that
+    every output projection is random: zero-initialised ones (modded's zero_init_proj) would make
+    every block an identity, every activation spectrum the embedding's and every gradient zero."""
     torch.manual_seed(seed)
     device = next(model.parameters()).device
-    return GPT(model.cfg).to(device).eval()
+    return GPT(replace(model.cfg, zero_init_proj=False)).to(device).eval()
 
 
 def split_files(data, split):

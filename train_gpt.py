@@ -911,13 +911,14 @@ def log_spectra(run_dir, family, measured, cfg, n_layer, step, tokens, seen_note
 def load_forecast_reference(cfg, gcfg):
     """(reference runs, target loss) for the in-run forecast, or (None, None) when it is off.
     ConfigError before anything is written when the reference cannot be read, was measured unlike
-    this run (probe set, fit windows, model profile), or has fewer than 3 runs at the target."""
+    this run (analyze.COMPARABLE: probe set, fit windows, ...), or has fewer than 3 runs at the target."""
     if not cfg.forecast_reference:
         return None, None
     import analyze
     try:
         runs = analyze.load_runs([p.strip() for p in cfg.forecast_reference.split(",") if p.strip()])
-        analyze.check_comparable(runs + [analyze.Run("this run", dict(config=asdict(cfg), model=asdict(gcfg)), [])])
+        analyze.check_comparable(runs + [analyze.Run("this run", dict(config=asdict(cfg), model=asdict(gcfg)), [])],
+                                 override=None)
     except analyze.AnalysisError as e:
         raise ConfigError(f"forecast_reference={cfg.forecast_reference!r}: {e}") from None
     finals = [loss for loss in (analyze.final_loss(r.records) for r in runs) if loss is not None]

@@ -175,7 +175,7 @@ def alpha_difference(ours, base, n):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
-    ap.add_argument("--sublayers", type=int, choices=(0, 1), default=1, help="all ten points of every block")
+    ap.add_argument("--sublayers", type=int, choices=(0, 1), default=1, help="all eight points of every block")
     ap.add_argument("--n_layer", type=int, default=12)
     ap.add_argument("--n_embd", type=int, default=128)
     ap.add_argument("--n_head", type=int, default=4)
@@ -186,6 +186,9 @@ def main(argv=None):
     ap.add_argument("--baseline_repeats", type=int, default=1, help="timed runs of the baseline")
     ap.add_argument("--act_norm", choices=("rms", "none"), default="rms")
     args = ap.parse_args(argv)
+    if args.seq_len < 1 or args.tokens < 2 * args.seq_len:
+        ap.error(f"--tokens {args.tokens}: need at least two sequences of --seq_len {args.seq_len} "
+                 "(the halves need one each)")
 
     model = random_model(args.n_layer, args.n_embd, args.n_head, args.seq_len)
     seqs = probe_sequences(args.tokens, args.seq_len, model.cfg.vocab_size)

@@ -5,8 +5,9 @@ A batch-size sweep of the CPU demo, then `analyze.py compare` and `analyze.py fo
                                [--eval_every_tokens 4096] [--target_loss L] [--at_tokens T] [--key=value ...]
 
 Each batch size trains configs/cpu_demo.py for --train_tokens tokens (the same token budget, so
-smaller batches take more steps) with W&B disabled, into OUT/bs<B>; a run directory that already
-exists is reused, not retrained. Extra --key=value arguments go to every training run. The budget
+smaller batches take more steps) with W&B disabled, into OUT/bs<B>; a finished run directory that
+already exists with the same settings is reused, not retrained (one with other settings, or
+unfinished, is an error that names it). Extra --key=value arguments go to every training run. The budget
 and the evaluation cadence are multiples of every run's tokens per step (batch x 128), so all runs
 evaluate at the same token counts.
 
@@ -18,14 +19,17 @@ attention projections). Outputs: OUT/analysis/{compare,forecast}/. About 5 minut
 """
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import analyze  # noqa: E402
+import train_gpt  # noqa: E402
 
 DEMO = os.path.join(REPO, "configs", "cpu_demo.py")
 
@@ -43,16 +47,39 @@ def parse_args(argv):
     return p.parse_known_args(argv)
 
 
+def check_reusable(run_dir, config_args):
+    """Exit with a message unless run_dir was trained to the end with the settings config_args resolve to."""
+    with open(os.path.join(run_dir, "config.json")) as f:
+        saved = json.load(f)
+    try:
+        wanted = json.loads(json.dumps(asdict(train_gpt.load_config(config_args))))  # tuples as JSON lists
+    except train_gpt.ConfigError as e:
+        sys.exit(f"error: {e}")
+    defaults = json.loads(json.dumps(asdict(train_gpt.Config())))  # keys added since that run: their defaults
+    resolved = ("out_dir", "run_name", "device_batch_size")  # where the folder sits; filled in by the trainer
+    differ = {k: (saved["config"].get(k, defaults[k]), v) for k, v in wanted.items()
+              if k not in resolved and saved["config"].get(k, defaults[k]) != v}
+    if differ:
+        sys.exit(f"{run_dir} was trained with other settings, {{key: (that run, requested)}} = {differ}; delete it "
+                 "or choose another --out")
+    records, _ = analyze.read_records(os.path.join(run_dir, "metrics.jsonl"))
+    last, total = max((r.get("step", 0) for r in records), default=0), saved["derived"]["total_steps"]
+    if last < total:
+        sys.exit(f"{run_dir} stopped at step {last} of {total}; delete it to train it again")
+
+
 def train(out, bs, args, extra):
     """Train one run (or reuse it); returns its directory."""
     run_dir = os.path.join(out, f"bs{bs}")
+    config_args = [DEMO, f"--batch_size={bs}", "--device_batch_size=0", f"--train_tokens={args.train_tokens}",
+                   f"--eval_every_tokens={args.eval_every_tokens}", f"--grad_samples={args.grad_samples}",
+                   f"--out_dir={out}", f"--run_name=bs{bs}", "--wandb_mode=disabled", "--spectra_plots=0",
+                   "--ckpt_every_tokens=-1", *extra]
     if analyze.is_run_dir(run_dir):
+        check_reusable(run_dir, config_args)
         print(f"reusing {run_dir}")
         return run_dir
-    cmd = [sys.executable, os.path.join(REPO, "train_gpt.py"), DEMO, f"--batch_size={bs}", "--device_batch_size=0",
-           f"--train_tokens={args.train_tokens}", f"--eval_every_tokens={args.eval_every_tokens}",
-           f"--grad_samples={args.grad_samples}", f"--out_dir={out}", f"--run_name=bs{bs}", "--wandb_mode=disabled",
-           "--spectra_plots=0", "--ckpt_every_tokens=-1", *extra]
+    cmd = [sys.executable, os.path.join(REPO, "train_gpt.py"), *config_args]
     # large allocations on transparent huge pages: about twice as fast on CPU (see the Makefile)
     env = {**os.environ, "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")}
     t0 = time.time()

@@ -300,7 +300,10 @@ def main(argv=None):
     sizes = resolve_sizes(args)
     model = random_model(sizes, args.seq_len, device)
     tokens, split = probe_tokens(args.samples, args.seq_len, model.cfg.vocab_size)
-    names = spectra.select_linears(set(model.linears()), sizes["n_layer"], args.matrices, args.layers)
+    try:
+        names = spectra.select_linears(set(model.linears()), sizes["n_layer"], args.matrices, args.layers)
+    except ValueError as e:
+        ap.error(str(e))
     n = args.samples
     P = {name: model.linears()[name].weight.numel() for name in names}
     threads = f"{torch.get_num_threads()} torch threads" if device.type == "cpu" else torch.cuda.get_device_name(device)

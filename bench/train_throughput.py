@@ -63,13 +63,19 @@ def measured_matmul_flops(device, n=8192, reps=10):
 def bench_config(argv, steps):
     """(config, --steps) from CONFIG.py [--steps=N] [--key=value ...]; the embedded corpus stands in
     for absent shards (speed does not depend on which tokens are read)."""
+    if {"-h", "--help"} & set(argv):
+        print(sys.modules["__main__"].__doc__)
+        sys.exit(0)
     args = []
     for a in argv:
         if a.startswith("--steps="):
             steps = int(a.split("=", 1)[1])
         else:
             args.append(a)
-    cfg = train_gpt.load_config(args)
+    try:
+        cfg = train_gpt.load_config(args)
+    except train_gpt.ConfigError as e:
+        sys.exit(f"error: {e}")
     for key in ("train_files", "val_files"):  # each missing pattern on its own, so --val_files=... can point elsewhere
         if not glob.glob(getattr(cfg, key)):
             stand_in = f"data/shakespeare/shakespeare_{key.split('_')[0]}_*.bin"

@@ -1,5 +1,5 @@
 # The offline CPU demo: a tiny modded-NanoGPT trained on the embedded Shakespeare corpus in about
-# two minutes on 2 CPU cores; val loss falls from 10.8 (uniform over the vocabulary) to about 6.
+# three minutes on 2 CPU cores; val loss falls from 10.8 (uniform over the vocabulary) to about 6.
 #   python train_gpt.py configs/cpu_demo.py
 preset = "modded"
 n_layer = 4

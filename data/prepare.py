@@ -28,8 +28,12 @@ from data.shards import write_shard  # noqa: E402
 def read_documents(paths, doc_sep=None):
     docs = []
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            sys.exit(f"error: {path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it, e.g. "
+                     f"iconv -f latin1 -t utf-8 {path}")
         parts = text.split(doc_sep) if doc_sep else [text]
         docs.extend(p for p in parts if p.strip())
     return docs

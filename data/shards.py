@@ -18,8 +18,10 @@ HEADER_BYTES = HEADER_INTS * 4
 
 # How to obtain the shards a glob pattern asks for, shown when none are found.
 FETCH_HINTS = (
-    ("finewebedu", "python data/fineweb.py --edu --train_shards 8"),
-    ("fineweb", "python data/fineweb.py --train_shards 8"),
+    ("finewebedu", "python data/fineweb.py --edu --train_shards N  (100M tokens each: train_tokens / 1e8, e.g. 26 "
+                   "for d12's 2.5B)"),
+    ("fineweb", "python data/fineweb.py --train_shards N  (100M tokens each: train_tokens / 1e8, e.g. 26 for "
+                "d12's 2.5B)"),
     ("shakespeare", "git checkout -- data/shakespeare  (the embedded corpus is part of the repository)"),
     ("wikitext103", "python data/wikitext.py --name wikitext-103"),  # before "wikitext", which it contains
     ("wikitext", "python data/wikitext.py --name wikitext-2"),

@@ -251,6 +251,8 @@ def test_forecast_recovers_the_ranking_and_the_leave_one_out_predictions(tmp_pat
     analyze.main(["forecast", str(tmp_path / "sweep"), "--target-loss", "5", "--at-tokens", "2.5k", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "NOT YET" in printed and f"best predictor: {KEY}" in printed
+    with pytest.warns(analyze.AnalysisWarning, match=r"--at-tokens 1,000,000,000 is past every run's last"):
+        assert analyze.forecast_command(runs, 5.0, 1e9, str(tmp_path / "late"))[2] is None
     with open(out / "forecast.csv") as f:
         table = {row["run"]: row for row in csv.DictReader(f)}
     assert set(table) == {r.name for r in runs}
@@ -304,10 +306,18 @@ def test_mixed_probe_sets_are_an_error_unless_allowed(tmp_path, capsys):
     with pytest.raises(analyze.MixedRunsError, match=r"gradient precision: grad_spectra_precision = 'fp32' in a; "
                                                      r"'bf16' in e"):
         analyze.check_comparable(analyze.load_runs([a, e]))
-    old = trainer_config(tmp_path, "old", **base)
-    del old["config"]["grad_spectra_precision"]
-    old = write_run(tmp_path, "old", make_records(128, GRID, curve(5000), {}), old)
+    old_cfg = trainer_config(tmp_path, "old", **base)
+    del old_cfg["config"]["grad_spectra_precision"]
+    old = write_run(tmp_path, "old", make_records(128, GRID, curve(5000), {}), old_cfg)
     analyze.check_comparable(analyze.load_runs([a, old]))
+    # raw residual spectra are not RMS-normalised ones; a run from before the setting normalised
+    raw = write_run(tmp_path, "raw", make_records(128, GRID, curve(5000), {}),
+                    trainer_config(tmp_path, "raw", spectra_act_norm="none", **base))
+    with pytest.raises(analyze.MixedRunsError, match=r"probe set: spectra_act_norm = 'rms' in a; 'none' in raw"):
+        analyze.check_comparable(analyze.load_runs([a, raw]))
+    del old_cfg["config"]["spectra_act_norm"]
+    older = write_run(tmp_path, "older", make_records(128, GRID, curve(5000), {}), old_cfg)
+    analyze.check_comparable(analyze.load_runs([a, older]))
 
 
 def test_truncated_and_empty_metrics_and_paths_that_are_not_runs(tmp_path, capsys):
@@ -451,6 +461,14 @@ def test_compare_end_to_end_on_synthetic_runs(tmp_path, capsys):
     # --tokens picks each run's nearest evaluation
     nearest = analyze.compare_command(runs, str(out), tokens=2200)["rows"]["tokens"]
     assert [r[1] for r in nearest] == [2048, 2304, 2048]
+    with pytest.warns(analyze.AnalysisWarning, match="--tokens 1,000,000,000 is past every run's last evaluation"):
+        beyond = analyze.compare_command(runs, str(out), tokens=10 ** 9)["rows"]["tokens"]
+    assert [r[1] for r in beyond] == [grid[-1] for _, grid, _, _ in layouts.values()]
+    with pytest.warns(analyze.AnalysisWarning, match=r"every grad/alpha_tail value is null .* try --stat alpha_head"):
+        analyze.compare_command(runs, str(out), family="grad")  # 8 samples: no tail fits
+    # any logged statistic, not only the forecast's predictors
+    pr = analyze.compare_command(runs, str(out), stat="pr")
+    assert pr["points"] == POINTS and pr["rows"]["tokens"][0][3] == pytest.approx(0.5 + DRIFT * 6144)
 
 
 def test_compare_and_forecast_on_real_tiny_runs(tmp_path, capsys):
@@ -506,6 +524,6 @@ def test_a_forecast_reference_that_cannot_forecast_is_a_config_error_before_anyt
                                 "spectra_tokens"),
                                (dict(forecast_reference=str(tmp_path / "sweep"), forecast_target_loss=1.0),
                                 "0 of its 7 runs reach val_loss 1")]:
-        with pytest.raises(train_gpt.ConfigError, match=message):
+        with pytest.raises(train_gpt.ConfigError, match=message) as e:
             train_gpt.train(train_gpt.load_config(tiny_args(out, **overrides)))
-        assert not out.exists()
+        assert not out.exists() and "--allow-mixed" not in str(e.value)  # not a trainer option

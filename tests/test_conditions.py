@@ -145,3 +145,16 @@ def test_conditions_without_network_names_the_file_and_the_local_fix(tmp_path, m
         spectra.main(["conditions", "--model", "gpt-5", "--data", "data/shakespeare", "--out", str(tmp_path / "o")])
     assert "known names are ['gpt2', 'gpt2-large', 'gpt2-medium', 'gpt2-xl']" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_random_condition_has_random_output_projections():
+    import conditions
+    from model import GPT, make_config
+    modded = GPT(make_config("modded", "d12", n_layer=2, n_head=2, n_embd=32, seq_len=16))
+    assert modded.cfg.zero_init_proj and not modded.blocks[0].attn.c_proj.weight.any()  # the trainer's init
+    rand = conditions.random_like(modded, seed=3)
+    assert {k: v.shape for k, v in rand.state_dict().items()} == {k: v.shape for k, v in modded.state_dict().items()}
+    for name, lin in rand.linears().items():
+        assert lin.weight.std() > 0, name
+    other = conditions.random_like(modded, seed=4)
+    assert not (rand.blocks[0].attn.c_proj.weight == other.blocks[0].attn.c_proj.weight).all()  # per seed
