@@ -161,7 +161,7 @@ def reduce_stats(s, dst=0):
     n = int(round(nm[0].item()))
     mean = nm[1:] / max(n, 1)
     delta = s.mean - mean
-    m2 = s.m2 + torch.outer(delta, delta) * s.n
+    m2 = s.m2.addr_(delta, delta, alpha=s.n)  # in place: a second d x d per point would double the memory
     dist.reduce(m2, dst)
     return Stats(n, mean, m2)
 
@@ -557,59 +557,54 @@ def gathered_ids(index, rank, world, device):
 
 
 def gather_padded(rows, most, rank, world):
-    """This rank's rows padded to `most`, gathered to rank 0: (world * most, width) there, else None."""
-    part = torch.zeros(most, rows.size(1), dtype=rows.dtype, device=rows.device)
-    part[:len(rows)] = rows
-    parts = [torch.empty_like(part) for _ in range(world)] if rank == 0 else None
-    dist.gather(part, parts, dst=0)
-    return torch.cat(parts) if rank == 0 else None
+    """This rank's rows padded with zero rows to `most`, gathered to rank 0 straight into one
+    (world * most, width) buffer there (dist.gather into views of it, no concatenation); None elsewhere."""
+    part = rows if len(rows) == most else torch.cat([rows, rows.new_zeros(most - len(rows), rows.size(1))])
+    buf = rows.new_empty(world * most, rows.size(1)) if rank == 0 else None
+    dist.gather(part.contiguous(), list(buf.split(most)) if rank == 0 else None, dst=0)
+    return buf
 
 
-def gather_rows(rows, index, n, rank, world):
-    """The rows this rank computed (with their sample indices) assembled in sample order on rank 0:
-    (n, width) there, None on the other ranks. Only rank 0 forms K, so the rows go to it alone
-    (dist.gather): the other ranks hold just their own share. One process: just the reordering."""
+def in_sample_order(K, ids):
+    """A Gram over gathered rows (ids: the sample index of each row, -1 for padding) as the Gram over
+    samples 0..n-1: the padding's rows and columns dropped, the rest permuted. Forming K in arrival
+    order and permuting it (n x n) costs less memory than reordering the rows themselves."""
+    keep = (ids >= 0).nonzero().squeeze(1)
+    position = keep[torch.argsort(ids[keep])]
+    if torch.equal(position, torch.arange(len(K), device=K.device)):
+        return K
+    return K[position][:, position]
+
+
+def gather_rows(rows, index, rank, world):
+    """(rows, ids): every rank's rows on rank 0, in the order they arrive with the sample index of
+    each (-1 for padding rows, which are zero); (None, None) on the other ranks, which hold just
+    their own share. One process: the rows as they are. Callers form K and then in_sample_order."""
     if world == 1:
-        if index == list(range(n)):  # batches in order: already G, no second copy
-            return rows
-        out = torch.zeros(n, rows.size(1), dtype=rows.dtype, device=rows.device)
-        out[torch.tensor(index, device=rows.device)] = rows
-        return out
+        return rows, torch.tensor(index, device=rows.device)
     most, ids = gathered_ids(index, rank, world, rows.device)
-    parts = gather_padded(rows, most, rank, world)
-    if rank != 0:
-        return None
-    out = torch.zeros(n, rows.size(1), dtype=rows.dtype, device=rows.device)
-    keep = ids >= 0
-    out[ids[keep]] = parts[keep]
-    return out
+    return gather_padded(rows, most, rank, world), ids
 
 
 def gathered_gram(rows, index, n, rank, world, chunk_elements=2 ** 26):
     """G G^T in fp64 and sample order on rank 0 (None elsewhere) for a G whose rows are spread over
     the processes: `rows` this rank's, of samples `index`. Under DDP the rows travel to rank 0 one
-    column chunk at a time (dist.gather, each share padded to the largest), so no process ever holds
-    more of G than its own share and one chunk; K is formed in the order the rows arrive and then
-    permuted to sample order, so G itself is never reordered."""
+    column chunk at a time (gather_padded), so no process holds more of G than its own share and
+    one chunk (rank 0: the chunk of every rank, and its fp64 copy); K is formed in the order the
+    rows arrive, padding included (zero rows), and then put in sample order (in_sample_order)."""
     if world == 1:
-        K, order = gram_fp64(rows, chunk_elements), index
+        K, ids = gram_fp64(rows, chunk_elements), torch.tensor(index, device=rows.device)
     else:
         most, ids = gathered_ids(index, rank, world, rows.device)
-        if rank == 0:
-            keep, order = ids >= 0, ids[ids >= 0].tolist()
-            K = torch.zeros(n, n, dtype=torch.float64, device=rows.device)
+        K = torch.zeros(world * most, world * most, dtype=torch.float64, device=rows.device) if rank == 0 else None
         step = max(1, chunk_elements // max(1, n))  # the columns gram_fp64 takes at a time
         for c in range(0, rows.size(1), step):  # every rank has the same width, so the same chunks
-            parts = gather_padded(rows[:, c:c + step], most, rank, world)
+            block = gather_padded(rows[:, c:c + step], most, rank, world)
             if rank == 0:
-                block = parts[keep].double()
+                block = block.double()
                 K.addmm_(block, block.T)
-    if rank != 0:
-        return None
-    if order != list(range(n)):
-        position = torch.argsort(torch.tensor(order, device=K.device))
-        K = K[position][:, position]
-    return K
+            del block
+    return in_sample_order(K, ids) if rank == 0 else None
 
 
 # Arithmetic of the forward/backward passes that give A and B. g_i = vec(B_i^T A_i) is formed and
@@ -639,6 +634,9 @@ def gradient_grams(model, tokens, names, seq_len, n_samples, batch_size=8, max_g
     device = next(model.parameters()).device
     windows = tokens[: n_samples * seq_len + 1].unfold(0, seq_len + 1, seq_len)[:n_samples]
     n = len(windows)
+    if n < max(2, n_samples):
+        raise ValueError(f"{len(tokens)} tokens hold {n} windows of {seq_len} + 1 tokens: per-example gradient "
+                         f"spectra of n_samples={n_samples} need {n_samples * seq_len + 1} tokens and n_samples >= 2")
     batches = [list(range(b, min(b + batch_size, n))) for b in range(0, n, batch_size)]
     mine = [batches[b] for b in range(rank, len(batches), world)]
     share = max(sum(len(batch) for batch in batches[r::world]) for r in range(world))  # the most rows a rank holds
@@ -769,11 +767,12 @@ def run_passes(passes, model, linears, windows, mine, n, seq_len, batch_size, ra
                 if rank == 0:
                     grams[name] = grams.get(name, 0) + K
             else:  # the token-Gram needs every example's A and B on rank 0
-                full = gather_rows(held[j], index, n, rank, world)
+                full, ids = gather_rows(held[j], index, rank, world)
                 if rank == 0:
                     A = full[:, :seq_len * d_in].unflatten(1, (seq_len, d_in))
                     B = full[:, seq_len * d_in:].unflatten(1, (seq_len, d_out))
-                    grams[name] = token_gram_matrix(A, B, batch_size)
+                    grams[name] = in_sample_order(token_gram_matrix(A, B, batch_size), ids)
+                del full
             held[j] = None
     return grams
 
@@ -794,6 +793,8 @@ def noise_scale(K):
     |mean g|^2 over n examples overestimates the squared true gradient by tr(Sigma) / n, so the
     value is biased low when it approaches n (McCandlish et al. correct with two batch sizes)."""
     n = len(K)
+    if n < 2:
+        return math.nan
     mean_sq = K.sum().item() / n ** 2
     trace = (torch.trace(K).item() - n * mean_sq) / (n - 1)
     return trace / mean_sq if mean_sq > 0 else math.nan
