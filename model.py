@@ -25,6 +25,7 @@ Face format: config.json + model.safetensors) returns the gpt2 preset holding
 OpenAI's weights, read with `safetensors` alone: no `transformers` at run time.
 """
 
+import functools
 import json
 import math
 import os
@@ -228,6 +229,30 @@ class Block(nn.Module):
         return t["mlp_resid"](x + self.drop(m))
 
 
+def head_grad_rows(rows, W, targets, softcap):
+    """The gradient of sum_r CE(softcap(rows W^T)_r, targets_r) with respect to a chunk of rows:
+    ((softmax(s) - onehot) * ds/dz) W, z = rows W^T, s = c tanh(z / c) (s = z without a softcap),
+    in W's dtype; the softcap and softmax in fp32. In place on its own buffers, as few passes over
+    the (rows, vocab) logits as eager PyTorch allows."""
+    z = (rows @ W.T).float()
+    if softcap:
+        t = z.div_(softcap).tanh_()
+        p = torch.softmax(t * softcap, dim=-1)
+    else:
+        p = torch.softmax(z, dim=-1)
+    p[torch.arange(len(p), device=p.device), targets] -= 1.0
+    if softcap:
+        p = torch.ops.aten.tanh_backward(p, t)  # p * (1 - t^2): the softcap's derivative, one pass
+    return p.to(W.dtype) @ W
+
+
+@functools.cache
+def compiled_head_grad_rows():
+    """head_grad_rows through torch.compile, made once per process (compilation is lazy: at the first
+    call, and again for a new chunk shape)."""
+    return torch.compile(head_grad_rows)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -308,16 +333,19 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def sequence_loss_grad(self, h, targets, chunk_elements=None, dtype=torch.float32):
+    def sequence_loss_grad(self, h, targets, chunk_elements=None, dtype=torch.float32, compiled=False):
         """d/dh of sum_b mean_t CE(head(h)[b, t], targets[b, t]) for final hidden states h (B, T, d):
         every sequence's own mean loss, the gradient per-example measurement needs at the head.
 
         Written out rather than left to autograd because the head dominates that measurement: with
         s = c tanh(z / c) and z = h W^T, the gradient is ((softmax(s) - onehot) * (1 - tanh^2)) W / T,
-        a handful of passes over one chunk of rows at a time, where autograd's log-softmax, NLL and
-        tanh backwards each sweep (and zero-fill) the whole (B T, vocab) buffer: half the time on CPU.
-        `dtype` is that of the two products with W (bf16 for a fast approximate measurement); the
-        softcap, softmax and result are fp32."""
+        a handful of passes over one chunk of rows at a time (head_grad_rows), where autograd's
+        log-softmax, NLL and tanh backwards each sweep (and zero-fill) the whole (B T, vocab) buffer:
+        half the time on CPU. `dtype` is that of the two products with W (bf16 for a fast approximate
+        measurement); the softcap, softmax and result are fp32. compiled=True runs head_grad_rows
+        through torch.compile, which fuses its elementwise passes over the (rows, vocab) logits into
+        one or two kernels between the two products (bandwidth-bound on a GPU: about 70 bytes per
+        logit eager); the same arithmetic, up to the order of the softmax's sums."""
         B, T, d = h.shape
         W = self.lm_head.weight.to(dtype)
         rows, flat_targets = h.reshape(B * T, d).to(dtype), targets.reshape(B * T)
@@ -326,18 +354,10 @@ class GPT(nn.Module):
         # whole multiples of 8 rows: some BLAS kernels for a few odd rows round differently with the
         # thread count, and DDP workers must get the same numbers as one process
         step = max(8, chunk_elements // W.size(0) // 8 * 8)
+        grad_rows = compiled_head_grad_rows() if compiled else head_grad_rows
         out = torch.empty(B * T, d, dtype=torch.float32, device=h.device)
         for i in range(0, B * T, step):
-            z = (rows[i:i + step] @ W.T).float()
-            if self.cfg.softcap:
-                t = z.div_(self.cfg.softcap).tanh_()
-                p = torch.softmax(t * self.cfg.softcap, dim=-1)
-            else:
-                p = torch.softmax(z, dim=-1)
-            p[torch.arange(len(p), device=p.device), flat_targets[i:i + step]] -= 1.0
-            if self.cfg.softcap:
-                p = torch.ops.aten.tanh_backward(p, t)  # p * (1 - t^2): the softcap's derivative, one pass
-            out[i:i + step] = p.to(dtype) @ W
+            out[i:i + step] = grad_rows(rows[i:i + step], W, flat_targets[i:i + step], self.cfg.softcap)
         return out.div_(T).view(B, T, d).to(h.dtype)
 
     # ---- names for measurement -------------------------------------------------------------

@@ -492,11 +492,12 @@ def select_linears(model_names, n_layer, matrices="attn.c_proj", layers=""):
     return names
 
 
-def per_example_outputs(model, linears, idx, targets, precision="fp32"):
+def per_example_outputs(model, linears, idx, targets, precision="fp32", compile=False):
     """{name: (A, B)} for one batch: each Linear's input A (b, T, d_in) and the gradient B (b, T,
     d_out) of every sequence's own mean loss at its output, from one forward and one backward.
     precision='bf16' runs the forward under bf16 autocast (its backward follows in the same dtypes)
-    and the head's products in bf16; otherwise fp32, TF32 or not as the caller has set it."""
+    and the head's products in bf16; otherwise fp32, TF32 or not as the caller has set it.
+    compile=True compiles the head's gradient (GPT.sequence_loss_grad): a GPU speedup, off by default."""
     captured = {}
     bf16 = precision == "bf16"
 
@@ -510,7 +511,8 @@ def per_example_outputs(model, linears, idx, targets, precision="fp32"):
                 h = model.features(idx)
             # the head's gradient in closed form (GPT.sequence_loss_grad), then autograd from h down to
             # the chosen outputs: the gradient of sum_i loss_i at out_i is the gradient of loss_i alone
-            dh = model.sequence_loss_grad(h.detach(), targets, dtype=torch.bfloat16 if bf16 else torch.float32)
+            dh = model.sequence_loss_grad(h.detach(), targets, dtype=torch.bfloat16 if bf16 else torch.float32,
+                                          compiled=compile)
             outs = [captured[n][1] for n in linears]
             grads = torch.autograd.grad(h, outs, grad_outputs=dh)
     finally:
@@ -622,12 +624,13 @@ def check_precision(precision):
 
 @torch.no_grad()
 def gradient_grams(model, tokens, names, seq_len, n_samples, batch_size=8, max_gb=8.0, method="auto",
-                   rank=0, world=1, precision="fp32"):
+                   rank=0, world=1, precision="fp32", compile=False):
     """{name: K} (n x n fp64, on rank 0; None elsewhere): the Gram of the per-example gradients of
     each named Linear over the first n_samples sequences of `tokens` (windows of seq_len + 1).
     Materialised G is built in column blocks of output units, as many per pass over the probe set
     as max_gb allows, so the whole of G is held only when it fits. The passes run at `precision`
-    (PRECISIONS). The model is used in eval mode and restored; parameters, .grad and RNG are untouched."""
+    (PRECISIONS), the head's gradient compiled if `compile`. The model is used in eval mode and
+    restored; parameters, .grad and RNG are untouched."""
     check_precision(precision)
     linears_all = model.linears()
     linears = {n: linears_all[n] for n in names}
@@ -647,7 +650,7 @@ def gradient_grams(model, tokens, names, seq_len, n_samples, batch_size=8, max_g
     try:
         with fp32_matmuls(tf32=precision == "tf32"):  # 'fp32': A and B in full fp32, like the activations
             grams = run_passes(passes, model, linears, windows, mine, n, seq_len, batch_size, rank, world, device,
-                               precision)
+                               precision, compile)
     finally:
         model.train(was_training)
     return grams if rank == 0 else None
@@ -737,7 +740,7 @@ def gram_fp64(G, chunk_elements=2 ** 26):
 
 
 def run_passes(passes, model, linears, windows, mine, n, seq_len, batch_size, rank, world, device,
-               precision="fp32"):
+               precision="fp32", compile=False):
     """The passes planned by plan_passes: {name: K} on rank 0. Each pass sweeps this rank's probe
     batches once and writes, batch by batch and in place, what each job holds (held_entries): G is
     held once, not as per-batch pieces plus their concatenation."""
@@ -751,7 +754,7 @@ def run_passes(passes, model, linears, windows, mine, n, seq_len, batch_size, ra
         for batch in mine:
             w = windows[batch].to(device)
             ab = per_example_outputs(model, {name: linears[name] for name, _ in jobs}, w[:, :-1], w[:, 1:],
-                                     precision)
+                                     precision, compile)
             at = slice(len(index), len(index) + len(batch))
             for j, (name, rows) in enumerate(jobs):
                 A, B = ab[name]
@@ -801,12 +804,12 @@ def noise_scale(K):
 
 
 def measure_gradients(model, tokens, names, seq_len, n_samples, batch_size=8, max_gb=8.0, method="auto",
-                      rank=0, world=1, precision="fp32"):
+                      rank=0, world=1, precision="fp32", compile=False):
     """Gradient spectra on rank 0 as {name: {eig (singular values), eig_half0, eig_half1, n, ...,
     width, limit..., noise_scale}} in the form summarise() takes; None on other ranks. The halves
     are the even and odd samples: sub-Grams of the same K, no extra pass."""
     grams = gradient_grams(model, tokens, names, seq_len, n_samples, batch_size, max_gb, method, rank, world,
-                           precision)
+                           precision, compile)
     if grams is None:
         return None
     out, linears = {}, model.linears()
@@ -1134,6 +1137,8 @@ def parse_args(argv):
     grad.add_argument("--precision", choices=PRECISIONS,
                       help="arithmetic of the passes: fp32 (exact), tf32 or bf16 (GPU speed, approximate) "
                            "(default: the run's grad_spectra_precision)")
+    grad.add_argument("--compile", type=int, choices=(0, 1),
+                      help="torch.compile the head's gradient, a GPU speedup (default: the run's grad_spectra_compile)")
     import conditions  # the conditions study lives in its own file; its options are defined there
     conditions.add_arguments(sub.add_parser("conditions", help="the conditions study (fine-tuned / pretrained / "
                                             "random init x train / test), averaged over seeds"))
@@ -1182,6 +1187,7 @@ def main(argv=None):
             if not max_gb > 0:
                 raise ValueError(f"--max_gb {max_gb} must be positive")
             precision = setting(args.precision, "grad_spectra_precision", "fp32")
+            compile_head = bool(setting(args.compile, "grad_spectra_compile", False))
             check_precision(precision)
             plan_passes({m: model.linears()[m].weight.shape for m in names}, n_seq, seq_len, max_gb, method)
         data = setting(args.data, "val_files", None)
@@ -1201,7 +1207,7 @@ def main(argv=None):
     else:
         meta["precision"] = precision
         measured = {"grad": measure_gradients(model, tokens, names, seq_len, n_seq, batch_size, max_gb, method,
-                                              precision=precision),
+                                              precision=precision, compile=compile_head),
                     "weight": measure_weights(model, names)}
     print(f"spectra of {args.ckpt} (step {step}, {seen:,} tokens) on {n_seq} probe sequences of {seq_len} tokens")
     for family, spec in measured.items():

@@ -110,6 +110,7 @@ class Config:
     grad_spectra_max_gb: float = 8.0   # per-example gradients (fp32) held at once; more goes in column blocks
     grad_spectra_method: str = "auto"  # auto | materialise | token_gram (see spectra.gram_method)
     grad_spectra_precision: str = "fp32"  # fp32 (exact) | tf32 | bf16: faster, approximate passes on a GPU
+    grad_spectra_compile: bool = False  # torch.compile the head's gradient in those passes (a GPU speedup)
     # checkpoints
     ckpt_every_tokens: int = 0         # 0: only at the end; -1: never
     ckpt_keep: int = 2                 # most recent checkpoints kept
@@ -880,7 +881,7 @@ def evaluate(model, raw, val, probe, cfg, rank, world, device, autocast, spectra
         measured["grad"] = spectra.measure_gradients(raw, probe, names, cfg.seq_len, cfg.grad_samples,
                                                      cfg.grad_batch_size, cfg.grad_spectra_max_gb,
                                                      cfg.grad_spectra_method, rank, world,
-                                                     cfg.grad_spectra_precision)
+                                                     cfg.grad_spectra_precision, cfg.grad_spectra_compile)
         measured["weight"] = spectra.measure_weights(raw, names) if rank == 0 else None
     return metrics, measured
 

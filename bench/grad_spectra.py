@@ -3,10 +3,10 @@ Per-example gradient spectra: our batched Gram method against the seed protocol'
 
     python bench/grad_spectra.py [--samples 64] [--seq_len 128] [--matrices attn.c_proj] [--layers all]
                                  [--batch_size 8] [--max_gb 8] [--blocks 2] [--repeats 3] [--device auto]
-                                 [--precision fp32[,tf32,bf16]]
+                                 [--precision fp32[,tf32,bf16]] [--compile 0[,1]]
     python bench/grad_spectra.py --profile d12 --samples 512 --seq_len 1024      # one GPU
     python bench/grad_spectra.py --profile d12 --samples 512 --seq_len 1024 --layers '' \
-        --precision fp32,tf32,bf16 --batch_size 8,32 --blocks 0               # variants, one baseline
+        --precision fp32,tf32,bf16 --batch_size 8,32 --compile 0,1 --blocks 0   # variants, one baseline
 
 Both methods measure the singular values of the same G on the same model and probe set: row i of G
 is the gradient of one chosen Linear's weight for example i (one sequence of --seq_len tokens, its
@@ -29,9 +29,11 @@ small enough that each matrix needs --blocks column blocks, to show the blocked 
 unblocked one. Exits 1 if the relative error exceeds 1e-5: the two methods then disagree on the
 spectra.
 
-Lists in --precision and --batch_size run ours once per combination, each printed against the one
-baseline. --precision tf32 or bf16 runs our passes in that arithmetic (spectra.PRECISIONS; the
-baseline stays full fp32, the seed protocol's), for the speed a GPU's tensor cores give. Those
+Lists in --precision, --batch_size and --compile run ours once per combination, each printed against
+the one baseline (--compile 1: the head's gradient through torch.compile, GPT.sequence_loss_grad; its
+first call, which compiles, is the untimed warm-up). --precision tf32 or bf16 runs our passes in
+that arithmetic (spectra.PRECISIONS; the baseline stays full fp32, the seed protocol's), for the
+speed a GPU's tensor cores give. Those
 spectra are approximate, so instead of the 1e-5 check the bench prints how far the fitted exponents
 (alpha over the head and tail windows, as logged) move from the baseline's and exits 1 if any moves
 by more than 0.01, a tenth of the smallest differences the studies report between conditions.
@@ -42,6 +44,7 @@ GLIBC_TUNABLES=glibc.malloc.hugetlb=1.
 """
 
 import argparse
+import itertools
 import math
 import os
 import sys
@@ -250,6 +253,14 @@ def int_list(text):
     return values
 
 
+def flag_list(text):
+    """'0,1' -> [0, 1] (each 0 or 1)."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values or any(v not in ("0", "1") for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 0, 1 or 0,1")
+    return [int(v) for v in values]
+
+
 def precision_list(text):
     """'fp32,bf16' -> ['fp32', 'bf16'], each one of spectra.PRECISIONS."""
     values = [v.strip() for v in text.split(",") if v.strip()]
@@ -291,6 +302,8 @@ def main(argv=None):
                     help="timed runs of ours after one warm-up (best is reported)")
     ap.add_argument("--baseline_repeats", type=at_least(1), default=1, help="timed runs of the baseline")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--compile", type=flag_list, default=[0],
+                    help="1: ours with the head's gradient compiled (torch.compile; a GPU speedup); '0,1' runs both")
     ap.add_argument("--precision", type=precision_list, default=["fp32"],
                     help="arithmetic of our passes, fp32, tf32 or bf16 (the baseline is always full fp32; tf32 and "
                          "bf16 are approximate); a comma-separated list runs each, against the same baseline")
@@ -319,26 +332,26 @@ def main(argv=None):
     except ValueError as e:
         ap.error(str(e))
 
-    def ours(precision, batch_size, max_gb=args.max_gb):
+    def ours(variant, max_gb=args.max_gb):
+        precision, batch_size, compiled = variant
         return spectra.measure_gradients(model, tokens, names, args.seq_len, n, batch_size, max_gb, args.method,
-                                         precision=precision)
+                                         precision=precision, compile=bool(compiled))
 
-    runs = []  # (precision, batch size, best time, spectra, measured peak or None)
-    for precision in args.precision:
-        for batch_size in args.batch_size:
-            ours(precision, batch_size)  # warm-up: first-call allocations and kernel choice are not the method
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-                held = torch.cuda.memory_allocated(device)
-            t, out = best_time(lambda: ours(precision, batch_size), args.repeats, device)
-            runs.append((precision, batch_size, t, out,
-                         torch.cuda.max_memory_allocated(device) - held if device.type == "cuda" else None))
+    runs = []  # ((precision, batch size, compile), best time, spectra, measured peak or None)
+    for variant in itertools.product(args.precision, args.batch_size, args.compile):
+        ours(variant)  # warm-up: first-call allocations, kernel choice and compilation are not the method
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            held = torch.cuda.memory_allocated(device)
+        t, out = best_time(lambda: ours(variant), args.repeats, device)
+        runs.append((variant, t, out,
+                     torch.cuda.max_memory_allocated(device) - held if device.type == "cuda" else None))
 
     blocked = None
-    first_precision, first_batch, t_first, first_out, _ = runs[0]
+    first, t_first, first_out, _ = runs[0]
     if args.blocks > 0 and dense:
         small_gb = blocking_max_gb(model, dense, n, args.blocks)
-        t_blocked, blocked = best_time(lambda: ours(first_precision, first_batch, small_gb), 1, device)
+        t_blocked, blocked = best_time(lambda: ours(first, small_gb), 1, device)
         _, _, small_passes = gram_plan(model, names, n, args.seq_len, small_gb, args.method)
 
     timing = {}
@@ -346,8 +359,8 @@ def main(argv=None):
                                  args.baseline_repeats, device)
     print(f"baseline (one backward per example): {t_base:7.3f} s  (best of {args.baseline_repeats}; last run: loop "
           f"{timing['loop']:.3f} s, SVD {timing['svd']:.3f} s on {device.type})")
-    failures = [report(precision, batch_size, t, out, peak, t_base, base_out, names, n, P, args.repeats)
-                for precision, batch_size, t, out, peak in runs]
+    failures = [report(variant, t, out, peak, t_base, base_out, names, n, P, args.repeats)
+                for variant, t, out, peak in runs]
 
     whole = sum(n * P[m] * 4 for m in names)
     note = f"; {len(token)} token-Gram matrices hold A, B instead of G" if token else ""
@@ -358,7 +371,7 @@ def main(argv=None):
         block_diff = max(float(np.max(np.abs(blocked[m]["eig"] - first_out[m]["eig"]) / first_out[m]["eig"][0]))
                          for m in names)
         block_rel = max(relative_difference(blocked[m]["eig"], first_out[m]["eig"], min(n, P[m])) for m in names)
-        print(f"blocked ({first_precision}, batch {first_batch}, max_gb {small_gb:.3g}, {args.blocks} column blocks "
+        print(f"blocked ({describe(first)}, max_gb {small_gb:.3g}, {args.blocks} column blocks "
               f"per matrix, {len(small_passes)} passes): most held at once "
               f"{mb(peak_held_bytes(model, small_passes, n, args.seq_len))}, time {t_blocked:.3f} s = "
               f"{t_blocked / t_first:.1f}x unblocked; max relative difference to unblocked {block_rel:.2e}, "
@@ -371,8 +384,14 @@ def main(argv=None):
         sys.exit(1)
 
 
-def report(precision, batch_size, t, out, peak, t_base, base_out, names, n, P, repeats):
+def describe(variant):
+    precision, batch_size, compiled = variant
+    return f"{precision}, batch {batch_size}" + (", head compiled" if compiled else "")
+
+
+def report(variant, t, out, peak, t_base, base_out, names, n, P, repeats):
     """Print one run of ours against the baseline; the reason it fails its accuracy check, or None."""
+    precision = variant[0]
     rel = {m: relative_difference(out[m]["eig"], base_out[m], min(n, P[m])) for m in names}
     scaled = {m: scaled_difference(out[m]["eig"], base_out[m]) for m in names}
     ranks = [spectra.numerical_rank(base_out[m], min(n, P[m])) for m in names]
@@ -380,7 +399,7 @@ def report(precision, batch_size, t, out, peak, t_base, base_out, names, n, P, r
     shift = {w: worst({m: s[w] for m, s in shifts.items()}) for w in WINDOWS}
     (rel_max, rel_at), (scaled_max, scaled_at) = worst(rel), worst(scaled)
     exact = precision == "fp32"
-    print(f"ours, {precision}, batch {batch_size} (batched, Gram of G): {t:8.3f} s  (best of {repeats})")
+    print(f"ours, {describe(variant)} (batched, Gram of G): {t:8.3f} s  (best of {repeats})")
     print(f"  speedup: {t_base / t:.1f}x (goal >= 1.5x on the CPU tiny config; >= 20x for d12 at n=512, T=1024 "
           f"on one GPU)")
     print(f"  max relative singular-value error:  {rel_max:.2e} (at {rel_at}; over the meaningful ranks, "
@@ -394,9 +413,9 @@ def report(precision, batch_size, t, out, peak, t_base, base_out, names, n, P, r
     if peak is not None:
         print(f"  memory: measured peak above the model {mb(peak)} (torch.cuda.max_memory_allocated)")
     if exact and not rel_max <= RELATIVE_TOLERANCE:
-        return f"{precision}, batch {batch_size}: the two methods disagree on the singular values"
+        return f"{describe(variant)}: the two methods disagree on the singular values"
     if not exact and any(v > ALPHA_TOLERANCE for v, _ in shift.values()):  # NaN: no window to fit
-        return f"{precision}, batch {batch_size}: the passes move a fitted alpha by more than {ALPHA_TOLERANCE}"
+        return f"{describe(variant)}: the passes move a fitted alpha by more than {ALPHA_TOLERANCE}"
     return None
 
 

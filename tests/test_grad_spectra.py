@@ -12,6 +12,7 @@ import spectra
 import train_gpt
 from conftest import REPO, torchrun_worker, losses, read_metrics, tiny_args
 from test_spectra import probe_tokens, random_model, rel
+from model import compiled_head_grad_rows
 from train_gpt import ConfigError, load_config, train
 
 
@@ -215,15 +216,21 @@ def test_the_token_gram_counts_its_inputs_against_max_gb(tmp_path):
         load_config(tiny_args(tmp_path, grad_spectra_method="token_gram", grad_samples=512, grad_spectra_max_gb=0.01))
 
 
-def test_the_trainer_measures_at_its_grad_spectra_precision(tmp_path):
+def test_the_trainer_measures_at_its_grad_spectra_precision_and_compiles_on_request(tmp_path):
     runs = {p: train(load_config(tiny_args(tmp_path, run_name=p, max_steps=2, grad_spectra_precision=p)))
             for p in ("fp32", "bf16")}
-    assert losses(read_metrics(runs["fp32"])) == losses(read_metrics(runs["bf16"]))  # training itself unchanged
-    (_, fp32), (_, bf16) = (spectra.spectra_files(runs[p], "grad")[-1] for p in ("fp32", "bf16"))
-    (a, meta_a, _), (b, meta_b, _) = spectra.load_spectra(fp32), spectra.load_spectra(bf16)
+    compiled_head_grad_rows.cache_clear()
+    runs["compiled"] = train(load_config(tiny_args(tmp_path, run_name="compiled", max_steps=2,
+                                                   grad_spectra_compile=1)))
+    assert compiled_head_grad_rows.cache_info().currsize == 1  # the passes asked for the compiled head
+    for other in ("bf16", "compiled"):  # training itself unchanged
+        assert losses(read_metrics(runs["fp32"])) == losses(read_metrics(runs[other]))
+    (_, fp32), (_, bf16), (_, compiled) = (spectra.spectra_files(runs[p], "grad")[-1] for p in runs)
+    (a, meta_a, _), (b, meta_b, _), (c, _, _) = (spectra.load_spectra(f) for f in (fp32, bf16, compiled))
     assert (meta_a["precision"], meta_b["precision"]) == ("fp32", "bf16")
     for name in a:
         assert 1e-5 < rel(b[name], a[name]) < 3e-2, name
+        assert rel(c[name], a[name]) < 1e-6, name  # the compiled head: the same sums, up to their order
 
 
 def test_g_held_in_fp32_keeps_the_ranks_and_fits_of_fp64():

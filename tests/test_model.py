@@ -176,6 +176,9 @@ def test_sequence_loss_grad_is_the_gradient_of_each_sequences_mean_loss(preset, 
     for chunk in (None, 8 * V, 1):  # whole, 8-row chunks, and the smallest chunk (8 rows) from a too-small budget
         got = model.sequence_loss_grad(h.detach(), targets, chunk)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    # compiled (grad_spectra_compile): the same arithmetic, its softmax sums perhaps in another order
+    torch.testing.assert_close(model.sequence_loss_grad(h.detach(), targets, 8 * V, compiled=True), want,
+                               rtol=1e-5, atol=1e-7)
     # the head's products in bf16 (grad_spectra_precision='bf16'): fp32 result, to bf16's resolution
     fast = model.sequence_loss_grad(h.detach(), targets, dtype=torch.bfloat16)
     error = ((fast - want).norm() / want.norm()).item()
