@@ -134,6 +134,9 @@ def load_run(path):
             config = json.load(f)
     except ValueError as e:
         raise AnalysisError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise AnalysisError(f"{config_path}: expected a JSON object ({{config, model, ...}} as train_gpt.py writes "
+                            f"it), found a {type(config).__name__}")
     records, truncated = read_records(os.path.join(path, "metrics.jsonl"))
     return Run(os.path.basename(os.path.normpath(path)), config, records, truncated, path)
 
@@ -966,6 +969,9 @@ def show_warning(message, category, filename, lineno, file=None, line=None):
 def main(argv=None, api=None):
     """The command line; `api` stands in for wandb.Api() (tests)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        print(f"error: --out {args.out} is a file; give a directory for the tables and plots", file=sys.stderr)
+        sys.exit(2)
     with warnings.catch_warnings():
         warnings.simplefilter("always", AnalysisWarning)
         warnings.showwarning = show_warning

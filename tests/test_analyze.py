@@ -342,6 +342,13 @@ def test_truncated_and_empty_metrics_and_paths_that_are_not_runs(tmp_path, capsy
         analyze.main(["forecast", str(tmp_path / "lonely"), "--target-loss", "5", "--at-tokens", "0",
                       "--out", str(tmp_path / "o")])
     assert e.value.code == 2 and "lonely is not a run directory" in capsys.readouterr().err
+    listed = write_run(tmp_path, "listed", records, [cfg])
+    with pytest.raises(analyze.AnalysisError, match=r"listed.config.json: expected a JSON object .* found a list"):
+        analyze.load_run(listed)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        analyze.main(["compare", path, "--out", str(tmp_path / "a_file")])
+    assert e.value.code == 2 and "a_file is a file; give a directory" in capsys.readouterr().err
     # the command uses the complete lines of the crashed run, says so, and leaves the empty one out
     analyze.main(["compare", path, empty, write_run(tmp_path, "ok", records, cfg), "--out", str(tmp_path / "o")])
     captured = capsys.readouterr()
