@@ -875,6 +875,11 @@ def compare_command(runs, out, family="act", stat="alpha_tail", layer=None, toke
     points = plotted_points(runs, family, stat)
     if not points:
         raise AnalysisError(f"no run has {family}/{stat}/... metrics (spectra off, or another --family/--stat?)")
+    if family in spectra.SINGULAR_FAMILIES and stat in spectra.ENERGY_STATS:
+        versions = {r.name: r.config.get("metric_version", 1) for r in runs}
+        if len(set(versions.values())) > 1:
+            warn(f"{family}/{stat} was defined from sigma before metric version 2 and from sigma^2 since "
+                 f"(spectra.METRIC_VERSION); these runs mix versions {versions}, so its values are not comparable")
     tokens = matched_tokens(runs, family, stat, tokens)
     loss = max(final_loss(r.records) for r in runs) if loss is None else loss
     rows = compare_rows(runs, family, stat, points, tokens, loss)

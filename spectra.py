@@ -267,6 +267,10 @@ def js_divergence(u, v):
 
 
 SINGULAR_FAMILIES = ("grad", "weight")  # spectra of singular values; "act" holds covariance eigenvalues
+ENERGY_STATS = ("pr", "stable_rank", "top10", "js_prev", "js_first")  # of sigma^2 for SINGULAR_FAMILIES
+# Version of the metric definitions, recorded in each run's config.json. 2: ENERGY_STATS of the
+# SINGULAR_FAMILIES from sigma^2 (runs without the record are 1: from sigma itself).
+METRIC_VERSION = 2
 STATS = ("alpha_head", "r2_head", "se_head", "alpha_head_noise", "alpha_tail", "r2_tail", "se_tail",
          "alpha_tail_noise", "rankme", "pr", "stable_rank", "top10", "valid_rank", "js_prev", "js_first")
 

@@ -591,12 +591,14 @@ def choose_run_name(cfg):
     name = name or f"{stem}_{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = os.path.join(cfg.out_dir, name)
     if cfg.resume and not checkpoints(run_dir):
-        raise ConfigError(f"--resume=1: {run_dir} has no checkpoint to resume from (a run stopped before its first "
-                          f"checkpoint cannot be continued: delete {run_dir} and start it again)")
+        raise ConfigError(f"--resume=1: {run_dir} has no checkpoint to resume from (trained with "
+                          "ckpt_every_tokens=-1, or stopped before its first checkpoint); choose another --run_name, "
+                          f"or delete {run_dir} to train it again")
     if not cfg.resume and os.path.isdir(run_dir) and os.listdir(run_dir):
         if not checkpoints(run_dir):
-            raise ConfigError(f"{run_dir} already holds a run that stopped before its first checkpoint; delete "
-                              f"{run_dir} to start it again, or choose a new --run_name")
+            raise ConfigError(f"{run_dir} already holds a run without a checkpoint (trained with ckpt_every_tokens=-1, "
+                              f"or stopped before its first checkpoint); choose a new --run_name, or delete {run_dir} "
+                              "to train it again")
         raise ConfigError(f"{run_dir} already holds a run; continue it with --resume=1 or choose a new --run_name")
     return name
 
@@ -694,7 +696,8 @@ class MetricsLog:
     their re-run. Offline: each attempt writes its own offline-run folder, and `wandb sync` of a
     later folder of the same run id replaces the history of an earlier one (wandb issues #3841,
     #5865), so the resumed attempt's folder first receives every record kept in metrics.jsonl and
-    then everything after: the newest folder holds the whole run."""
+    then everything after: the newest folder holds every metrics line (not the eigenvalue
+    histograms of the earlier attempts' evaluations)."""
 
     MILESTONE_STATS = ("alpha_head", "alpha_tail", "rankme")  # copied to the summary at token milestones
 
@@ -724,7 +727,7 @@ class MetricsLog:
                                     resume="allow", config=run_config, dir=run_dir, mode=mode)
             self.wandb.define_metric("tokens")
             self.wandb.define_metric("*", step_metric="tokens")
-            if mode == "offline" and wandb_sent_step >= 0:  # a resume: this folder gets the whole run
+            if mode in ("offline", "dryrun") and wandb_sent_step >= 0:  # a resume: this folder gets every line
                 for record in kept:
                     self.wandb.log(record)
                 if kept_summary:
@@ -1099,7 +1102,7 @@ def train(cfg):
 
     run_config = dict(config=asdict(cfg), model=asdict(gcfg), derived=derived, git=git_state(), versions=versions(),
                       device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                      wandb_id=wandb_id)
+                      wandb_id=wandb_id, metric_version=spectra.METRIC_VERSION)
     log = None
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)

@@ -56,7 +56,7 @@ def check_reusable(run_dir, config_args):
     except train_gpt.ConfigError as e:
         sys.exit(f"error: {e}")
     defaults = json.loads(json.dumps(asdict(train_gpt.Config())))  # keys added since that run: their defaults
-    resolved = ("out_dir", "run_name", "device_batch_size")  # where the folder sits; filled in by the trainer
+    resolved = ("out_dir", "run_name", "config_file", "device_batch_size")  # paths; filled in by the trainer
     differ = {k: (saved["config"].get(k, defaults[k]), v) for k, v in wanted.items()
               if k not in resolved and saved["config"].get(k, defaults[k]) != v}
     if differ:

@@ -473,6 +473,10 @@ def test_compare_end_to_end_on_synthetic_runs(tmp_path, capsys):
     assert [r[1] for r in beyond] == [grid[-1] for _, grid, _, _ in layouts.values()]
     with pytest.warns(analyze.AnalysisWarning, match=r"every grad/alpha_tail value is null .* try --stat alpha_head"):
         analyze.compare_command(runs, str(out), family="grad")  # 8 samples: no tail fits
+    # gradient stable ranks of runs from before and after they were defined from sigma^2
+    runs[0].config["metric_version"] = spectra.METRIC_VERSION
+    with pytest.warns(analyze.AnalysisWarning, match=r"grad/stable_rank was defined from sigma before metric version"):
+        analyze.compare_command(runs, str(out), family="grad", stat="stable_rank")
     # any logged statistic, not only the forecast's predictors
     pr = analyze.compare_command(runs, str(out), stat="pr")
     assert pr["points"] == POINTS and pr["rows"]["tokens"][0][3] == pytest.approx(0.5 + DRIFT * 6144)

@@ -112,9 +112,9 @@ def test_bad_command_fails_before_writing_anything(tmp_path):
 def test_existing_run_directory_needs_resume(tmp_path):
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / "metrics.jsonl").write_text("{}\n")
-    with pytest.raises(ConfigError, match="stopped before its first checkpoint; delete .*tiny to start it again"):
+    with pytest.raises(ConfigError, match="holds a run without a checkpoint .* or delete .*tiny to train it again"):
         train_gpt.train(load_config(tiny_args(tmp_path)))
-    with pytest.raises(ConfigError, match="no checkpoint to resume from .*delete .*tiny and start it again"):
+    with pytest.raises(ConfigError, match="no checkpoint to resume from .*ckpt_every_tokens=-1.* delete .*tiny"):
         train_gpt.train(load_config(tiny_args(tmp_path, resume=1)))
     (tmp_path / "tiny" / "ckpt").mkdir()
     (tmp_path / "tiny" / "ckpt" / "step_00000002.pt").write_bytes(b"")

@@ -309,6 +309,15 @@ def test_few_samples_clip_the_windows_with_a_warning():
     assert metrics["grad/valid_rank/L00.attn.c_proj"] == 12
 
 
+def test_a_probe_too_short_for_the_samples_is_an_error():
+    model = random_model(n_layer=2)
+    with pytest.raises(ValueError, match=r"64 tokens hold 3 windows of 16 \+ 1 tokens: .* n_samples=4 need 65 tokens"):
+        spectra.measure_gradients(model, probe_tokens(64), ["L00.attn.c_proj"], 16, 4)
+    with pytest.raises(ValueError, match=r"n_samples >= 2"):
+        spectra.measure_gradients(model, probe_tokens(17), ["L00.attn.c_proj"], 16, 1)
+    assert math.isnan(spectra.noise_scale(torch.ones(1, 1, dtype=torch.float64)))  # no spread from one example
+
+
 def test_matrix_and_layer_selection_and_errors():
     names = random_model(n_layer=12, n_embd=16).linears()
     assert spectra.default_layers(12) == [0, 3, 6, 8, 11] and spectra.default_layers(2) == [0, 1]

@@ -167,6 +167,7 @@ def test_wandb_offline_run_holds_the_config_and_metrics(tmp_path):
         updates = rec.run.config.update if kind == "run" else rec.config.update if kind == "config" else []
         config.update({u.key: json.loads(u.value_json) for u in updates})
     assert config["config"]["max_steps"] == 6 and config["model"]["n_embd"] == 64
+    assert config["metric_version"] == spectra.METRIC_VERSION  # what analyze.py checks before mixing runs
     history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
                for rec in records if rec.WhichOneof("record_type") == "history"]
     local = read_metrics(run_dir)
