@@ -280,6 +280,10 @@ def model_config(cfg):
     the weights it starts from (their shapes fix it) with this run's seq_len and overrides (dropout, ...)."""
     if not cfg.init_from:
         return make_config(cfg.preset, cfg.profile, seq_len=cfg.seq_len, **cfg.model)
+    if cfg.resume:  # the run's own checkpoint fixes the architecture: its source may be gone by now
+        run_dir = os.path.join(cfg.out_dir, choose_run_name(cfg))
+        return GPTConfig(**{**checkpoint_model_config(checkpoints(run_dir)[-1]), "seq_len": cfg.seq_len,
+                            **cfg.model})
     if cfg.init_from.endswith(".pt"):
         base = checkpoint_model_config(cfg.init_from)
         fixed = [f"{k}={v} (the checkpoint has {base[k]})" for k, v in cfg.model.items()
@@ -361,6 +365,17 @@ def run_labels(cfg, gcfg):
     tier = f"bs{cfg.batch_size}"
     group = "-".join([preset, size, *changed, cfg.optimizer])
     return group, tier, [preset, size, tier, cfg.optimizer, *changed]
+
+
+def saved_labels(run_dir):
+    """The (group, job_type, tags) a run's config.json recorded at its start; None for a run from
+    before they were recorded (or without the file)."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            group, job_type, tags = json.load(f)["labels"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return group, job_type, tuple(tags)
 
 
 def batch_layout(cfg, world_size):
@@ -1100,9 +1115,11 @@ def train(cfg):
                           "dropout RNG streams restart", stacklevel=1)
         del ckpt
 
+    # W&B group, job type and tags: decided at the run's start and kept, so a resume needs no init_from source
+    labels = (saved_labels(run_dir) if cfg.resume else None) or run_labels(cfg, gcfg)
     run_config = dict(config=asdict(cfg), model=asdict(gcfg), derived=derived, git=git_state(), versions=versions(),
                       device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                      wandb_id=wandb_id, metric_version=spectra.METRIC_VERSION)
+                      wandb_id=wandb_id, metric_version=spectra.METRIC_VERSION, labels=labels)
     log = None
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
@@ -1115,7 +1132,7 @@ def train(cfg):
             atomic_write(os.path.join(run_dir, "config.json"), lambda f: f.write(text))
         print(describe(cfg, gcfg, raw.param_counts(), derived))
         print(f"run directory: {run_dir}")
-        log = MetricsLog(run_dir, cfg, run_config, wandb_id, wandb_sent_step, run_labels(cfg, gcfg))
+        log = MetricsLog(run_dir, cfg, run_config, wandb_id, wandb_sent_step, labels)
     # the in-run forecast reads this run's evaluations so far (those of an interrupted attempt too)
     own_records = []
     if reference and cfg.resume and rank == 0:

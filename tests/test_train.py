@@ -359,6 +359,14 @@ def test_init_from_a_checkpoint_starts_from_its_weights(tmp_path):
     assert first["step"] == 0 and first["val_loss"] == last["val_loss"]  # same weights, same val slice
     config = json.load(open(os.path.join(tuned, "config.json")))
     assert config["model"]["qk_norm"] and config["model"]["dropout"] == 0.1  # the checkpoint's architecture + override
+    assert config["labels"][0] == "from-source-L2-d64-h2-dropout=0.1-adamw"  # W&B group: source, size, changes
+    # the source's checkpoints may be pruned while it trains on: a resume needs only the run's own
+    shutil.move(source, str(tmp_path / "moved"))
+    train(load_config(tiny_args(tmp_path, run_name="tuned", max_steps=3, init_from=ckpt, dropout=0.1,
+                                optimizer="adamw", preset="gpt2", resume=1)))
+    assert read_metrics(tuned)[-1]["step"] == 3
+    assert json.load(open(os.path.join(tuned, "config.json")))["labels"] == config["labels"]
+    shutil.move(str(tmp_path / "moved"), source)
     with pytest.raises(train_gpt.ConfigError, match="no such checkpoint"):
         load_config(tiny_args(tmp_path, init_from=str(tmp_path / "none.pt")))
     with pytest.raises(train_gpt.ConfigError, match=r"cannot set n_embd=128 \(the checkpoint has 64\)"):
