@@ -179,8 +179,16 @@ def test_wandb_offline_run_holds_the_config_and_metrics(tmp_path):
     assert run.run_group == "g1" and run.display_name == "tiny" and run.project == "spectral-nanogpt"
 
 
-def test_wandb_run_is_labelled_from_the_config_with_histograms_milestones_and_spectra_artifacts(tmp_path):
-    pytest.importorskip("wandb")
+def test_wandb_run_is_labelled_from_the_config_with_histograms_milestones_and_spectra_artifacts(tmp_path,
+                                                                                                  monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    logged = []  # (tokens, files) of every spectra artifact the trainer hands to W&B
+    log_artifact = wandb.Run.log_artifact
+
+    def spy(run, artifact, *args, **kwargs):
+        logged.append((artifact.metadata["tokens"], set(artifact.manifest.entries)))
+        return log_artifact(run, artifact, *args, **kwargs)
+    monkeypatch.setattr(wandb.Run, "log_artifact", spy)
     run_dir = train(load_config(tiny_args(tmp_path, wandb_mode="offline", max_steps=12, wandb_milestones="1K,1M",
                                           ckpt_every_tokens=1024, qk_norm=False)))
     records = wandb_records(run_dir)
@@ -210,11 +218,18 @@ def test_wandb_run_is_labelled_from_the_config_with_histograms_milestones_and_sp
     assert milestone["val_loss@1K"] == pytest.approx(at_1k["val_loss"])
     assert {k.split("/")[1] for k in milestone if "/" in k} == {"alpha_head", "alpha_tail", "rankme"}
     assert not any(k.endswith("@1M") for k in summary)
-    # the npz spectra as artifacts: at the checkpoint at 1024 tokens and at the end (1536)
+    # the npz spectra as artifacts: at the checkpoint at 1024 tokens and at the end (1536), each with
+    # every spectra file so far
+    saved = [(t, os.path.basename(f)) for fam in ("act", "grad", "weight")
+             for t, f in spectra.spectra_files(run_dir, fam)]
+    files = {at: {f for t, f in saved if t <= at} for at in (1024, 1536)}
+    assert logged == [(1024, files[1024]), (1536, files[1536])]
+    # and in the offline run file. wandb-core 0.31 now and then leaves one of two artifact records
+    # out of it (twice in full-suite CI runs, never in a run of this test alone): not this code's doing,
+    # so one record suffices here, and it must be one of the two sent
     artifacts = [rec.artifact for rec, kind in zip(records, kinds) if kind == "artifact"]
-    assert [a.type for a in artifacts] == ["spectra", "spectra"]
-    assert {m.path for m in artifacts[-1].manifest.contents} == {
-        os.path.basename(f) for fam in ("act", "grad", "weight") for _, f in spectra.spectra_files(run_dir, fam)}
+    assert 1 <= len(artifacts) <= 2 and all(a.type == "spectra" for a in artifacts)
+    assert all({m.path for m in a.manifest.contents} in files.values() for a in artifacts)
 
 
 def test_wandb_failure_warns_and_training_goes_on(tmp_path, monkeypatch):
