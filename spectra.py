@@ -296,6 +296,7 @@ def spectrum_metrics(values, limit, head, tail, halves=None, half_limits=None, p
             a0, a1 = (fit_power_law(h, window, numerical_rank(h, lim))["alpha"] for h, lim in zip(halves, half_limits))
             noise = abs(a0 - a1) / 2
         out[f"alpha_{name}_noise"] = noise
+
     def energy(v):
         return np.square(v) if singular else v
     valid = values[:rank]
