@@ -17,7 +17,11 @@ $(VENV)/.installed: requirements.txt
 demo: $(VENV)/.installed
 	$(BIN)/python train_gpt.py configs/cpu_demo.py
 
-test: $(VENV)/.installed
+$(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt
+	$(BIN)/pip install -q -r requirements-test.txt
+	touch $@
+
+test: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -q tests
 
 .PHONY: demo test

@@ -11,7 +11,8 @@ so everything after loading is one code path. Outputs go to --out (default analy
 
 Read top to bottom:
 
-1. Loading: run directories and W&B into Run(name, config, records, truncated).
+1. Loading: run directories and W&B into Run(name, record, records, truncated); the record is
+   config.json's schema (rundir.RunRecord).
 2. Checks: runs compared together must share the probe set, the fit windows, the model profile and
    the arithmetic of the gradient passes.
 3. Curves: a metric's value at a token count (linear interpolation between evaluations) and the
@@ -44,17 +45,16 @@ Definitions used throughout:
 
 import argparse
 import csv
-import json
 import math
 import os
 import re
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-import numpy as np
-
+import plots
 import spectra
+from rundir import RunFileError, RunRecord, read_metrics
 
 # ----------------------------------------------------------------------------------------------
 # 1. Loading
@@ -63,10 +63,14 @@ import spectra
 @dataclass
 class Run:
     name: str
-    config: dict                     # config.json as the trainer writes it: {config, model, derived, ...}
+    record: RunRecord                # config.json (or the W&B config): {config, model, derived, ...}
     records: list                    # metrics.jsonl lines (dicts), in file order
     truncated: bool = False          # some line could not be read (a crashed run's last line, cut mid-JSON)
     path: str = ""                   # the run directory ("" for runs from W&B: no spectra files)
+
+    def __post_init__(self):
+        if isinstance(self.record, dict):
+            self.record = RunRecord.from_dict(self.record)
 
 
 class AnalysisError(Exception):
@@ -97,22 +101,8 @@ def read_records(path):
     """(records, truncated) of a metrics.jsonl: every complete JSON line. A line that cannot be
     parsed (the last one of a crashed run is cut mid-JSON) is skipped and reported by file and
     line number, so a crashed run still contributes everything it logged."""
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
-    records, bad = [], []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if isinstance(record, dict):
-            records.append(record)
-        else:
-            bad.append(number)
-    for number in bad:
-        cut = number == len(lines)  # no newline after it: the write was interrupted
+    records, bad = read_metrics(path)
+    for number, cut in bad:  # cut: no newline after it, the write was interrupted
         warn(f"{path}: line {number} is {'cut short' if cut else 'not a JSON object'} "
              f"(truncated metrics, {'a crashed run?' if cut else 'corrupt line'}); using the {len(records)} "
              "complete lines")
@@ -128,17 +118,12 @@ def load_run(path):
     if not is_run_dir(path):
         raise AnalysisError(f"{path} is not a run directory: it needs config.json and metrics.jsonl "
                             "(as train_gpt.py writes to runs/<run_name>/)")
-    config_path = os.path.join(path, "config.json")
     try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except ValueError as e:
-        raise AnalysisError(f"{config_path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise AnalysisError(f"{config_path}: expected a JSON object ({{config, model, ...}} as train_gpt.py writes "
-                            f"it), found a {type(config).__name__}")
+        record = RunRecord.load(path)
+    except RunFileError as e:
+        raise AnalysisError(str(e)) from None
     records, truncated = read_records(os.path.join(path, "metrics.jsonl"))
-    return Run(os.path.basename(os.path.normpath(path)), config, records, truncated, path)
+    return Run(os.path.basename(os.path.normpath(path)), record, records, truncated, path)
 
 
 def run_dirs(path):
@@ -186,7 +171,8 @@ def unwrap_config(config):
 def wandb_to_run(wandb_run):
     """One W&B run as a Run: history rows without W&B's own `_step`, `_runtime`, ... keys."""
     records = [{k: v for k, v in row.items() if not k.startswith("_")} for row in wandb_run.scan_history()]
-    return Run(wandb_run.name, unwrap_config(wandb_run.config), [r for r in records if r])
+    return Run(wandb_run.name, RunRecord.from_dict(unwrap_config(wandb_run.config), f"W&B run {wandb_run.name}"),
+               [r for r in records if r])
 
 
 def load_wandb_runs(path, api=None):
@@ -213,8 +199,8 @@ COMPARABLE = {"probe set": ("spectra_tokens", "grad_samples", "seq_len", "val_fi
               "fit windows": ("spectra_head", "spectra_tail"),
               "model profile": ("profile", "n_layer", "n_embd"),
               "gradient precision": ("grad_spectra_precision",)}
-# what a run from before a setting existed measured with
-SETTING_DEFAULTS = {"grad_spectra_precision": "fp32", "spectra_act_norm": "rms"}
+# the spectral settings by their trainer keys: a run from before one existed measured with its default
+SPECTRAL_KEYS = {spectra.CONFIG_KEYS.get(f.name, f.name): f.name for f in fields(spectra.SpectraSettings)}
 
 
 def freeze(value):
@@ -222,14 +208,17 @@ def freeze(value):
     return tuple(freeze(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def setting(config, key):
+def setting(record, key):
     """A setting of a run: the resolved model (config.json's `model`) first, since `config.model`
-    holds only overrides; then the trainer config (`config`); then the top level (flat configs)."""
-    for section in ("model", "config"):
-        part = config.get(section)
-        if isinstance(part, dict) and key in part and not (section == "config" and key == "model"):
-            return freeze(part[key])
-    return freeze(config.get(key, SETTING_DEFAULTS.get(key)))
+    holds only overrides; then the trainer config; a spectral setting the run's record lacks is the
+    default it was measured with (spectra.SpectraSettings)."""
+    if key in record.model:
+        return freeze(record.model[key])
+    if key in record.config and key != "model":
+        return freeze(record.config[key])
+    if key in SPECTRAL_KEYS:
+        return freeze(getattr(spectra.SpectraSettings.from_config(record.config), SPECTRAL_KEYS[key]))
+    return None
 
 
 def differing_settings(runs):
@@ -239,7 +228,7 @@ def differing_settings(runs):
         for key in keys:
             groups = {}
             for run in runs:
-                groups.setdefault(setting(run.config, key), []).append(run.name)
+                groups.setdefault(setting(run.record, key), []).append(run.name)
             if len(groups) > 1:
                 sides = "; ".join(f"{v!r} in {', '.join(names)}" for v, names in groups.items())
                 problems.append(f"{what}: {key} = {sides}")
@@ -436,12 +425,11 @@ def loo_error(x, y):
     return sum(abs(p - b) for p, b in zip(loo_predictions(x, y), y)) / len(y)
 
 
-def family_key(config):
+def family_key(record):
     """Runs whose token ratios are taken against each other: same preset, profile, resolved model
     (every architecture flag) and seed; batch size and learning rates are free."""
-    model = config.get("model") if isinstance(config.get("model"), dict) else {}
-    arch = tuple(sorted((k, freeze(v)) for k, v in model.items()))
-    return setting(config, "preset"), setting(config, "profile"), arch, setting(config, "seed")
+    arch = tuple(sorted((k, freeze(v)) for k, v in record.model.items()))
+    return setting(record, "preset"), setting(record, "profile"), arch, setting(record, "seed")
 
 
 def token_ratios(runs, target_loss):
@@ -451,11 +439,11 @@ def token_ratios(runs, target_loss):
     best = {}
     for r in runs:
         if tokens[r.name] is not None:
-            key = family_key(r.config)
+            key = family_key(r.record)
             best[key] = min(best.get(key, math.inf), tokens[r.name])
     out = {}
     for r in runs:
-        t, b = tokens[r.name], best.get(family_key(r.config))
+        t, b = tokens[r.name], best.get(family_key(r.record))
         # a family whose best run starts at the target (0 tokens) has no scale: every reached run counts 1
         out[r.name] = (None, None) if t is None else (t, t / b if b > 0 else 1.0)
     return out
@@ -537,10 +525,46 @@ def forecast(reference_runs, target_loss, own_records, at_tokens):
 
 
 def forecast_ratio(reference_runs, target_loss, own_records, at_tokens):
-    """(predicted token ratio, predictor name), or (None, None): what the trainer calls at each
-    evaluation with its own metrics so far (see forecast)."""
+    """(predicted token ratio, predictor name), or (None, None) (see forecast)."""
     f = forecast(reference_runs, target_loss, own_records, at_tokens)
     return (f.ratio, f.predictor) if f else (None, None)
+
+
+@dataclass
+class ForecastReference:
+    """The in-run forecast's reference: a finished sweep and the target loss token ratios are taken to."""
+    runs: list
+    target: float
+
+    def metrics(self, own_records, tokens):
+        """forecast/token_ratio (tokens to the target relative to the reference family's best, predicted
+        from a run's records so far by the reference's best predictor at these tokens), the predictor's
+        name and its leave-one-out error; {} when no predictor is available yet."""
+        f = forecast(self.runs, self.target, own_records, tokens)
+        if f is None:
+            return {}
+        return {"forecast/token_ratio": f.ratio, "forecast/loo_error": f.loo_error, "forecast/predictor": f.predictor}
+
+
+def load_forecast_reference(paths, this_run, target_loss=0.0):
+    """The reference of the trainer's in-run forecast (its forecast_reference): the runs under `paths`
+    (run directories or folders of them), which must have been measured like `this_run` (COMPARABLE);
+    the target is target_loss if > 0, else the highest final val_loss of the reference. AnalysisError
+    when the reference cannot be read, was measured otherwise, has fewer than 3 runs at the target, or
+    gives every run the same token ratio (nothing to rank)."""
+    runs = load_runs(paths)
+    check_comparable(runs + [this_run], override=None)
+    finals = [loss for loss in (final_loss(r.records) for r in runs) if loss is not None]
+    target = target_loss or max(finals, default=0.0)
+    ratios = [ratio for _, ratio in token_ratios(runs, target).values() if ratio is not None]
+    if len(ratios) < 3:
+        raise AnalysisError(f"{len(ratios)} of its {len(runs)} runs reach val_loss {target:.4g}; a forecast needs 3 "
+                            "(set forecast_target_loss higher or add runs)")
+    if len(set(ratios)) < 2:  # no spread to correlate with: every run is the best of its own family
+        raise AnalysisError(f"every run's token ratio is {ratios[0]:g}, so no predictor can rank them; the reference "
+                            "needs runs of one family (same preset, profile, architecture and seed) at different "
+                            "batch sizes")
+    return ForecastReference(runs, target)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -551,8 +575,8 @@ def family_labels(runs):
     """{run name: 'F1', ...} in order of first appearance."""
     labels, names = {}, {}
     for r in runs:
-        labels.setdefault(family_key(r.config), f"F{len(labels) + 1}")
-        names[r.name] = labels[family_key(r.config)]
+        labels.setdefault(family_key(r.record), f"F{len(labels) + 1}")
+        names[r.name] = labels[family_key(r.record)]
     return names
 
 
@@ -579,7 +603,7 @@ def forecast_rows(runs, target_loss, at_tokens):
         else:
             predicted = best.slope * value + best.intercept
         scale = family_best.get(families[r.name]) if tokens is None and predicted is not None else None
-        table.append(dict(run=r.name, family=families[r.name], batch_size=setting(r.config, "batch_size"),
+        table.append(dict(run=r.name, family=families[r.name], batch_size=setting(r.record, "batch_size"),
                           reached=tokens is not None, tokens_to_target=tokens, token_ratio=ratio,
                           predictor=best.predictor if best else None, predictor_value=value,
                           forecast_ratio=predicted, loo_error=best.loo_error if best else None,
@@ -637,34 +661,17 @@ def print_forecast(table, rows, best, target_loss, at_tokens, families, top=15):
     print(text_table(list(PREDICTOR_COLUMNS), [predictor_cells(r) for r in rows[:top]]))
 
 
-def legend(ax, fontsize=7):
-    if ax.get_legend_handles_labels()[0]:  # an empty legend is a matplotlib warning
-        ax.legend(fontsize=fontsize)
-
-
-def plot_forecast(path, table, best):
-    """Best predictor against token ratio: reached runs filled with the fitted line, runs not yet at
-    the target hollow at their forecast with the leave-one-out error as a bar."""
-    plt = spectra.pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.6), layout="constrained")
-    if best is not None:
-        pending = [row["predictor_value"] for row in table if not row["reached"] and row["forecast_ratio"] is not None]
-        xs = np.linspace(min(best.x + pending), max(best.x + pending), 50)
-        ax.plot(xs, best.slope * xs + best.intercept, "k--", lw=1, label="least-squares line")
-        ax.plot(best.x, best.y, "o", color="C0", label="reached the target")
-        for name, x, y in zip(best.runs, best.x, best.y):
-            ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        for row in table:
-            if not row["reached"] and row["forecast_ratio"] is not None:
-                first = not any(t.get_label().startswith("forecast") for t in ax.containers)
-                ax.errorbar(row["predictor_value"], row["forecast_ratio"], yerr=best.loo_error, fmt="o", mfc="none",
-                            color="C3", capsize=3, label="forecast +- leave-one-out error" if first else None)
-                ax.annotate(row["run"] + " (forecast)", (row["predictor_value"], row["forecast_ratio"]), fontsize=7,
-                            xytext=(3, -9), textcoords="offset points", color="C3")
-        ax.set_title(f"Spearman {best.spearman:+.2f}, leave-one-out error {best.loo_error:.3g}", fontsize=9)
-        legend(ax)
-    ax.set(xlabel=best.predictor if best else "no eligible predictor", ylabel="token ratio (1 = family best)")
-    spectra.save_figure(fig, path)
+def plot_forecast(path, table, best, target_loss, at_tokens):
+    """Best predictor against token ratio: reached runs with the fitted line, runs not yet at the
+    target at their forecast with the leave-one-out error as a bar."""
+    pending = [row for row in table if not row["reached"] and row["forecast_ratio"] is not None]
+    title = f"token ratio to val_loss {target_loss:.4g}, predictors at {at_tokens:,.0f} tokens"
+    if best is None:
+        return plots.forecast(path, ([], [], []), None, ([], [], [], 0.0), "no eligible predictor", title)
+    title += f"\nSpearman {best.spearman:+.2f}, leave-one-out error {best.loo_error:.3g}"
+    return plots.forecast(path, (best.runs, best.x, best.y), (best.slope, best.intercept),
+                          ([r["run"] for r in pending], [r["predictor_value"] for r in pending],
+                           [r["forecast_ratio"] for r in pending], best.loo_error), best.predictor, title)
 
 
 def forecast_command(runs, target_loss, at_tokens, out):
@@ -677,7 +684,7 @@ def forecast_command(runs, target_loss, at_tokens, out):
     os.makedirs(out, exist_ok=True)
     write_csv(os.path.join(out, "forecast.csv"), FORECAST_COLUMNS, [[r[c] for c in FORECAST_COLUMNS] for r in table])
     write_csv(os.path.join(out, "predictors.csv"), PREDICTOR_COLUMNS, [predictor_cells(r) for r in rows])
-    plot_forecast(os.path.join(out, "forecast.png"), table, best)
+    plot_forecast(os.path.join(out, "forecast.png"), table, best, target_loss, at_tokens)
     print(f"wrote {', '.join(os.path.join(out, f) for f in ('forecast.csv', 'predictors.csv', 'forecast.png'))}")
     return table, rows, best
 
@@ -773,86 +780,52 @@ def print_compare(rows, family, stat, points, tokens, loss):
 
 
 def plot_alpha_layers(path, rows, family, stat, points, n_layer, tokens, loss):
-    plt = spectra.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True, layout="constrained")
     xs = [x_position(p, n_layer) for p in points]
-    for ax, which, title in zip(axes, ("tokens", "loss"), (f"at {tokens:,.0f} tokens", f"at val_loss {loss:.4g}")):
-        for row in rows[which]:
-            ys = [math.nan if v is None else v for v in row[3:]]
-            ax.plot(xs, ys, "o-", ms=3, label=row[0])
-        ax.set(xlabel="layer (embed = -1, final = n_layer)", ylabel=f"{family}/{stat}", title=title)
-    legend(axes[1])
-    spectra.save_figure(fig, path)
+    panels = {title: {row[0]: (xs, row[3:]) for row in rows[which]}
+              for which, title in (("tokens", f"at {tokens:,.0f} tokens"), ("loss", f"at val_loss {loss:.4g}"))}
+    return plots.alpha_by_layer(path, panels, f"{family}/{stat}", sharey=True,
+                                xlabel="layer (embed = -1, final = n_layer)")
 
 
 def plot_alpha_tokens(path, runs, family, stat, points):
-    plt = spectra.pyplot()
-    cols = min(4, len(points))
-    nrows = math.ceil(len(points) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.6 * nrows), squeeze=False, layout="constrained")
-    for ax, p in zip(axes.flat, points):
-        for k, run in enumerate(runs):
-            s = series(run.records, f"{family}/{stat}/{p}")
-            if s:
-                ax.plot(*zip(*s), ".-", color=f"C{k % 10}", label=run.name)
-        ax.set_title(p, fontsize=8)
-        ax.set_xlabel("tokens", fontsize=7)
-    for ax in list(axes.flat)[len(points):]:
-        ax.axis("off")
-    legend(axes.flat[0], fontsize=6)
-    fig.suptitle(f"{family}/{stat} against tokens")
-    spectra.save_figure(fig, path)
+    panels = {p: {run.name: tuple(zip(*series(run.records, f"{family}/{stat}/{p}")))
+                  for run in runs if series(run.records, f"{family}/{stat}/{p}")} for p in points}
+    return plots.alpha_by_tokens(path, panels, title=f"{family}/{stat} against tokens", ncols=min(4, len(points)))
 
 
 def plot_loss(path, runs, tokens, loss):
-    plt = spectra.pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
-    for k, run in enumerate(runs):
-        train = series(run.records, "train_loss")
-        if train:
-            ax.plot(*zip(*train), "-", lw=0.6, alpha=0.5, color=f"C{k % 10}")
-        val = series(run.records, "val_loss")
-        if val:
-            ax.plot(*zip(*val), "o-", ms=3, color=f"C{k % 10}", label=f"{run.name} (val)")
-    ax.axhline(loss, color="k", ls=":", lw=1, label=f"matched loss {loss:.4g}")
-    ax.axvline(tokens, color="k", ls="--", lw=1, label=f"matched tokens {tokens:,.0f}")
-    ax.set(xlabel="tokens", ylabel="loss (val: markers, train: thin)", title="loss against tokens")
-    legend(ax)
-    spectra.save_figure(fig, path)
+    return plots.loss_by_tokens(path, {run.name: (series(run.records, "train_loss"), series(run.records, "val_loss"))
+                                       for run in runs}, tokens, loss)
 
 
 def spectrum_near(run, family, point, tokens):
-    """(file tokens, eigenvalues up to the valid rank) of the run's saved spectrum nearest to tokens."""
+    """(file tokens, values up to the valid rank) of the run's saved spectrum nearest to tokens."""
     files = spectra.spectra_files(run.path, family) if run.path else []
     if not files or tokens is None:
         return None
     t, f = min(files, key=lambda tf: (abs(tf[0] - tokens), tf[0]))
-    eig, _, limits = spectra.load_spectra(f)
-    if point not in eig:
+    saved, _, limits = spectra.load_spectra(f)
+    if point not in saved:
         return None
-    values = eig[point]
+    values = saved[point]
     return t, values[:spectra.numerical_rank(values, limits.get(point, len(values)))]
 
 
 def plot_spectra_overlay(path, runs, family, point, tokens, crossings, loss):
     """Eigen- (act) or singular (grad) values against rank of one point for every run, at matched
-    tokens and at matched loss (the saved spectrum nearest to each run's crossing)."""
-    plt = spectra.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True, layout="constrained")
-    drawn = 0
-    for ax, title, where in zip(axes, (f"at {tokens:,.0f} tokens", f"at val_loss {loss:.4g}"),
-                                ([tokens] * len(runs), crossings)):
+    tokens and at matched loss (the saved spectrum nearest to each run's crossing); {} when no run
+    has a saved spectrum there (nothing is drawn)."""
+    panels = {}
+    for title, where in ((f"at {tokens:,.0f} tokens", [tokens] * len(runs)), (f"at val_loss {loss:.4g}", crossings)):
+        panels[title] = []
         for k, (run, t) in enumerate(zip(runs, where)):
             found = spectrum_near(run, family, point, t)
             if found is not None and len(found[1]):
-                ax.loglog(np.arange(1, len(found[1]) + 1), found[1], color=f"C{k % 10}",
-                          label=f"{run.name} ({found[0]:,} tok)")
-                drawn += 1
-        ax.set(xlabel="rank", ylabel="eigenvalue" if family == "act" else "singular value", title=title)
-        legend(ax)
-    fig.suptitle(f"{family} spectra of {point}")
-    spectra.save_figure(fig, path)
-    return drawn
+                panels[title].append(plots.Curve(f"{run.name} ({found[0]:,} tok)", found[1], color=f"C{k % 10}"))
+    if not any(panels.values()):
+        return {}
+    return plots.spectra(path, panels, "eigenvalue" if family == "act" else "singular value",
+                         f"{family} spectra of {point}")
 
 
 def layer_point(points, layer):
@@ -861,7 +834,7 @@ def layer_point(points, layer):
 
 
 def n_layers(runs):
-    return max(setting(r.config, "n_layer") or 0 for r in runs)
+    return max(setting(r.record, "n_layer") or 0 for r in runs)
 
 
 def compare_command(runs, out, family="act", stat="alpha_tail", layer=None, tokens=None, loss=None):
@@ -875,11 +848,12 @@ def compare_command(runs, out, family="act", stat="alpha_tail", layer=None, toke
     points = plotted_points(runs, family, stat)
     if not points:
         raise AnalysisError(f"no run has {family}/{stat}/... metrics (spectra off, or another --family/--stat?)")
-    if family in spectra.SINGULAR_FAMILIES and stat in spectra.ENERGY_STATS:
-        versions = {r.name: r.config.get("metric_version", 1) for r in runs}
-        if len(set(versions.values())) > 1:
-            warn(f"{family}/{stat} was defined from sigma before metric version 2 and from sigma^2 since "
-                 f"(spectra.METRIC_VERSION); these runs mix versions {versions}, so its values are not comparable")
+    for version, families, stats in spectra.METRIC_CHANGES:
+        if family in families and stat in stats:
+            versions = {r.name: r.record.metric_version for r in runs}
+            if len({v >= version for v in versions.values()}) > 1:
+                warn(f"{family}/{stat} was defined differently before metric version {version} "
+                     f"(spectra.METRIC_CHANGES); these runs mix versions {versions}, so its values are not comparable")
     tokens = matched_tokens(runs, family, stat, tokens)
     loss = max(final_loss(r.records) for r in runs) if loss is None else loss
     rows = compare_rows(runs, family, stat, points, tokens, loss)
@@ -904,7 +878,6 @@ def compare_command(runs, out, family="act", stat="alpha_tail", layer=None, toke
         if plot_spectra_overlay(path, runs, family, point, tokens, [r[1] for r in rows["loss"]], loss):
             files.append(path)
         else:
-            os.remove(path)
             warn(f"no saved {family} spectra of {point} under RUN/spectra/ (runs from W&B have none); no overlay")
     print("wrote " + ", ".join(files))
     return dict(tokens=tokens, loss=loss, points=points, rows=rows, files=files)

@@ -9,8 +9,8 @@ GPT-2 medium on WikiText-103):
     pre_test      the starting weights, on the test split
     random_train  the same architecture, randomly initialised, on a train subset
 
-    python spectra.py conditions --model gpt2 --data data/wikitext2 --seeds 5
-    python spectra.py conditions --model runs/cpu_demo_*/ckpt/step_00000157.pt --data data/shakespeare --seeds 2
+    python conditions.py --model gpt2 --data data/wikitext2 --seeds 5
+    python conditions.py --model runs/cpu_demo/ckpt/step_00000157.pt --data data/shakespeare --seeds 2
 
 --model is a GPT-2 name, a directory in the Hugging Face format, or a trainer checkpoint (.pt).
 --ckpt adds this project's own checkpoints as extra conditions (<name>_train, <name>_test), so
@@ -23,12 +23,15 @@ order, dropout) and the train subset measured (a contiguous block at a seeded of
 split is always measured from its start. Fine-tuning is the normal trainer (train_gpt.train with
 init_from), so every trainer option applies through --ft KEY=VALUE.
 
+Every measurement goes through the trainer's report path (measure.report), so a condition has the
+trainer's scalars (fits, effective ranks, grad/noise_scale) under the same names.
 Writes to --out (default conditions/<model name>/): conditions.csv (mean, std and count over seeds
 of every scalar per condition), spectra/<condition>_seed<k>_{act,grad}.npz, and plots: alpha
 against layer per condition, the spectrum of one layer per condition with its fitted tail line,
 gradient alpha against layer, and sublayer alpha against depth.
 """
 
+import argparse
 import glob
 import json
 import math
@@ -41,9 +44,13 @@ import numpy as np
 import torch
 
 import analyze
+import measure
+import plots
 import spectra
+import train_gpt
 from data.shards import ShardError, atomic_write, check_vocab, find_shards, load_tokens
-from model import GPT
+from model import BLOCK_POINTS, GPT, layer_key
+from rundir import RunFileError, checkpoints, load_model
 
 CONDITIONS = ("ft_train", "ft_test", "pre_train", "pre_test", "random_train")
 LABELS = {"ft_train": "fine-tuned, train", "ft_test": "fine-tuned, test", "pre_train": "not fine-tuned, train",
@@ -59,14 +66,6 @@ def model_name(spec):
         run = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(spec))))
         return f"{run}_{os.path.basename(spec)[:-3]}"
     return os.path.basename(spec.rstrip("/"))
-
-
-def load_model(spec, device):
-    """The model in eval mode from a GPT-2 name, a Hugging Face directory or a .pt checkpoint."""
-    if spec.endswith(".pt"):
-        return spectra.load_checkpoint_model(spec, device)[0]
-    from model import from_pretrained
-    return from_pretrained(spec).to(device).eval()
 
 
 def random_like(model, seed):
@@ -112,7 +111,6 @@ def probe_block(tokens, n_tokens, seed=None, what="probe"):
 
 def finetune(args, seed, train_tokens):
     """Fine-tune --model for --epochs over the train split with train_gpt; the final checkpoint's path."""
-    import train_gpt
     tokens_per_step = args.ft_batch_size * args.seq_len
     steps = max(1, round(args.epochs * train_tokens / tokens_per_step))
     settings = dict(init_from=args.model, train_files=os.path.join(args.data, "*_train_*.bin"),
@@ -141,13 +139,13 @@ def finetune(args, seed, train_tokens):
             return done["final"]
     os.makedirs(settings["out_dir"], exist_ok=True)
     atomic_write(record, lambda f: f.write(json.dumps(wanted, indent=1).encode()))
-    resume = bool(train_gpt.checkpoints(run_dir))  # an interrupted fine-tuning continues
+    resume = bool(checkpoints(run_dir))  # an interrupted fine-tuning continues
     if not resume and os.path.isdir(run_dir):  # interrupted before its first checkpoint: kept aside
         aside = f"{run_dir}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}"
         os.replace(run_dir, aside)
         print(f"note: {run_dir} had no checkpoint; moved to {aside} and fine-tuning again")
     train_gpt.train(train_gpt.load_config(overrides + [f"--resume={int(resume)}"]))
-    final = train_gpt.checkpoints(run_dir)[-1]  # where the trainer stopped (--ft may change the budget)
+    final = checkpoints(run_dir)[-1]  # where the trainer stopped (--ft may change the budget)
     atomic_write(record, lambda f: f.write(json.dumps({**wanted, "final": final}, indent=1).encode()))
     return final
 
@@ -156,40 +154,31 @@ def finetune(args, seed, train_tokens):
 # Measuring one condition
 
 
-def measure(model, act_tokens, grad_tokens, args):
-    """{family: {point: spectrum entry}} for act (every probe point with --sublayers) and grad
-    (--matrices of every layer) on the given probe blocks."""
-    n_layer = model.cfg.n_layer
-    points = spectra.select_points(n_layer, "", args.sublayers)
-    names = spectra.select_linears(model.linears(), n_layer, args.matrices, "all")
-    act = spectra.measure_activations(model, act_tokens, points, args.seq_len, args.batch_size, args.act_norm)
-    grad = spectra.measure_gradients(model, grad_tokens, names, args.seq_len, args.grad_samples, args.grad_batch_size,
-                                     args.max_gb)
-    return {"act": act, "grad": grad}
-
-
-def scalars(measured, args, where, seen):
-    """{'<family>/<stat>/<point>': value} of measured spectra (the trainer's metrics); each distinct
-    note is printed once (`seen`)."""
-    out = {}
-    for family, spec in measured.items():
-        metrics, notes = spectra.summarise(spec, family, args.head, args.tail, where=where)
-        for note in notes:
-            if note not in seen:
-                seen.add(note)
-                print(f"note: {note}")
-        out.update(metrics)
-    return out
+def study_settings(args):
+    """The study's spectral settings (its defaults differ from the trainer's: the study's protocol)."""
+    return spectra.SpectraSettings(seq_len=args.seq_len, act_tokens=args.act_tokens // args.seq_len * args.seq_len,
+                                   act_batch_size=args.batch_size, sublayers=bool(args.sublayers), head=args.head,
+                                   tail=args.tail, act_norm=args.act_norm, grad_samples=args.grad_samples,
+                                   matrices=args.matrices, layers="all", grad_batch_size=args.grad_batch_size,
+                                   max_gb=args.max_gb)
 
 
 def run_condition(name, seed, model, act_tokens, grad_tokens, args, results):
-    """Measure one (condition, seed), save its spectra and add its scalars to results[name]."""
-    measured = measure(model, act_tokens, grad_tokens, args)
-    meta = dict(condition=name, seed=seed, seq_len=args.seq_len, head=args.head, tail=args.tail,
-                act_tokens=len(act_tokens) - 1, grad_samples=args.grad_samples)
+    """Measure one (condition, seed): activation spectra of every default point (every probe point
+    with --sublayers) and gradient spectra of --matrices in every layer, reported as the trainer
+    reports an evaluation (its npz saved as spectra/<condition>_seed<k>_<family>.npz); its scalars
+    go to results[name]."""
+    settings, n_layer = args.settings, model.cfg.n_layer
+    measured = {"act": spectra.measure_activations(model, act_tokens, settings, settings.point_names(n_layer)),
+                "grad": spectra.measure_gradients(model, grad_tokens, settings,
+                                                  settings.matrix_names(model.linears(), n_layer))}
+    scalars = {}
     for family, spec in measured.items():
-        spectra.save_spectra(os.path.join(args.out, "spectra", f"{name}_seed{seed}_{family}.npz"), spec, meta)
-    results.setdefault(name, []).append(scalars(measured, args, f"({name}, seed {seed})", args.seen_notes))
+        scalars.update(measure.report(family, spec, settings, args.out, 0, 0, n_layer, notes=args.notes,
+                                      where=f"({name}, seed {seed})", figures=False, table=False,
+                                      npz=os.path.join(args.out, "spectra", f"{name}_seed{seed}_{family}.npz"),
+                                      meta=dict(condition=name, seed=seed)))
+    results.setdefault(name, []).append(scalars)
     print(f"measured {name} (seed {seed})")
 
 
@@ -201,7 +190,7 @@ def check_models(args, models):
     for model, label in models:
         if args.seq_len > model.cfg.seq_len:
             raise ValueError(f"--seq_len {args.seq_len} exceeds the {model.cfg.seq_len} positions of {label}")
-        spectra.select_linears(model.linears(), model.cfg.n_layer, args.matrices, "all")
+        args.settings.matrix_names(model.linears(), model.cfg.n_layer)
     n_layer = models[0][0].cfg.n_layer
     if args.layer is not None and not 0 <= args.layer < n_layer:
         raise ValueError(f"--layer {args.layer}: the model has layers 0 to {n_layer - 1}")
@@ -209,10 +198,10 @@ def check_models(args, models):
 
 def run_study(args):
     """{condition: [scalars per seed]} for every condition and seed."""
-    device = spectra.pick_device(args.device)
-    start, name = load_model(args.model, device), model_name(args.model)
+    device = measure.pick_device(args.device)
+    start, name = load_model(args.model).to(device), model_name(args.model)
     vocab, n_layer = start.cfg.vocab_size, start.cfg.n_layer
-    extra = [(load_model(path, device), model_name(path)) for path in args.ckpt]
+    extra = [(load_model(path).to(device), model_name(path)) for path in args.ckpt]
     check_models(args, [(start, name), *extra])
     train, test = split_tokens(split_files(args.data, "train"), vocab), split_tokens(split_files(args.data, "test"),
                                                                                     vocab)
@@ -223,7 +212,7 @@ def run_study(args):
         train_act, train_grad = (probe_block(train, n, seed=seed, what="train split") for n in (n_act, n_grad))
         wanted = set(args.conditions)
         if wanted & {"ft_train", "ft_test"}:
-            tuned, _ = spectra.load_checkpoint_model(finetune(args, seed, len(train)), device)
+            tuned = load_model(finetune(args, seed, len(train))).to(device)
             for cond, tokens in (("ft_train", (train_act, train_grad)), ("ft_test", (test_act, test_grad))):
                 if cond in wanted:
                     run_condition(cond, seed, tuned, *tokens, args, results)
@@ -280,7 +269,7 @@ def alpha_by_layer(summary, cond, family, stat, kind, n_layer):
     """(layers, means, stds) of one kind of point or matrix across layers."""
     xs, ms, ss = [], [], []
     for layer in range(n_layer):
-        key = f"{family}/{stat}/{spectra.layer_key(layer, n_layer)}.{kind}"
+        key = f"{family}/{stat}/{layer_key(layer, n_layer)}.{kind}"
         if key in summary[cond]:
             m, s, _ = summary[cond][key]
             xs.append(layer)
@@ -290,69 +279,58 @@ def alpha_by_layer(summary, cond, family, stat, kind, n_layer):
 
 
 def plot_alpha_layers(path, summary, family, stat, kind, n_layer, title):
-    plt = spectra.pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
-    for cond in summary:
-        xs, ms, ss = alpha_by_layer(summary, cond, family, stat, kind, n_layer)
-        if xs:
-            ax.errorbar(xs, ms, yerr=ss, marker="o", ms=3, capsize=2, label=LABELS.get(cond, cond))
-    ax.set(xlabel="layer", ylabel=f"{stat} ({kind})", title=title)
-    ax.legend(fontsize=7)
-    spectra.save_figure(fig, path)
+    """Mean +- std over seeds of one kind of point against layer, a line per condition."""
+    lines = {LABELS.get(cond, cond): alpha_by_layer(summary, cond, family, stat, kind, n_layer) for cond in summary}
+    return plots.alpha_by_layer(path, {title: {label: xy for label, xy in lines.items() if xy[0]}}, f"{stat} ({kind})",
+                                xlabel="layer")
 
 
 def plot_layer_spectra(path, out, conds, point, tail, title):
     """The first seed's eigenvalues of one point under each condition, with the fitted tail line."""
-    plt = spectra.pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
+    curves = []
     for cond in conds:
-        eig, _, limits = spectra.load_spectra(os.path.join(out, "spectra", f"{cond}_seed0_act.npz"))
-        values, rank = eig[point], spectra.numerical_rank(eig[point], limits[point])
-        if rank < 2:
-            continue
-        fit = spectra.draw_fit(ax, values, tail, rank)
-        ax.loglog(np.arange(1, rank + 1), values[:rank], lw=1.2,
-                  label=f"{LABELS.get(cond, cond)} (alpha {fit['alpha']:.2f})")
-    ax.set(xlabel="rank i", ylabel="eigenvalue", title=title)
-    ax.legend(fontsize=7)
-    spectra.save_figure(fig, path)
+        saved, _, limits = spectra.load_spectra(os.path.join(out, "spectra", f"{cond}_seed0_act.npz"))
+        values, rank = saved[point], spectra.numerical_rank(saved[point], limits[point])
+        if rank >= 2:
+            curves.append(plots.Curve(LABELS.get(cond, cond), values[:rank],
+                                      [("tail", spectra.fit_power_law(values, tail, rank))]))
+    return plots.spectra(path, {title: curves}, "eigenvalue", ncols=1)
 
 
 def plot_sublayers(path, summary, cond, stat, n_layer, title):
     """Sublayer alpha against depth (layer + position of the sublayer within the block)."""
-    plt = spectra.pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.2), layout="constrained")
-    for j, kind in enumerate(spectra.BLOCK_POINTS):
+    lines = {}
+    for j, kind in enumerate(BLOCK_POINTS):
         xs, ms, _ = alpha_by_layer(summary, cond, "act", stat, kind, n_layer)
         if xs:
-            ax.plot([x + j / len(spectra.BLOCK_POINTS) for x in xs], ms, "o-", ms=3, lw=1, label=kind)
-    ax.set(xlabel="layer (sublayers in block order)", ylabel=stat, title=title)
-    ax.legend(fontsize=7, ncol=2)
-    spectra.save_figure(fig, path)
+            lines[kind] = ([x + j / len(BLOCK_POINTS) for x in xs], ms)
+    return plots.alpha_by_layer(path, {title: lines}, stat, xlabel="layer (sublayers in block order)")
 
 
 def write_plots(out, summary, n_layer, name, args):
-    plots = os.path.join(out, "plots")
+    plot_dir = os.path.join(out, "plots")
     stat = "alpha_tail"
-    plot_alpha_layers(os.path.join(plots, "act_alpha_layers.png"), summary, "act", stat, "mlp_resid", n_layer,
+    plot_alpha_layers(os.path.join(plot_dir, "act_alpha_layers.png"), summary, "act", stat, "mlp_resid", n_layer,
                       f"{name}: activation {stat} (block outputs), tail {args.tail[0]}-{args.tail[1]}")
-    plot_alpha_layers(os.path.join(plots, "grad_alpha_layers.png"), summary, "grad", stat,
+    plot_alpha_layers(os.path.join(plot_dir, "grad_alpha_layers.png"), summary, "grad", stat,
                       args.matrices.split(",")[0], n_layer, f"{name}: per-example gradient {stat}")
     layer = n_layer // 2 if args.layer is None else args.layer
-    point = f"{spectra.layer_key(layer, n_layer)}.mlp_resid"
-    plot_layer_spectra(os.path.join(plots, f"act_spectrum_{point}.png"), out, list(summary), point, args.tail,
+    point = f"{layer_key(layer, n_layer)}.mlp_resid"
+    plot_layer_spectra(os.path.join(plot_dir, f"act_spectrum_{point}.png"), out, list(summary), point, args.tail,
                        f"{name}: {point}, seed 0")
     if args.sublayers:
         cond = "pre_train" if "pre_train" in summary else next(iter(summary))
-        plot_sublayers(os.path.join(plots, "act_sublayers.png"), summary, cond, stat, n_layer,
+        plot_sublayers(os.path.join(plot_dir, "act_sublayers.png"), summary, cond, stat, n_layer,
                        f"{name}: sublayer {stat}, {LABELS.get(cond, cond)}")
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line (python spectra.py conditions ...)
+# Command line
 
 
-def add_arguments(p):
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="conditions.py", description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl, a Hugging Face "
                                                   "directory, or a trainer checkpoint (.pt)")
     p.add_argument("--data", required=True, help="folder of *_train_*, *_val_*, *_test_*.bin shards")
@@ -363,10 +341,10 @@ def add_arguments(p):
     p.add_argument("--act_tokens", type=int, default=262_144, help="activation probe tokens per condition")
     p.add_argument("--grad_samples", type=int, default=1000, help="per-example gradients (the study: 1000)")
     p.add_argument("--matrices", default="attn.c_proj", help="gradient matrices, measured in every layer")
-    p.add_argument("--head", type=spectra.parse_window, default=(1, 10))
-    p.add_argument("--tail", type=spectra.parse_window, default=(10, 100), help="the study's window: 10,100")
+    p.add_argument("--head", type=measure.parse_window, default=(1, 10))
+    p.add_argument("--tail", type=measure.parse_window, default=(10, 100), help="the study's window: 10,100")
     p.add_argument("--sublayers", type=int, choices=(0, 1), default=1, help="every probe point of every block")
-    p.add_argument("--act_norm", choices=("rms", "none"), default="none",
+    p.add_argument("--act_norm", choices=spectra.ACT_NORMS, default="none",
                    help="the study measured raw activations (none); rms normalises residual-stream points")
     p.add_argument("--layer", type=int, help="layer of the full-spectrum plot (default: the middle one)")
     p.add_argument("--epochs", type=float, default=2.0, help="fine-tuning epochs over the train split")
@@ -379,6 +357,7 @@ def add_arguments(p):
     p.add_argument("--max_gb", type=float, default=8.0, help="per-example gradients held at once")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="output folder (default conditions/<model name>)")
+    return p.parse_args(argv)
 
 
 def check_arguments(args):
@@ -386,23 +365,24 @@ def check_arguments(args):
     if unknown:
         raise ValueError(f"--conditions: unknown {unknown}; choose from {CONDITIONS}")
     args.conditions = args.conditions.split(",")
-    args.seen_notes = set()
+    args.notes = measure.Notes()
     for key in ("seeds", "seq_len", "act_tokens", "grad_samples", "batch_size", "grad_batch_size", "ft_batch_size"):
         if getattr(args, key) <= 0:
             raise ValueError(f"--{key} must be positive")
     if args.act_tokens < 2 * args.seq_len or args.grad_samples < 2:
         raise ValueError("--act_tokens must hold two sequences and --grad_samples be at least 2 (the halves)")
-    spectra.check_window("head", args.head)
-    spectra.check_window("tail", args.tail)
+    args.settings = study_settings(args)
+    args.settings.check()
 
 
-def main(args):
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         check_arguments(args)
         if args.out is None:
             args.out = os.path.join("conditions", model_name(args.model))
         results, n_layer, name = run_study(args)
-    except (ValueError, ShardError, FileNotFoundError) as e:
+    except (ValueError, ShardError, FileNotFoundError, RunFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     summary = aggregate(results)
@@ -412,3 +392,7 @@ def main(args):
     write_plots(args.out, summary, n_layer, name, args)
     print(f"wrote {args.out}/conditions.csv, {args.out}/spectra/, {args.out}/plots/")
     return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,45 +1,43 @@
 """
 Spectral measurement: how the activation covariance eigenvalues of each probe point, and the
-singular values of per-example gradients and of weights, decay.
-
-    python spectra.py act --ckpt runs/RUN/ckpt/step_00000100.pt [--data 'VAL_GLOB'] [--out DIR]
-    python spectra.py grad --ckpt runs/RUN/ckpt/step_00000100.pt [--matrices attn.c_proj] [--layers all]
-    python spectra.py conditions --model gpt2 --data data/wikitext2 [--seeds 5]    # conditions.py
+singular values of per-example gradients and of weights, decay. Measurement only: what to do with
+the numbers (files of a run, figures, W&B) is the callers' business (measure.py, train_gpt.py).
 
 Read top to bottom:
 
-1. Probe: the one small class that attaches forward hooks to named modules and detaches them.
-2. Covariance statistics (n, mean, M2): exact, streaming, mergeable. Each chunk of rows is centred
+1. Settings: one object owns every choice a measurement makes (probe set, points, matrices, fit
+   windows, normalisation, precision, memory budget) and its default, built from the trainer's
+   Config, from a run's record (checkpoint or config.json) or from command-line flags.
+2. Probe: the one small class that attaches forward hooks to named modules and detaches them.
+3. Covariance statistics (n, mean, M2): exact, streaming, mergeable. Each chunk of rows is centred
    on its own mean in fp64, multiplied in fp32 with TF32 off, and added in fp64; chunks, batches
    and DDP ranks combine with Chan's parallel update, so the result does not depend on how the
    data was split (to fp64 round-off).
-3. Spectra and fits: eigenvalues in fp64, descending, 1-based ranks; alpha = -slope of the least
+4. Spectra and fits: eigenvalues in fp64, descending, 1-based ranks; alpha = -slope of the least
    squares line of log lambda_i on log i over a rank window [a, b] (inclusive), with R^2 and the
    slope's standard error; RankMe, participation ratio, stable rank, top-10 share; Jensen-Shannon
    divergence between trace-normalised spectra.
-4. Activation measurement: one no-grad forward pass of the model in eval mode over a fixed probe
-   set, every requested point captured at once. The probe sequences alternate between two halves
-   with their own statistics; the full set is their merge, and the two halves' alphas give a
+5. Activation spectra: one no-grad forward pass of the model in eval mode over a fixed probe set,
+   every requested point captured at once. The probe sequences alternate between two halves with
+   their own statistics; the full set is their merge, and the two halves' alphas give a
    sampling-noise estimate without another pass.
-4b. Per-example gradient spectra: the singular values of G (rows = per-example gradients of a
+6. Per-example gradient spectra: the singular values of G (rows = per-example gradients of a
    weight) from batched forward/backward passes, via the Gram K = G G^T; gradient noise scale.
-4c. Weight spectra: singular values of the weights, and the density exponent of their squares.
-5. Files: spectra as .npz, the console table, plots.
-6. The command line for checkpoints.
+7. Weight spectra: singular values of the weights, and the density exponent of their squares.
+8. Summaries: every scalar of a family of measured spectra, with notes; the console table.
+9. Files and history: spectra as .npz (this module owns the format), and what later evaluations
+   need of earlier ones (reference spectra, alpha series), kept in memory.
 
-Nothing here knows about optimizers, data loaders or the training loop: the trainer asks for "the
-spectra of this model on these tokens" and logs what comes back.
+Nothing here knows about optimizers, data loaders, plots or the training loop: the trainer asks
+for "the spectra of this model on these tokens" and logs what comes back.
 """
 
-import argparse
 import glob
-import json
 import math
 import os
 import re
-import sys
-import warnings
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -47,8 +45,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data.shards import ShardError, atomic_write, find_shards, load_prefix
-from model import BLOCK_POINTS, GPT, GPTConfig, layer_key, probe_point_names, probe_point_width
+from data.shards import atomic_write
+from model import BLOCK_LINEARS, BLOCK_POINTS, layer_key, probe_point_names, probe_point_width
 
 CHUNK_ROWS = 4096  # rows per fp32 product: bounds the fp32 rounding of each chunk's M2
 # Eigenvalues below FLOOR * lambda_1 are round-off, not signal. Against fp64, the fp32 products of
@@ -56,9 +54,130 @@ CHUNK_ROWS = 4096  # rows per fp32 product: bounds the fp32 rounding of each chu
 # (bench/act_spectra.py: 8e-4 on 98 points of a random 12-layer model; tests/test_spectra.py on
 # steep, rotated and outlier spectra); deeper in the tail the relative error grows to 1% and more.
 FLOOR = 8 * float(np.finfo(np.float32).eps)
+# Residual-stream points are RMS-normalised per token as x / sqrt(mean(x^2) + RMS_EPS) under
+# act_norm="rms", the Spectral Lens protocol's F.rms_norm(x, eps=1e-6) (not torch's default eps).
+RMS_EPS = 1e-6
+FAMILIES = ("act", "grad", "weight")
+SINGULAR_FAMILIES = ("grad", "weight")  # spectra of singular values; "act" holds covariance eigenvalues
 
 # ----------------------------------------------------------------------------------------------
-# 1. Probe
+# 1. Settings
+
+ACT_NORMS = ("rms", "none")
+METHODS = ("auto", "materialise", "token_gram")
+# Arithmetic of the forward/backward passes that give A and B. g_i = vec(B_i^T A_i) is formed and
+# K = G G^T accumulated in fp64 whatever is chosen. 'fp32' is exact (agrees with a batch-size-1 fp32
+# loop to ~1e-6); 'tf32' (TF32 tensor cores, CUDA only: full fp32 on CPU) and 'bf16' (autocast, as
+# the trainer's CUDA steps) trade that agreement for speed: bench/grad_spectra.py --precision prints both.
+PRECISIONS = ("fp32", "tf32", "bf16")
+DENSITY_RULES = ("weightwatcher", "exact")  # x_min choice of the weight density exponent (density_exponent)
+
+
+@dataclass(frozen=True)
+class SpectraSettings:
+    """What a spectral measurement measures and how, with the one set of defaults. The trainer's flat
+    keys (train_gpt.Config, e.g. --spectra_tail=10,100) are in CONFIG_KEYS; a record from before a
+    setting existed was measured with its default here."""
+    seq_len: int = 1024              # tokens per probe sequence (the run's seq_len)
+    act_tokens: int = 131_072        # activation probe set: the first this-many val tokens
+    act_batch_size: int = 16         # probe sequences per forward pass; a fixed unit, so any GPU count agrees
+    points: str = ""                 # "" -> embed, every L{l}.mlp_resid, final; or names/globs "L0*.attn,final"
+    sublayers: bool = False          # with points="": every probe point of every block
+    head: tuple = (1, 10)            # rank windows [a, b] of the power-law fits;
+    tail: tuple = (30, 150)          # (10, 100) is the earlier protocol's tail
+    act_norm: str = "rms"            # rms: RMS-normalise residual-stream points per token | none
+    grad_samples: int = 512          # per-example gradients: the first this-many val sequences
+    matrices: str = "attn.c_proj"    # comma-separated from attn.c_q/c_k/c_v/c_proj, mlp.c_fc/c_proj
+    layers: str = ""                 # "" -> 5 evenly spaced layers, first and last included; "all"; "0,5,11"
+    grad_batch_size: int = 8         # examples per forward/backward (a fixed unit, like act_batch_size)
+    max_gb: float = 8.0              # per-example gradients (fp32) held at once; more goes in column blocks
+    method: str = "auto"             # auto | materialise | token_gram (see gram_method)
+    precision: str = "fp32"          # fp32 (exact) | tf32 | bf16: faster, approximate passes on a GPU
+    compile: bool = False            # torch.compile the head's gradient in those passes (a GPU speedup)
+    density_rule: str = "weightwatcher"  # weight density exponent: WeightWatcher's x_min rule | exact
+
+    @classmethod
+    def from_config(cls, config):
+        """The settings of a trainer config given as a dict (asdict of train_gpt.Config, a checkpoint's
+        or config.json's `config`); keys it lacks take the defaults."""
+        values = {}
+        for f in fields(cls):
+            key = CONFIG_KEYS.get(f.name, f.name)
+            if key in config and config[key] is not None:
+                value = config[key]
+                values[f.name] = tuple(value) if isinstance(value, list) else value
+        return cls(**values)
+
+    def override(self, **flags):
+        """A copy with the given settings changed; None leaves a setting as it is (an absent flag)."""
+        return replace(self, **{k: v for k, v in flags.items() if v is not None})
+
+    def check(self, act=True, grad=True):
+        """ValueError naming the trainer key (and the value) of the first setting that cannot be measured."""
+        for name in ("head", "tail"):
+            check_window(CONFIG_KEYS[name], getattr(self, name))
+        for name, allowed in (("act_norm", ACT_NORMS), ("method", METHODS), ("precision", PRECISIONS),
+                              ("density_rule", DENSITY_RULES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{CONFIG_KEYS[name]}={getattr(self, name)!r}: valid values are {', '.join(allowed)}"
+                                 + (" (fp32 is exact; tf32 and bf16 are faster on a GPU and approximate)"
+                                    if name == "precision" else ""))
+        for name in ("seq_len", "act_batch_size", "grad_batch_size", "max_gb"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{CONFIG_KEYS.get(name, name)}={getattr(self, name)} must be positive")
+        if act and self.act_tokens < 2 * self.seq_len:
+            raise ValueError(f"spectra_tokens={self.act_tokens} is less than two sequences of seq_len={self.seq_len} "
+                             "(the probe set is split in two halves for the noise estimate)")
+        if grad and self.grad_samples < 2:
+            raise ValueError(f"grad_samples={self.grad_samples}: per-example gradient spectra need at least 2 examples")
+
+    def point_names(self, n_layer):
+        return select_points(n_layer, self.points, self.sublayers)
+
+    def matrix_names(self, linears, n_layer):
+        return select_linears(linears, n_layer, self.matrices, self.layers)
+
+    def probe_tokens(self, family):
+        """Tokens of the probe slice a family reads: whole sequences of the activation probe set, or
+        one sequence per gradient example (+1 for the last target); weights read none."""
+        if family == "act":
+            return self.act_tokens // self.seq_len * self.seq_len
+        return self.grad_samples * self.seq_len if family == "grad" else 0
+
+    def meta(self, family):
+        """What a family's spectra were measured with, saved beside them (npz meta.*): the probe set
+        (SAME_PROBE) and the fit windows."""
+        meta = dict(probe_tokens=self.probe_tokens(family), seq_len=self.seq_len, head=self.head, tail=self.tail,
+                    act_norm=self.act_norm)
+        if family == "grad":
+            meta["precision"] = self.precision
+        return meta
+
+    def record(self, linears, n_layer):
+        """The settings and the resolved lists (points, layers, matrices) for a run's config.json."""
+        return dict(asdict(self), point_names=self.point_names(n_layer),
+                    layer_indices=layer_indices(n_layer, self.layers), matrix_names=self.matrix_names(linears, n_layer))
+
+
+# trainer key of each setting (train_gpt.Config) where it is not the setting's own name
+CONFIG_KEYS = dict(act_tokens="spectra_tokens", act_batch_size="spectra_batch_size", points="spectra_points",
+                   sublayers="spectra_sublayers", head="spectra_head", tail="spectra_tail", act_norm="spectra_act_norm",
+                   matrices="grad_matrices", layers="grad_layers", max_gb="grad_spectra_max_gb",
+                   method="grad_spectra_method", precision="grad_spectra_precision", compile="grad_spectra_compile",
+                   density_rule="weight_density_rule")
+DEFAULTS = SpectraSettings()
+
+
+def check_window(name, window):
+    """A rank window [a, b] needs 1 <= a < b (two ranks at least for a line)."""
+    a, b = window
+    if not (isinstance(a, int) and isinstance(b, int)) or a < 1 or b <= a:
+        raise ValueError(f"{name}={tuple(window)} is not a rank window: need integers 1 <= a < b, "
+                         "e.g. (1, 10) or (10, 100)")
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Probe
 
 
 class Probe:
@@ -82,7 +201,7 @@ class Probe:
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Covariance statistics
+# 3. Covariance statistics
 
 
 class Stats(NamedTuple):
@@ -172,7 +291,7 @@ def covariance(s):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Spectra, fits and spectral metrics (numpy, fp64)
+# 4. Spectra, fits and spectral metrics (numpy, fp64)
 
 
 def eigenvalues(s):
@@ -266,21 +385,32 @@ def js_divergence(u, v):
     return float(max(0.0, (kl(p) + kl(q)) / 2))
 
 
-SINGULAR_FAMILIES = ("grad", "weight")  # spectra of singular values; "act" holds covariance eigenvalues
+
 ENERGY_STATS = ("pr", "stable_rank", "top10", "js_prev", "js_first")  # of sigma^2 for SINGULAR_FAMILIES
-# Version of the metric definitions, recorded in each run's config.json. 2: ENERGY_STATS of the
-# SINGULAR_FAMILIES from sigma^2 (runs without the record are 1: from sigma itself).
-METRIC_VERSION = 2
+# Version of the metric definitions, recorded in each run's config.json (runs without the record
+# are 1), and what changed at each version: (version, families, stats) defined differently from it on.
+METRIC_VERSION = 3
+METRIC_CHANGES = ((2, SINGULAR_FAMILIES, ENERGY_STATS),  # from sigma^2 (1: from sigma itself)
+                  (3, FAMILIES, ("alpha_head_noise", "alpha_tail_noise")))  # split_half_se (2: |a0 - a1| / 2)
 STATS = ("alpha_head", "r2_head", "se_head", "alpha_head_noise", "alpha_tail", "r2_tail", "se_tail",
          "alpha_tail_noise", "rankme", "pr", "stable_rank", "top10", "valid_rank", "js_prev", "js_first")
+
+
+def split_half_se(a0, a1):
+    """The standard error of the full-sample alpha, estimated from the alphas of the sample's two
+    halves. Each half has half the samples, so twice the variance 2 s^2 of the full-sample alpha;
+    for Gaussian errors a0 - a1 ~ N(0, 4 s^2) and E|a0 - a1| = 2 s sqrt(2 / pi), so
+    sqrt(pi / 8) |a0 - a1| (0.627 |a0 - a1|) is an unbiased estimate of s. (|a0 - a1| / 2 reads
+    sqrt(2 / pi) = 0.80 of s on average, 20% low.)"""
+    return math.sqrt(math.pi / 8) * abs(a0 - a1)
 
 
 def spectrum_metrics(values, limit, head, tail, halves=None, half_limits=None, prev=None, first=None,
                      singular=False):
     """Every scalar of one spectrum, as {stat: value}. `limit` is the largest meaningful rank (for a
     covariance of n samples and width d, min(d, n - 1)); `halves` are the spectra of the two halves of
-    the sample, whose alphas differ by sampling noise: alpha_*_noise = |alpha(half 0) - alpha(half 1)| / 2
-    estimates the standard deviation of the full-sample alpha (each half has twice its variance).
+    the sample, whose alphas give alpha_*_noise, the split-half estimate of the full-sample alpha's
+    standard error (split_half_se).
     singular=True: `values` are singular values sigma of a matrix X (gradients, weights). The fits
     and RankMe (whose paper uses singular values) take them as they are; pr, stable_rank, top10 and
     the JS divergences take the mode energies sigma^2, the eigenvalues of X X^T, so that they mean
@@ -294,7 +424,7 @@ def spectrum_metrics(values, limit, head, tail, halves=None, half_limits=None, p
         noise = math.nan
         if halves is not None:
             a0, a1 = (fit_power_law(h, window, numerical_rank(h, lim))["alpha"] for h, lim in zip(halves, half_limits))
-            noise = abs(a0 - a1) / 2
+            noise = split_half_se(a0, a1)
         out[f"alpha_{name}_noise"] = noise
 
     def energy(v):
@@ -308,7 +438,7 @@ def spectrum_metrics(values, limit, head, tail, halves=None, half_limits=None, p
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Activation spectra: one forward pass over the probe set, every point at once
+# 5. Activation spectra: one forward pass over the probe set, every point at once
 
 
 def default_points(n_layer, sublayers=False):
@@ -346,17 +476,18 @@ def is_residual(point):
 
 
 @torch.no_grad()
-def activation_stats(model, tokens, points, seq_len, batch_size=16, act_norm="rms", rank=0, world=1):
+def activation_stats(model, tokens, settings, points, rank=0, world=1):
     """{point: (half-0 Stats, half-1 Stats)} of the probe set, complete on rank 0 (None elsewhere).
 
     tokens: 1-D tensor; its first len // seq_len whole sequences are the probe set. Sequences are
-    grouped in fixed batches of `batch_size` and batch b runs on rank b % world; sequences with even
-    and odd index in the probe set feed the two halves. Every batch is therefore computed identically
-    whatever the number of processes, and only the fp64 merge order differs.
+    grouped in fixed batches of settings.act_batch_size and batch b runs on rank b % world; sequences
+    with even and odd index in the probe set feed the two halves. Every batch is therefore computed
+    identically whatever the number of processes, and only the fp64 merge order differs.
     The model runs in eval mode (no dropout) without gradients and in full fp32, and is restored to
     its previous mode, so training RNG, parameters and .grad are untouched."""
     taps = model.probe_points()
     device = next(model.parameters()).device
+    seq_len, batch_size = settings.seq_len, settings.act_batch_size
     n_seq = len(tokens) // seq_len
     seqs = tokens[: n_seq * seq_len].view(n_seq, seq_len)
     stats = {p: [None, None] for p in points}
@@ -364,8 +495,8 @@ def activation_stats(model, tokens, points, seq_len, batch_size=16, act_norm="rm
 
     def accumulate(name, x):
         x = x.detach().float()
-        if act_norm == "rms" and is_residual(name):
-            x = F.rms_norm(x, (x.size(-1),))
+        if settings.act_norm == "rms" and is_residual(name):
+            x = F.rms_norm(x, (x.size(-1),), eps=RMS_EPS)
         for h in (0, 1):
             rows = x[(h - first[0]) % 2::2].reshape(-1, x.size(-1))
             if len(rows):
@@ -391,59 +522,27 @@ def activation_stats(model, tokens, points, seq_len, batch_size=16, act_norm="rm
     return out if rank == 0 else None
 
 
-def measure_activations(model, tokens, points, seq_len, batch_size=16, act_norm="rms", rank=0, world=1):
-    """Activation spectra on rank 0 as {point: {eig, eig_half0, eig_half1, n, n_half0, n_half1,
-    width, limit, limit_half0, limit_half1, rank_deficient, rms}} (eigenvalues fp64 numpy,
-    descending; a limit is the largest meaningful rank, min(width, n - 1): centring costs one);
-    None on other ranks."""
-    stats = activation_stats(model, tokens, points, seq_len, batch_size, act_norm, rank, world)
+def measure_activations(model, tokens, settings, points, rank=0, world=1):
+    """Activation spectra on rank 0 as {point: {values, values_half0, values_half1, n, n_half0, n_half1,
+    width, limit, limit_half0, limit_half1, rank_deficient, rms}} (eigenvalues fp64 numpy, descending;
+    a limit is the largest meaningful rank, min(width, n - 1): centring costs one); None on other
+    ranks. `tokens` is the probe slice (settings.probe_tokens("act") of it are read)."""
+    stats = activation_stats(model, tokens[:settings.probe_tokens("act")], settings, points, rank, world)
     if stats is None:
         return None
     out = {}
     for p, (h0, h1) in stats.items():
         full = merge_stats(h0, h1)
         width = full.mean.numel()
-        out[p] = dict(eig=eigenvalues(full), eig_half0=eigenvalues(h0), eig_half1=eigenvalues(h1),
+        out[p] = dict(values=eigenvalues(full), values_half0=eigenvalues(h0), values_half1=eigenvalues(h1),
                       n=full.n, n_half0=h0.n, n_half1=h1.n, width=width, limit=min(width, full.n - 1),
                       limit_half0=min(width, h0.n - 1), limit_half1=min(width, h1.n - 1),
-                      rank_deficient=full.n - 1 < width, rms=act_norm == "rms" and is_residual(p))
+                      rank_deficient=full.n - 1 < width, rms=settings.act_norm == "rms" and is_residual(p))
     return out
 
 
-def summarise(spectra, family, head, tail, prev=None, first=None, where=""):
-    """({'<family>/<stat>/<point>': value}, [warnings]) for measured spectra; prev / first are
-    {point: eigenvalues} of the previous and the first evaluation (for js_prev / js_first; a point
-    without a first is at its first evaluation, and js_first is 0). A point with non-finite values
-    gets NaN metrics and a warning naming it and `where`."""
-    metrics, notes = {}, []
-    for p, s in spectra.items():
-        limit = s["limit"]
-        if not np.isfinite(s["eig"]).all():
-            notes.append(f"{family} spectrum of {p} {where}: non-finite values; its metrics are NaN")
-            values = dict.fromkeys(STATS, math.nan)
-        else:
-            if s.get("rank_deficient"):  # a covariance from fewer tokens than its width
-                notes.append(f"{family} spectrum of {p}: {s['n']} probe tokens for width {s['width']}: the "
-                             f"spectrum is rank-deficient, fits are limited to ranks <= {limit}")
-            halves = (s["eig_half0"], s["eig_half1"]) if "eig_half0" in s else None
-            half_limits = (s.get("limit_half0"), s.get("limit_half1"))
-            values = spectrum_metrics(s["eig"], limit, head, tail, halves, half_limits,
-                                      (prev or {}).get(p), (first or {}).get(p, s["eig"]),
-                                      singular=family in SINGULAR_FAMILIES)
-            rank = values["valid_rank"]
-            if rank == 0:
-                notes.append(f"{family} spectrum of {p}: all values are zero (e.g. a zero-initialised "
-                             "projection); no fits")
-            for name, (a, b) in (("head", head), ("tail", tail)):
-                if 0 < rank < b:
-                    notes.append(f"{family} spectrum of {p}: {name} window [{a}, {b}] clipped to the "
-                                 f"{rank} valid ranks")
-        metrics.update({f"{family}/{k}/{p}": v for k, v in values.items()})
-    return metrics, notes
-
-
 # ----------------------------------------------------------------------------------------------
-# 4b. Per-example gradient spectra: batched passes, no per-example backward
+# 6. Per-example gradient spectra: batched passes, no per-example backward
 #
 # One example is one sequence, its loss the mean cross-entropy over its tokens. For a Linear
 # y = x W^T the gradient of example i is g_i = vec(B_i^T A_i), A_i (T x d_in) the layer's inputs
@@ -463,34 +562,35 @@ def summarise(spectra, family, head, tail, prev=None, first=None, where=""):
 # grad_spectra_max_gb bounds each rank's share, so N GPUs hold N times the rows per pass; splitting
 # the matrices between ranks instead would leave every rank running every sample.
 
-LINEAR_NAMES = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-
-
 def default_layers(n_layer, k=5):
     """k evenly spaced layers, the first and the last included."""
     return sorted({round(i * (n_layer - 1) / (k - 1)) for i in range(k)}) if n_layer > 1 else [0]
 
 
+def layer_indices(n_layer, layers=""):
+    """The layers of a grad_layers setting: '' = 5 evenly spaced, 'all', or '0,5,11'; ValueError otherwise."""
+    if layers in ("", None):
+        return default_layers(n_layer)
+    if layers == "all":
+        return list(range(n_layer))
+    try:
+        idx = sorted({int(v) for v in str(layers).split(",") if v.strip()})
+    except ValueError:
+        raise ValueError(f"grad_layers={layers!r}: expected '', 'all' or layer numbers like '0,5,11'") from None
+    if not idx or idx[0] < 0 or idx[-1] >= n_layer:
+        raise ValueError(f"grad_layers={layers!r}: layers run from 0 to {n_layer - 1}")
+    return idx
+
+
 def select_linears(model_names, n_layer, matrices="attn.c_proj", layers=""):
     """Names like 'L05.attn.c_proj' for the chosen matrices ('attn.c_proj,mlp.c_proj') in the chosen
-    layers ('' = 5 evenly spaced, 'all', or '0,5,11'). ValueError names what does not exist."""
+    layers (layer_indices). ValueError names what does not exist."""
     kinds = [m.strip() for m in matrices.split(",") if m.strip()]
     for m in kinds:
-        if m not in LINEAR_NAMES:
+        if m not in BLOCK_LINEARS:
             raise ValueError(f"grad_matrices: {m!r} is not a matrix of a block; valid names are "
-                             f"{', '.join(LINEAR_NAMES)}")
-    if layers in ("", None):
-        idx = default_layers(n_layer)
-    elif layers == "all":
-        idx = list(range(n_layer))
-    else:
-        try:
-            idx = sorted({int(v) for v in str(layers).split(",") if v.strip()})
-        except ValueError:
-            raise ValueError(f"grad_layers={layers!r}: expected '', 'all' or layer numbers like '0,5,11'") from None
-        if not idx or idx[0] < 0 or idx[-1] >= n_layer:
-            raise ValueError(f"grad_layers={layers!r}: layers run from 0 to {n_layer - 1}")
-    names = [f"{layer_key(i, n_layer)}.{m}" for i in idx for m in kinds]
+                             f"{', '.join(BLOCK_LINEARS)}")
+    names = [f"{layer_key(i, n_layer)}.{m}" for i in layer_indices(n_layer, layers) for m in kinds]
     missing = [n for n in names if n not in model_names]
     if missing:
         raise ValueError(f"no matrix {missing[0]!r} in this model; valid names look like {sorted(model_names)[:3]}")
@@ -614,32 +714,19 @@ def gathered_gram(rows, index, n, rank, world, chunk_elements=2 ** 26):
     return in_sample_order(K, ids) if rank == 0 else None
 
 
-# Arithmetic of the forward/backward passes that give A and B. g_i = vec(B_i^T A_i) is formed and
-# K = G G^T accumulated in fp64 whatever is chosen. 'fp32' is exact (agrees with a batch-size-1 fp32
-# loop to ~1e-6); 'tf32' (TF32 tensor cores, CUDA only: full fp32 on CPU) and 'bf16' (autocast, as
-# the trainer's CUDA steps) trade that agreement for speed: bench/grad_spectra.py --precision prints both.
-PRECISIONS = ("fp32", "tf32", "bf16")
-
-
-def check_precision(precision):
-    if precision not in PRECISIONS:
-        raise ValueError(f"grad_spectra_precision={precision!r}: valid values are {', '.join(PRECISIONS)} "
-                         "(fp32 is exact; tf32 and bf16 are faster on a GPU and approximate)")
-
-
 @torch.no_grad()
-def gradient_grams(model, tokens, names, seq_len, n_samples, batch_size=8, max_gb=8.0, method="auto",
-                   rank=0, world=1, precision="fp32", compile=False):
+def gradient_grams(model, tokens, settings, names, rank=0, world=1):
     """{name: K} (n x n fp64, on rank 0; None elsewhere): the Gram of the per-example gradients of
-    each named Linear over the first n_samples sequences of `tokens` (windows of seq_len + 1).
-    Materialised G is built in column blocks of output units, as many per pass over the probe set
-    as max_gb allows, so the whole of G is held only when it fits. The passes run at `precision`
-    (PRECISIONS), the head's gradient compiled if `compile`. The model is used in eval mode and
-    restored; parameters, .grad and RNG are untouched."""
-    check_precision(precision)
+    each named Linear over the first settings.grad_samples sequences of `tokens` (windows of seq_len
+    + 1). Materialised G is built in column blocks of output units, as many per pass over the probe
+    set as settings.max_gb allows, so the whole of G is held only when it fits. The passes run at
+    settings.precision (PRECISIONS), the head's gradient compiled if settings.compile. The model is
+    used in eval mode and restored; parameters, .grad and RNG are untouched."""
+    if settings.precision not in PRECISIONS:
+        settings.check(act=False)  # names the setting and its valid values
+    seq_len, n_samples, batch_size = settings.seq_len, settings.grad_samples, settings.grad_batch_size
     linears_all = model.linears()
     linears = {n: linears_all[n] for n in names}
-    device = next(model.parameters()).device
     windows = tokens[: n_samples * seq_len + 1].unfold(0, seq_len + 1, seq_len)[:n_samples]
     n = len(windows)
     if n < max(2, n_samples):
@@ -648,14 +735,13 @@ def gradient_grams(model, tokens, names, seq_len, n_samples, batch_size=8, max_g
     batches = [list(range(b, min(b + batch_size, n))) for b in range(0, n, batch_size)]
     mine = [batches[b] for b in range(rank, len(batches), world)]
     share = max(sum(len(batch) for batch in batches[r::world]) for r in range(world))  # the most rows a rank holds
-    passes = plan_passes({k: tuple(lin.weight.shape) for k, lin in linears.items()}, n, seq_len, max_gb, method,
-                         share)
+    passes = plan_passes({k: tuple(lin.weight.shape) for k, lin in linears.items()}, n, seq_len, settings.max_gb,
+                         settings.method, share)
     was_training = model.training
     model.eval()
     try:
-        with fp32_matmuls(tf32=precision == "tf32"):  # 'fp32': A and B in full fp32, like the activations
-            grams = run_passes(passes, model, linears, windows, mine, n, seq_len, batch_size, rank, world, device,
-                               precision, compile)
+        with fp32_matmuls(tf32=settings.precision == "tf32"):  # 'fp32': A and B in full fp32, like the activations
+            grams = run_passes(passes, model, linears, windows, mine, settings, rank, world)
     finally:
         model.train(was_training)
     return grams if rank == 0 else None
@@ -744,12 +830,13 @@ def gram_fp64(G, chunk_elements=2 ** 26):
     return K
 
 
-def run_passes(passes, model, linears, windows, mine, n, seq_len, batch_size, rank, world, device,
-               precision="fp32", compile=False):
+def run_passes(passes, model, linears, windows, mine, settings, rank, world):
     """The passes planned by plan_passes: {name: K} on rank 0. Each pass sweeps this rank's probe
-    batches once and writes, batch by batch and in place, what each job holds (held_entries): G is
-    held once, not as per-batch pieces plus their concatenation."""
+    batches (`mine`, lists of indices into `windows`) once and writes, batch by batch and in place,
+    what each job holds (held_entries): G is held once, not as per-batch pieces plus their
+    concatenation."""
     grams = {}
+    n, seq_len, device = len(windows), settings.seq_len, next(model.parameters()).device
     n_mine = sum(len(batch) for batch in mine)
     for jobs in passes:
         shapes = [tuple(linears[name].weight.shape) for name, _ in jobs]
@@ -759,7 +846,7 @@ def run_passes(passes, model, linears, windows, mine, n, seq_len, batch_size, ra
         for batch in mine:
             w = windows[batch].to(device)
             ab = per_example_outputs(model, {name: linears[name] for name, _ in jobs}, w[:, :-1], w[:, 1:],
-                                     precision, compile)
+                                     settings.precision, settings.compile)
             at = slice(len(index), len(index) + len(batch))
             for j, (name, rows) in enumerate(jobs):
                 A, B = ab[name]
@@ -779,7 +866,7 @@ def run_passes(passes, model, linears, windows, mine, n, seq_len, batch_size, ra
                 if rank == 0:
                     A = full[:, :seq_len * d_in].unflatten(1, (seq_len, d_in))
                     B = full[:, seq_len * d_in:].unflatten(1, (seq_len, d_out))
-                    grams[name] = in_sample_order(token_gram_matrix(A, B, batch_size), ids)
+                    grams[name] = in_sample_order(token_gram_matrix(A, B, settings.grad_batch_size), ids)
                 del full
             held[j] = None
     return grams
@@ -808,110 +895,185 @@ def noise_scale(K):
     return trace / mean_sq if mean_sq > 0 else math.nan
 
 
-def measure_gradients(model, tokens, names, seq_len, n_samples, batch_size=8, max_gb=8.0, method="auto",
-                      rank=0, world=1, precision="fp32", compile=False):
-    """Gradient spectra on rank 0 as {name: {eig (singular values), eig_half0, eig_half1, n, ...,
-    width, limit..., noise_scale}} in the form summarise() takes; None on other ranks. The halves
+def measure_gradients(model, tokens, settings, names, rank=0, world=1):
+    """Gradient spectra on rank 0 as {name: {values (singular values), values_half0, values_half1, n,
+    ..., width, limit..., noise_scale}} in the form summarise() takes; None on other ranks. The halves
     are the even and odd samples: sub-Grams of the same K, no extra pass."""
-    grams = gradient_grams(model, tokens, names, seq_len, n_samples, batch_size, max_gb, method, rank, world,
-                           precision, compile)
+    grams = gradient_grams(model, tokens, settings, names, rank, world)
     if grams is None:
         return None
     out, linears = {}, model.linears()
     for name, K in grams.items():
         n, P = len(K), linears[name].weight.numel()
-        out[name] = dict(eig=gram_spectrum(K), eig_half0=gram_spectrum(K[0::2, 0::2]),
-                         eig_half1=gram_spectrum(K[1::2, 1::2]), n=n, n_half0=(n + 1) // 2, n_half1=n // 2,
+        out[name] = dict(values=gram_spectrum(K), values_half0=gram_spectrum(K[0::2, 0::2]),
+                         values_half1=gram_spectrum(K[1::2, 1::2]), n=n, n_half0=(n + 1) // 2, n_half1=n // 2,
                          width=P, limit=min(n, P), limit_half0=min((n + 1) // 2, P), limit_half1=min(n // 2, P),
                          noise_scale=noise_scale(K))
     return out
 
 
+
 # ----------------------------------------------------------------------------------------------
-# 4c. Weight spectra (no data)
+# 7. Weight spectra (no data)
 
 
-def density_exponent(values):
-    """WeightWatcher-style power-law fit of the eigenvalue density p(lambda) ~ lambda^-a of the
-    eigenvalues lambda = sigma^2: for each candidate x_min the maximum-likelihood exponent
-    a = 1 + k / sum log(lambda / x_min) over the k values >= x_min, keeping the x_min whose fit has
-    the smallest Kolmogorov-Smirnov distance (Clauset, Shalizi & Newman). Returns (a, x_min, ks).
+# WeightWatcher's fit (weightwatcher 0.7, analyze() defaults: its own WWFit, not the powerlaw package)
+WW_FLOOR = 1e-5        # eigenvalues at or below this (absolute) are dropped before the fit
+WW_SMALL_N = 20        # fewer eigenvalues: tails of at least WW_MIN_TAIL values, exponent 1 + (m - 1) / sum log
+WW_MIN_TAIL = 8
+
+
+def density_exponent(values, rule="weightwatcher"):
+    """Power-law fit of the eigenvalue density p(lambda) ~ lambda^-a of the eigenvalues lambda = sigma^2
+    (not normalised): for each candidate x_min, every sorted value but the largest, the maximum-
+    likelihood exponent a = 1 + m / sum log(lambda / x_min) over the m values >= x_min, keeping the
+    candidate whose fit has the smallest Kolmogorov-Smirnov distance D (Clauset, Shalizi & Newman;
+    the first, smallest x_min on a tie). Returns (a, x_min, D); NaNs when nothing can be fitted.
+
+    rule="weightwatcher" (default) gives WeightWatcher's alpha: D = max_j |F(x_j) - j / m| compares
+    the model CDF with the empirical one just below each of the m sorted tail values (one side of
+    each step), eigenvalues <= WW_FLOOR are dropped, and below WW_SMALL_N eigenvalues only tails of
+    at least WW_MIN_TAIL values count, with the bias-corrected exponent 1 + (m - 1) / sum log.
+    rule="exact": D is the exact supremum over both sides of every step, all positive eigenvalues
+    count. The two pick different x_min on heavy-tailed spectra (exponents up to ~1.4 apart on
+    Student-t matrices).
     For a rank-ordered decay lambda_i ~ i^-r the density exponent is a = 1 + 1/r. The weight rank
     fits (weight/alpha_*) are of the singular values sigma_i ~ i^-alpha, so r = 2 alpha and
     alpha_density = 1 + 1/(2 alpha)."""
+    ww = rule == "weightwatcher"
     lam = np.sort(np.asarray(values, dtype=np.float64))
-    lam = lam[lam > 0]
+    lam = lam[lam > (WW_FLOOR if ww else 0.0)]
+    small = ww and len(lam) < WW_SMALL_N
     best = (math.nan, math.nan, math.inf)
-    for k in range(len(lam) - 1):  # candidate x_min = lam[k]; at least 2 values in the tail
+    for k in range(len(lam) - 1):  # candidate x_min = lam[k]
         tail = lam[k:]
-        logs = np.log(tail / tail[0])
-        if logs.sum() <= 0:
+        m = len(tail)
+        if small and m < WW_MIN_TAIL:
+            break
+        logs = np.log(tail / tail[0]).sum()
+        if logs <= (1e-12 if small else 0.0):  # a flat tail has no exponent
             continue
-        a = 1 + len(tail) / logs.sum()
+        a = 1 + (m - 1 if small else m) / logs
         model_cdf = 1 - (tail / tail[0]) ** (1 - a)
-        steps = np.arange(len(tail) + 1) / len(tail)  # the empirical CDF just before and after each value
-        ks = float(max(np.max(np.abs(steps[1:] - model_cdf)), np.max(np.abs(steps[:-1] - model_cdf))))
+        below = np.arange(m) / m  # the empirical CDF just below each tail value (just above: + 1/m)
+        ks = np.max(np.abs(model_cdf - below))
+        if not ww:
+            ks = max(ks, np.max(np.abs(model_cdf - below - 1 / m)))
         if ks < best[2]:
-            best = (float(a), float(tail[0]), ks)
-    return best
+            best = (float(a), float(tail[0]), float(ks))
+    return best if math.isfinite(best[2]) else (math.nan, math.nan, math.nan)
 
 
-def measure_weights(model, names):
-    """{name: {eig (singular values, fp64, descending), n, width, limit, density: (a, x_min, ks)}}."""
+def measure_weights(model, names, settings=DEFAULTS):
+    """{name: {values (singular values, fp64, descending), n, width, limit, density: (a, x_min, ks)}}."""
     out, linears = {}, model.linears()
     for name in names:
         W = linears[name].weight.detach().double()
         sv = torch.linalg.svdvals(W).cpu().numpy()
-        out[name] = dict(eig=sv, n=len(sv), width=len(sv), limit=len(sv), density=density_exponent(sv ** 2))
-    return out
-
-
-def extra_metrics(family, spectra):
-    """Scalars beyond the rank fits: grad/noise_scale/<m>; weight/alpha_density, density_xmin and
-    density_ks/<m> (the exponent of the density of sigma^2, distinct from the rank exponent alpha_*
-    of sigma: alpha_density = 1 + 1/(2 alpha))."""
-    out = {}
-    for name, s in spectra.items():
-        if "noise_scale" in s:
-            out[f"{family}/noise_scale/{name}"] = s["noise_scale"]
-        if "density" in s:
-            a, x_min, ks = s["density"]
-            out.update({f"{family}/alpha_density/{name}": a, f"{family}/density_xmin/{name}": x_min,
-                        f"{family}/density_ks/{name}": ks})
+        out[name] = dict(values=sv, n=len(sv), width=len(sv), limit=len(sv),
+                         density=density_exponent(sv ** 2, settings.density_rule))
     return out
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Files: npz spectra, the console table, plots
+# 8. Summaries: the scalars of measured spectra, notes, the console table
+
+
+def summarise(measured, family, settings, prev=None, first=None, where=""):
+    """({'<family>/<stat>/<point>': value}, [notes]) for one family of measured spectra: the fits and
+    effective ranks of every spectrum (STATS), and grad/noise_scale, weight/alpha_density,
+    density_xmin and density_ks where measured. prev / first are {point: values} of the previous
+    evaluation and of each point's first evaluation with a spectrum (for js_prev / js_first; a point
+    without a first is at its first, and js_first is 0). A point with non-finite values gets NaN
+    metrics and a note naming it and `where`."""
+    metrics, notes = {}, []
+    head, tail = settings.head, settings.tail
+    for p, s in measured.items():
+        limit = s["limit"]
+        if not np.isfinite(s["values"]).all():
+            notes.append(f"{family} spectrum of {p} {where}: non-finite values; its metrics are NaN")
+            values = dict.fromkeys(STATS, math.nan)
+        else:
+            if s.get("rank_deficient"):  # a covariance from fewer tokens than its width
+                notes.append(f"{family} spectrum of {p}: {s['n']} probe tokens for width {s['width']}: the "
+                             f"spectrum is rank-deficient, fits are limited to ranks <= {limit}")
+            halves = (s["values_half0"], s["values_half1"]) if "values_half0" in s else None
+            half_limits = (s.get("limit_half0"), s.get("limit_half1"))
+            values = spectrum_metrics(s["values"], limit, head, tail, halves, half_limits,
+                                      (prev or {}).get(p), (first or {}).get(p, s["values"]),
+                                      singular=family in SINGULAR_FAMILIES)
+            rank = values["valid_rank"]
+            if rank == 0:
+                notes.append(f"{family} spectrum of {p}: all values are zero (e.g. a zero-initialised "
+                             "projection or head upstream); no fits")
+            for name, (a, b) in (("head", head), ("tail", tail)):
+                if 0 < rank < b:
+                    notes.append(f"{family} spectrum of {p}: {name} window [{a}, {b}] clipped to the "
+                                 f"{rank} valid ranks")
+        metrics.update({f"{family}/{k}/{p}": v for k, v in values.items()})
+        if "noise_scale" in s:
+            metrics[f"{family}/noise_scale/{p}"] = s["noise_scale"]
+        if "density" in s:  # the exponent of the density of sigma^2, distinct from the rank exponents of sigma
+            a, x_min, ks = s["density"]
+            metrics.update({f"{family}/alpha_density/{p}": a, f"{family}/density_xmin/{p}": x_min,
+                            f"{family}/density_ks/{p}": ks})
+    return metrics, notes
+
+
+def format_table(metrics, family, names):
+    """A compact console table, one row per point or matrix. Spectra that are all zero (every
+    gradient of a zero-initialised head at step 0, say) have no fits: one line names them instead
+    of rows of NaN."""
+    def get(stat, p):
+        v = metrics.get(f"{family}/{stat}/{p}", math.nan)
+        return math.nan if v is None else v
+    zero = [p for p in names if get("valid_rank", p) == 0]
+    rows = [p for p in names if p not in zero]
+    lines = []
+    if rows:
+        width = max(len(p) for p in rows)
+        lines.append(f"  {'point':<{width}}  alpha_head  alpha_tail (+-noise)   R2_head  R2_tail  rankme")
+        for p in rows:
+            lines.append(f"  {p:<{width}}  {get('alpha_head', p):10.3f}  {get('alpha_tail', p):10.3f} "
+                         f"(+-{get('alpha_tail_noise', p):.3f})  {get('r2_head', p):8.3f} {get('r2_tail', p):8.3f} "
+                         f"{get('rankme', p):7.1f}")
+    if zero:
+        which = "every spectrum" if not rows else ", ".join(zero)
+        lines.append(f"  {which}: all zero, no fits (zero-initialised weights upstream, e.g. the modded head "
+                     "before its first update)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. Files (npz spectra) and the history later evaluations compare against
 
 
 def spectra_path(run_dir, family, tokens):
     return os.path.join(run_dir, "spectra", f"{family}_{tokens:012d}.npz")
 
 
-def save_spectra(path, spectra, meta):
+def save_spectra(path, measured, meta):
     """One npz: per point its eigen- or singular values (`<point>`), those of the halves
     (`<point>@half0/1`), `<point>@n` = [n, n_half0, n_half1, width, largest meaningful rank], plus
     `meta.<key>` entries (tokens, step, windows, ...). Written atomically."""
     arrays = {f"meta.{k}": np.asarray(v) for k, v in meta.items()}
-    for p, s in spectra.items():
-        arrays[p] = s["eig"]
-        if "eig_half0" in s:
-            arrays[f"{p}@half0"], arrays[f"{p}@half1"] = s["eig_half0"], s["eig_half1"]
-        limit = s["limit"]
-        arrays[f"{p}@n"] = np.asarray([s["n"], s.get("n_half0", 0), s.get("n_half1", 0), s["width"], limit])
+    for p, s in measured.items():
+        arrays[p] = s["values"]
+        if "values_half0" in s:
+            arrays[f"{p}@half0"], arrays[f"{p}@half1"] = s["values_half0"], s["values_half1"]
+        arrays[f"{p}@n"] = np.asarray([s["n"], s.get("n_half0", 0), s.get("n_half1", 0), s["width"], s["limit"]])
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_spectra(path):
-    """({point: eigenvalues}, {meta key: value}, {point: largest meaningful rank}) of a file written
-    by save_spectra; the rank limit is min(width, n - 1) of the sample behind the spectrum."""
+    """({point: values}, {meta key: value}, {point: largest meaningful rank}) of a file written by
+    save_spectra; the rank limit is min(width, n - 1) of the sample behind the spectrum."""
     with np.load(path) as z:
         meta = {k[5:]: z[k].item() if z[k].ndim == 0 else z[k].tolist() for k in z.files if k.startswith("meta.")}
-        eig = {k: z[k] for k in z.files if not k.startswith("meta.") and "@" not in k}
-        limits = {k: int(z[f"{k}@n"][4]) for k in eig if f"{k}@n" in z.files}
-    return eig, meta, limits
+        values = {k: z[k] for k in z.files if not k.startswith("meta.") and "@" not in k}
+        limits = {k: int(z[f"{k}@n"][4]) for k in values if f"{k}@n" in z.files}
+    return values, meta, limits
 
 
 def spectra_files(run_dir, family):
@@ -921,314 +1083,61 @@ def spectra_files(run_dir, family):
 
 
 SAME_PROBE = ("probe_tokens", "seq_len", "act_norm", "precision")  # meta that must agree for spectra to be compared
-META_DEFAULTS = {"precision": "fp32"}  # what spectra saved before a meta key existed were measured with
 
 
-def reference_spectra(run_dir, family, tokens, meta):
-    """(previous, first) as {point: eigenvalues} for js_prev / js_first, read from the run's saved
-    spectra before `tokens` that were measured on the same probe set (SAME_PROBE in `meta`): the
-    latest evaluation, and per point the earliest evaluation where that point had a non-zero
-    spectrum (zero-initialised projections have none at step 0). Read from disk, so a resumed run
-    compares against the same references as an uninterrupted one."""
-    prev, first = {}, {}
-    earlier = [f for t, f in spectra_files(run_dir, family) if t < tokens]
-    for f in earlier:
-        eig, their_meta, _ = load_spectra(f)
-        if family != "weight" and any(their_meta.get(k, META_DEFAULTS.get(k)) != meta.get(k, META_DEFAULTS.get(k))
-                                      for k in SAME_PROBE):  # weights: no data
-            continue
-        for p, values in eig.items():
-            if p not in first and numerical_rank(values, len(values)) > 0:
-                first[p] = values
-        prev = eig  # the latest so far on this probe set
-    return prev, first
+def same_probe(family, a, b):
+    """Were two spectra of a family measured on the same probe set (SAME_PROBE of their meta; a key
+    saved spectra lack had its default)? Weights read no data: always."""
+    def get(meta, key):
+        return meta.get(key, asdict(DEFAULTS).get(key))
+    return family == "weight" or all(get(a, k) == get(b, k) for k in SAME_PROBE)
 
 
-def format_table(metrics, family, points):
-    """A compact console table: one row per point."""
-    def get(stat, p):
-        v = metrics.get(f"{family}/{stat}/{p}", math.nan)
-        return math.nan if v is None else v
-    width = max(len(p) for p in points)
-    lines = [f"  {'point':<{width}}  alpha_head  alpha_tail (+-noise)   R2_head  R2_tail  rankme"]
-    for p in points:
-        lines.append(f"  {p:<{width}}  {get('alpha_head', p):10.3f}  {get('alpha_tail', p):10.3f} "
-                     f"(+-{get('alpha_tail_noise', p):.3f})  {get('r2_head', p):8.3f} {get('r2_tail', p):8.3f} "
-                     f"{get('rankme', p):7.1f}")
-    return "\n".join(lines)
+class SpectraHistory:
+    """What the report of an evaluation needs from the earlier ones, held in memory so that every
+    evaluation does the same file work however many came before: per family, the spectra of the
+    latest evaluation and each point's first non-zero spectrum on this run's probe set (references
+    for js_prev and js_first), and every point's alpha_head and alpha_tail against tokens (the
+    alpha-against-tokens plot). `load` reads a run's saved spectra once (on resume, or for a
+    checkpoint measured into a folder that holds earlier measurements)."""
 
+    def __init__(self, settings):
+        self.settings = settings
+        self.prev = {f: {} for f in FAMILIES}
+        self.first = {f: {} for f in FAMILIES}
+        self.series = {f: {} for f in FAMILIES}  # {point: {tokens: (alpha_head, alpha_tail)}}
 
-def layer_of(point, n_layer):
-    """x position of a point in plots against layer: embed -1, L05.* 5, final n_layer."""
-    return -1 if point == "embed" else n_layer if point == "final" else int(point[1:point.index(".")])
+    def references(self, family):
+        """(prev, first) as {point: values}."""
+        return self.prev[family], self.first[family]
 
+    def add(self, family, tokens, values, limits, meta, alphas=None, reference=True):
+        """Record one evaluation: {point: values} with their rank limits and meta; alphas =
+        {point: (alpha_head, alpha_tail)} as reported, or None to fit them here with the settings'
+        windows. Spectra on this run's probe set become the references (unless reference=False: a
+        later evaluation than the one being reported); all enter the series."""
+        for p, v in values.items():
+            if alphas is not None:
+                ah, at = alphas[p]
+            else:
+                rank = numerical_rank(v, limits.get(p, len(v)))
+                ah, at = (fit_power_law(v, w, rank)["alpha"] for w in (self.settings.head, self.settings.tail))
+            self.series[family].setdefault(p, {})[tokens] = (ah, at)
+        if reference and same_probe(family, meta, self.settings.meta(family)):
+            for p, v in values.items():
+                if p not in self.first[family] and numerical_rank(v, len(v)) > 0:
+                    self.first[family][p] = v
+            self.prev[family] = dict(values)
 
-def save_figure(fig, path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
-    import matplotlib.pyplot as plt
-    plt.close(fig)
-
-
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def draw_fit(ax, values, window, rank, style="--"):
-    """The fitted power law over `window` as a black line on log-log axes; returns the fit."""
-    fit = fit_power_law(values, window, rank)
-    if math.isfinite(fit["alpha"]):
-        i = np.arange(fit["lo"], fit["hi"] + 1)
-        ax.loglog(i, np.exp(fit["intercept"]) * i ** -fit["alpha"], style, color="k", lw=1)
-    return fit
-
-
-def plot_spectra(path, eig, limits, head, tail, title, max_lines=5):
-    """Log-log eigenvalues against rank for a few points (first, middle and last block outputs, embed
-    and final when present) with the fitted head and tail lines."""
-    plt = pyplot()
-    blocks = [p for p in eig if p.endswith(".mlp_resid")] or [p for p in eig if p not in ("embed", "final")]
-    picks = [p for p in ("embed",) if p in eig] + [blocks[i] for i in sorted({0, len(blocks) // 2, len(blocks) - 1})
-                                                   if blocks] + [p for p in ("final",) if p in eig]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
-    for p in list(dict.fromkeys(picks))[:max_lines]:
-        values = eig[p]
-        rank = numerical_rank(values, limits[p])
-        if rank < 2:
-            continue
-        fits = [draw_fit(ax, values, window, rank, style) for window, style in ((head, ":"), (tail, "--"))]
-        ax.loglog(np.arange(1, rank + 1), values[:rank], lw=1.2,
-                  label=f"{p}  (head {fits[0]['alpha']:.2f}, tail {fits[1]['alpha']:.2f})")
-    ax.set(xlabel="rank i", ylabel="eigenvalue" if title.startswith("act") else "singular value", title=title)
-    ax.legend(fontsize=7)
-    save_figure(fig, path)
-
-
-def plot_alpha_layers(path, metrics, family, points, n_layer, title):
-    """alpha_head and alpha_tail against layer, one line per kind of point (mlp_resid, attn, ...);
-    embed and final as single markers before the first and after the last layer."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharex=True, layout="constrained")
-    kinds = {}
-    for p in points:
-        kinds.setdefault(p.split(".", 1)[-1], []).append(p)
-    for ax, stat in zip(axes, ("alpha_head", "alpha_tail")):
-        for kind, ps in kinds.items():
-            ys = [metrics.get(f"{family}/{stat}/{p}") for p in ps]
-            ax.plot([layer_of(p, n_layer) for p in ps], [math.nan if y is None else y for y in ys], "o-", ms=3,
-                    label=kind)
-        ax.set(xlabel="layer (embed = -1, final = L)", ylabel=stat, title=stat)
-    axes[1].legend(fontsize=7)
-    fig.suptitle(title)
-    save_figure(fig, path)
-
-
-def plot_alpha_tokens(path, run_dir, family, head, tail):
-    """alpha_head and alpha_tail against tokens from the run's saved spectra: every block output (and
-    embed, final) for activations, every matrix for gradients and weights."""
-    plt = pyplot()
-    series = {}
-    for tokens, f in spectra_files(run_dir, family):
-        eig, _, limits = load_spectra(f)
-        blocks_only = any(p.endswith(".mlp_resid") for p in eig)  # activations: block outputs, embed, final
-        for p, values in eig.items():
-            if not blocks_only or p.endswith(".mlp_resid") or "." not in p:
-                rank = numerical_rank(values, limits.get(p, len(values)))  # as in the logged fits
-                series.setdefault(p, []).append((tokens, fit_power_law(values, head, rank)["alpha"],
-                                                 fit_power_law(values, tail, rank)["alpha"]))
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharex=True, layout="constrained")
-    cmap = plt.get_cmap("viridis")
-    for k, (p, rows) in enumerate(series.items()):
-        t, ah, at = zip(*rows)
-        color = cmap(k / max(1, len(series) - 1))
-        axes[0].plot(t, ah, ".-", color=color, label=p)
-        axes[1].plot(t, at, ".-", color=color, label=p)
-    for ax, stat in zip(axes, ("alpha_head", "alpha_tail")):
-        ax.set(xlabel="tokens", ylabel=stat, title=stat)
-    axes[1].legend(fontsize=6, ncol=2)
-    save_figure(fig, path)
-
-
-def write_outputs(run_dir, family, tokens, spectra, metrics, meta, head, tail, n_layer, plots=True):
-    """The npz spectra and the plots of one evaluation into run_dir/spectra and run_dir/plots."""
-    save_spectra(spectra_path(run_dir, family, tokens), spectra, meta)
-    if plots:
-        eig = {p: s["eig"] for p, s in spectra.items()}
-        limits = {p: s["limit"] for p, s in spectra.items()}
-        tag = f"{tokens:012d}"
-        title = f"{family} spectra at {tokens:,} tokens"
-        plot_spectra(os.path.join(run_dir, "plots", f"{family}_spectrum_{tag}.png"), eig, limits, head, tail, title)
-        plot_alpha_layers(os.path.join(run_dir, "plots", f"{family}_alpha_layer_{tag}.png"), metrics, family,
-                          list(spectra), n_layer, title)
-        plot_alpha_tokens(os.path.join(run_dir, "plots", f"{family}_alpha_tokens.png"), run_dir, family, head, tail)
-
-
-# ----------------------------------------------------------------------------------------------
-# 6. Command line: the same measurement on a saved checkpoint
-
-
-def parse_window(text):
-    """'10,100' or '(10, 100)' -> (10, 100)."""
-    parts = [p for p in re.split(r"[,\s()\[\]]+", text) if p]
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a rank window 'a,b' (e.g. 10,100)")
-    return int(parts[0]), int(parts[1])
-
-
-def check_window(name, window):
-    """A rank window [a, b] needs 1 <= a < b (two ranks at least for a line)."""
-    a, b = window
-    if not (isinstance(a, int) and isinstance(b, int)) or a < 1 or b <= a:
-        raise ValueError(f"{name}={tuple(window)} is not a rank window: need integers 1 <= a < b, "
-                         "e.g. (1, 10) or (10, 100)")
-
-
-def load_checkpoint_model(path, device):
-    """(model in eval mode, checkpoint dict without the weights) from a trainer checkpoint."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} not found (trainer checkpoints are runs/RUN/ckpt/step_*.pt)")
-    hint = "checkpoints are written by train_gpt.py to runs/RUN/ckpt/step_*.pt"
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file at all: pickle, zip or weights_only errors
-        raise ValueError(f"{path} is not a trainer checkpoint ({type(e).__name__}: {str(e)[:200]}); {hint}") from None
-    if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{path} is not a trainer checkpoint (no 'model' and 'model_config' entries); {hint}")
-    try:
-        model = GPT(GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt.pop("model"))
-    except (TypeError, RuntimeError) as e:  # written by another version of model.py
-        raise ValueError(f"{path}: its model does not match this model.py ({type(e).__name__}: "
-                         f"{str(e)[:200]}); measure it with the commit that trained it") from None
-    return model.to(device).eval(), ckpt
-
-
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available; use --device cpu")
-    return torch.device(name)
-
-
-def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="spectra.py", description=__doc__.split("\n\n")[1])
-    sub = ap.add_subparsers(dest="command", required=True)
-    act = sub.add_parser("act", help="activation spectra of a checkpoint")
-    grad = sub.add_parser("grad", help="per-example gradient and weight spectra of a checkpoint")
-    for p in (act, grad):  # settings default to the run's own, from the checkpoint's config
-        p.add_argument("--ckpt", required=True, help="trainer checkpoint, runs/RUN/ckpt/step_*.pt")
-        p.add_argument("--data", help="val shard file or glob for the probe set (default: the run's val_files)")
-        p.add_argument("--out", help="directory for spectra/ and plots/ (default: RUN/measured/ beside RUN/ckpt/; "
-                                     "the trainer's own RUN/spectra/ is never written)")
-        p.add_argument("--seq_len", type=int, help="probe sequence length (default: the run's seq_len)")
-        p.add_argument("--head", type=parse_window, help="head window a,b (default: the run's spectra_head)")
-        p.add_argument("--tail", type=parse_window, help="tail window a,b, e.g. 10,100 (default: the run's)")
-        p.add_argument("--batch_size", type=int, help="probe sequences per forward pass")
-        p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-        p.add_argument("--no_plots", action="store_true")
-    act.add_argument("--tokens", type=int, help="probe tokens (default: the run's spectra_tokens)")
-    act.add_argument("--points", help="comma-separated probe points or globs (default: the run's)")
-    act.add_argument("--sublayers", type=int, choices=(0, 1), help="every probe point of every block")
-    act.add_argument("--act_norm", choices=("rms", "none"), help="RMS-normalise residual-stream points")
-    grad.add_argument("--samples", type=int, help="examples (sequences) (default: the run's grad_samples)")
-    grad.add_argument("--matrices", help="e.g. attn.c_proj,mlp.c_proj (default: the run's grad_matrices)")
-    grad.add_argument("--layers", help="'' (5 evenly spaced), 'all' or '0,5,11' (default: the run's)")
-    grad.add_argument("--max_gb", type=float, help="per-example gradients held at once (default: the run's)")
-    grad.add_argument("--method", choices=("auto", "materialise", "token_gram"))
-    grad.add_argument("--precision", choices=PRECISIONS,
-                      help="arithmetic of the passes: fp32 (exact), tf32 or bf16 (GPU speed, approximate) "
-                           "(default: the run's grad_spectra_precision)")
-    grad.add_argument("--compile", type=int, choices=(0, 1),
-                      help="torch.compile the head's gradient, a GPU speedup (default: the run's grad_spectra_compile)")
-    import conditions  # the conditions study lives in its own file; its options are defined there
-    conditions.add_arguments(sub.add_parser("conditions", help="the conditions study (fine-tuned / pretrained / "
-                                            "random init x train / test), averaged over seeds"))
-    return ap.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    if args.command == "conditions":
-        import conditions
-        return conditions.main(args)
-    try:
-        device = pick_device(args.device)
-        model, ckpt = load_checkpoint_model(args.ckpt, device)
-        run = ckpt.get("config", {})
-
-        def setting(arg, key, default):
-            return arg if arg is not None else run.get(key, default)
-        seq_len = setting(args.seq_len, "seq_len", model.cfg.seq_len)
-        if not 0 < seq_len <= model.cfg.seq_len:
-            raise ValueError(f"--seq_len {seq_len}: the model takes 1 to {model.cfg.seq_len} tokens per sequence")
-        if args.command == "act":
-            n_seq = setting(args.tokens, "spectra_tokens", 131072) // seq_len
-            batch_size = setting(args.batch_size, "spectra_batch_size", 16)
-        else:
-            n_seq = setting(args.samples, "grad_samples", 512)
-            batch_size = setting(args.batch_size, "grad_batch_size", 8)
-        if n_seq < 2:
-            raise ValueError(f"--{'tokens' if args.command == 'act' else 'samples'}: fewer than two sequences of "
-                             f"{seq_len} tokens (the two halves need one each)")
-        if batch_size <= 0:
-            raise ValueError(f"--batch_size {batch_size} must be positive")
-        head = tuple(setting(args.head, "spectra_head", (1, 10)))
-        tail = tuple(setting(args.tail, "spectra_tail", (30, 150)))
-        check_window("head", head)
-        check_window("tail", tail)
-        act_norm = setting(getattr(args, "act_norm", None), "spectra_act_norm", "rms")
-        if args.command == "act":
-            names = select_points(model.cfg.n_layer, setting(args.points, "spectra_points", ""),
-                                  bool(setting(args.sublayers, "spectra_sublayers", False)))
-        else:
-            names = select_linears(model.linears(), model.cfg.n_layer, setting(args.matrices, "grad_matrices",
-                                   "attn.c_proj"), setting(args.layers, "grad_layers", ""))
-            max_gb = setting(args.max_gb, "grad_spectra_max_gb", 8.0)
-            method = setting(args.method, "grad_spectra_method", "auto")
-            if not max_gb > 0:
-                raise ValueError(f"--max_gb {max_gb} must be positive")
-            precision = setting(args.precision, "grad_spectra_precision", "fp32")
-            compile_head = bool(setting(args.compile, "grad_spectra_compile", False))
-            check_precision(precision)
-            plan_passes({m: model.linears()[m].weight.shape for m in names}, n_seq, seq_len, max_gb, method)
-        data = setting(args.data, "val_files", None)
-        if data is None:
-            raise ValueError("--data is required: the checkpoint does not name its val_files")
-        tokens = torch.from_numpy(load_prefix(find_shards(data), n_seq * seq_len, model.cfg.vocab_size,
-                                              key="--tokens / --samples x seq_len"))
-    except (ValueError, FileNotFoundError, ShardError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    out = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))), "measured")
-    step, seen = ckpt.get("step", 0), ckpt.get("tokens", 0)
-    meta = dict(step=step, tokens=seen, probe_tokens=n_seq * seq_len, seq_len=seq_len, head=head, tail=tail,
-                act_norm=act_norm, source=os.path.abspath(args.ckpt))
-    if args.command == "act":
-        measured = {"act": measure_activations(model, tokens, names, seq_len, batch_size, act_norm)}
-    else:
-        meta["precision"] = precision
-        measured = {"grad": measure_gradients(model, tokens, names, seq_len, n_seq, batch_size, max_gb, method,
-                                              precision=precision, compile=compile_head),
-                    "weight": measure_weights(model, names)}
-    print(f"spectra of {args.ckpt} (step {step}, {seen:,} tokens) on {n_seq} probe sequences of {seq_len} tokens")
-    for family, spec in measured.items():
-        prev, first = reference_spectra(out, family, seen, meta)
-        metrics, notes = summarise(spec, family, head, tail, prev, first, where=f"in {args.ckpt}")
-        metrics.update(extra_metrics(family, spec))
-        for note in notes:
-            warnings.warn(note, stacklevel=1)
-        write_outputs(out, family, seen, spec, metrics, meta, head, tail, model.cfg.n_layer, plots=not args.no_plots)
-        scalars = os.path.join(out, "spectra", f"{family}_{seen:012d}.json")
-        text = json.dumps({"step": step, "tokens": seen, **{k: None if isinstance(v, float) and not math.isfinite(v)
-                                                             else v for k, v in metrics.items()}}, indent=1)
-        atomic_write(scalars, lambda f: f.write(text.encode()))
-        print(f"{family} spectra:\n" + format_table(metrics, family, names))
-        print(f"wrote {spectra_path(out, family, seen)}, {scalars}" + ("" if args.no_plots else f", {out}/plots/"))
-
-
-if __name__ == "__main__":
-    main()
+    @classmethod
+    def load(cls, run_dir, settings, tokens):
+        """The history of the spectra saved in run_dir for an evaluation at `tokens`: those saved at
+        fewer tokens are its references; later ones (a folder of measured checkpoints) join the
+        series only; one at `tokens` is about to be replaced."""
+        history = cls(settings)
+        for family in FAMILIES:
+            for saved, path in spectra_files(run_dir, family):
+                if saved != tokens:
+                    values, meta, limits = load_spectra(path)
+                    history.add(family, saved, values, limits, meta, reference=saved < tokens)
+        return history

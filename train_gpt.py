@@ -5,9 +5,9 @@ spectral-nanogpt trainer: one file, read top to bottom.
     torchrun --standalone --nproc_per_node=8 train_gpt.py configs/d36_bs512.py [--key=value ...]
     python train_gpt.py configs/d36_bs512.py --dry_run=1
 
-Sections: config -> data -> optimizers -> checkpoints and logging -> evaluation -> training loop.
-Tokens are the first-class axis: budgets, evaluation and checkpoint cadence are in tokens,
-so runs at different batch sizes line up.
+Sections: config -> data -> optimizers -> run directory and logging -> evaluation -> checkpoints,
+resume and the log interval -> training loop. Tokens are the first-class axis: budgets, evaluation
+and checkpoint cadence are in tokens, so runs at different batch sizes line up.
 """
 
 import dataclasses
@@ -31,11 +31,17 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data.shards import ShardError, atomic_write, check_vocab, find_shards, load_prefix, load_tokens, read_header
+import analyze
+import measure
 import spectra
+from data.shards import ShardError, WriteError, atomic_write, check_vocab, find_shards, load_prefix, load_tokens, \
+    read_header
 from model import GPT, GPTConfig, make_config
+from rundir import Checkpoint, RunFileError, RunRecord, checkpoints, load_model, newest_checkpoint, read_metrics, \
+    remove_stale_temporaries
 
 REPO = os.path.dirname(os.path.abspath(__file__))
+S = spectra.DEFAULTS  # the spectral settings' defaults, owned by spectra.SpectraSettings
 
 # ----------------------------------------------------------------------------------------------
 # Config: dataclass defaults < config file (plain Python assignments) < --key=value
@@ -69,7 +75,7 @@ class Config:
     max_steps: int = 0                 # stop after this many steps (0: no step limit)
     target_val_loss: float = 0.0       # > 0: stop at the first evaluation with val_loss <= this
     val_tokens: int = 10_485_760       # fixed slice of the val split, the same at every evaluation
-    eval_every_tokens: int = 0         # 0: evaluate at the start and the end only; -1: never
+    eval_every_tokens: int = 0         # tokens between evaluations; 0: at the start and the end only; -1: never
     log_every: int = 10                # steps between console/metrics lines
     # optimizer: Muon for hidden matrices + Adam for the rest, or AdamW everywhere
     optimizer: str = "muon"            # muon | adamw
@@ -91,28 +97,29 @@ class Config:
     warmup_frac: float = 0.0           # LR schedule: linear warmup over this share of the steps,
     cooldown_frac: float = 0.4         # constant, then linear cooldown over the last share
     final_lr_frac: float = 0.0         # LR at the end of the cooldown, relative to the peak
-    # spectral evaluation (spectra.py): activation covariance spectra at evaluations
-    spectra_every: int = 1             # measure at every k-th evaluation (and the last); 0: off
-    spectra_tokens: int = 131_072      # probe set: the first this-many val tokens, the same at every evaluation
-    spectra_batch_size: int = 16       # probe sequences per forward pass; a fixed unit, so any GPU count agrees
-    spectra_points: str = ""           # "" -> embed, every L{l}.mlp_resid, final; or names/globs "L0*.attn,final"
-    spectra_sublayers: bool = False    # with spectra_points="": every probe point of every block (4d-wide ones too)
-    spectra_head: tuple[int, int] = (1, 10)    # rank windows [a, b] of the power-law fits;
-    spectra_tail: tuple[int, int] = (30, 150)  # (10, 100) is the earlier protocol's tail
-    spectra_act_norm: str = "rms"      # rms: RMS-normalise residual-stream points per token | none
+    # spectral evaluation (spectra.SpectraSettings owns these defaults): activation covariance spectra
+    spectra_every: int = 1             # evaluations: measure at every k-th evaluation (and the last); 0: off
+    spectra_tokens: int = S.act_tokens  # probe set: the first this-many val tokens, the same at every evaluation
+    spectra_batch_size: int = S.act_batch_size  # probe sequences per forward pass (a fixed unit: any GPU count agrees)
+    spectra_points: str = S.points     # "" -> embed, every L{l}.mlp_resid, final; or names/globs "L0*.attn,final"
+    spectra_sublayers: bool = S.sublayers  # with spectra_points="": every probe point of every block
+    spectra_head: tuple[int, int] = S.head  # rank windows [a, b] of the power-law fits;
+    spectra_tail: tuple[int, int] = S.tail  # (10, 100) is the earlier protocol's tail
+    spectra_act_norm: str = S.act_norm  # rms: RMS-normalise residual-stream points per token | none
     spectra_plots: bool = True         # plots/ at each spectral evaluation
     # per-example gradient spectra (and the weights' own spectra) of chosen Linear layers
-    grad_spectra_every: int = 1        # at every k-th spectral evaluation (and the last); 0: off
-    grad_samples: int = 512            # examples: the first this-many val sequences, one example each
-    grad_matrices: str = "attn.c_proj" # comma-separated from attn.c_q/c_k/c_v/c_proj, mlp.c_fc/c_proj
-    grad_layers: str = ""              # "" -> 5 evenly spaced layers, first and last included; "all"; or "0,5,11"
-    grad_batch_size: int = 8           # examples per forward/backward (a fixed unit, like spectra_batch_size)
-    grad_spectra_max_gb: float = 8.0   # per-example gradients (fp32) held at once; more goes in column blocks
-    grad_spectra_method: str = "auto"  # auto | materialise | token_gram (see spectra.gram_method)
-    grad_spectra_precision: str = "fp32"  # fp32 (exact) | tf32 | bf16: faster, approximate passes on a GPU
-    grad_spectra_compile: bool = False  # torch.compile the head's gradient in those passes (a GPU speedup)
+    grad_spectra_every: int = 1        # spectral evaluations: at every k-th of them (and the last); 0: off
+    grad_samples: int = S.grad_samples  # examples: the first this-many val sequences, one example each
+    grad_matrices: str = S.matrices    # comma-separated from attn.c_q/c_k/c_v/c_proj, mlp.c_fc/c_proj
+    grad_layers: str = S.layers        # "" -> 5 evenly spaced layers, first and last included; "all"; or "0,5,11"
+    grad_batch_size: int = S.grad_batch_size  # examples per forward/backward (a fixed unit, like spectra_batch_size)
+    grad_spectra_max_gb: float = S.max_gb  # per-example gradients (fp32) held at once; more goes in column blocks
+    grad_spectra_method: str = S.method  # auto | materialise | token_gram (see spectra.gram_method)
+    grad_spectra_precision: str = S.precision  # fp32 (exact) | tf32 | bf16: faster, approximate passes on a GPU
+    grad_spectra_compile: bool = S.compile  # torch.compile the head's gradient in those passes (a GPU speedup)
+    weight_density_rule: str = S.density_rule  # weight/alpha_density: weightwatcher (its x_min rule) | exact
     # checkpoints
-    ckpt_every_tokens: int = 0         # 0: only at the end; -1: never
+    ckpt_every_tokens: int = 0         # tokens between checkpoints; 0: only at the end; -1: never
     ckpt_keep: int = 2                 # most recent checkpoints kept
     # Weights & Biases
     wandb_mode: str = ""               # online | offline | disabled; "" -> $WANDB_MODE, else offline
@@ -125,11 +132,12 @@ class Config:
     forecast_target_loss: float = 0.0  # 0 -> target_val_loss, else the highest final val_loss of the reference
 
 
-CHOICES = {"device": ("auto", "cpu", "cuda"), "optimizer": ("muon", "adamw"), "spectra_act_norm": ("rms", "none"),
-           "grad_spectra_method": ("auto", "materialise", "token_gram"), "grad_spectra_precision": spectra.PRECISIONS,
-           "lr_scaling": ("none", "sqrt", "linear"), "wandb_mode": ("", "online", "offline", "disabled")}
+CHOICES = {"device": ("auto", "cpu", "cuda"), "optimizer": ("muon", "adamw"), "lr_scaling": ("none", "sqrt", "linear"),
+           "wandb_mode": ("", "online", "offline", "disabled")}
 MODEL_KEYS = {f.name: f.type for f in dataclasses.fields(GPTConfig) if f.name != "seq_len"}
 TRAIN_KEYS = {k: v for k, v in get_type_hints(Config).items() if k not in ("model", "config_file")}
+CADENCES = {"eval_every_tokens": "0 evaluates at the start and the end only, -1 never",
+            "ckpt_every_tokens": "0 checkpoints at the end only, -1 never"}
 
 
 class ConfigError(ValueError):
@@ -219,13 +227,21 @@ def check_config(cfg):
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"{key}={getattr(cfg, key)!r} is not one of {allowed}")
+    floats = {k: v for k, v in [*asdict(cfg).items(), *cfg.model.items()] if isinstance(v, float)}
+    for key, value in floats.items():  # nan passes every comparison below, and inf most
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value} is not a finite number")
     if cfg.device_batch_size < 0:
         raise ConfigError(f"device_batch_size={cfg.device_batch_size} must be >= 0")
-    positive = ("seq_len", "batch_size", "val_tokens", "log_every", "lr_ref_batch_size",
-                "ckpt_keep")
-    for key in positive:
+    for key in ("seq_len", "batch_size", "val_tokens", "log_every", "lr_ref_batch_size", "ckpt_keep"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be positive")
+    for key, meaning in CADENCES.items():
+        if getattr(cfg, key) < -1:
+            raise ConfigError(f"{key}={getattr(cfg, key)}: a token count > 0, or {meaning}")
+    for key in ("spectra_every", "grad_spectra_every"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be >= 0 (every k-th evaluation; 0 switches it off)")
     if cfg.train_tokens <= 0 and cfg.max_steps <= 0:
         raise ConfigError("set a budget: train_tokens > 0 or max_steps > 0")
     if cfg.val_tokens < cfg.seq_len:
@@ -239,22 +255,6 @@ def check_config(cfg):
     for key in ("warmup_frac", "cooldown_frac", "final_lr_frac"):
         if not 0 <= getattr(cfg, key) <= 1:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be in [0, 1]")
-    for key in ("spectra_head", "spectra_tail"):
-        try:
-            spectra.check_window(key, getattr(cfg, key))
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    if cfg.spectra_every < 0:
-        raise ConfigError(f"spectra_every={cfg.spectra_every} must be >= 0 (0 switches spectra off)")
-    if cfg.spectra_every and cfg.spectra_tokens < 2 * cfg.seq_len:
-        raise ConfigError(f"spectra_tokens={cfg.spectra_tokens} is less than two sequences of seq_len={cfg.seq_len} "
-                          "(the probe set is split in two halves for the noise estimate)")
-    if cfg.spectra_batch_size <= 0:
-        raise ConfigError(f"spectra_batch_size={cfg.spectra_batch_size} must be positive")
-    if cfg.grad_spectra_every < 0 or cfg.grad_batch_size <= 0 or cfg.grad_spectra_max_gb <= 0:
-        raise ConfigError("grad_spectra_every must be >= 0, grad_batch_size and grad_spectra_max_gb positive")
-    if cfg.spectra_every and cfg.grad_spectra_every and cfg.grad_samples < 2:
-        raise ConfigError(f"grad_samples={cfg.grad_samples}: per-example gradient spectra need at least 2 examples")
     try:
         parse_milestones(cfg.wandb_milestones)
     except ValueError:
@@ -263,16 +263,24 @@ def check_config(cfg):
     if cfg.warmup_frac + cfg.cooldown_frac > 1:
         raise ConfigError(f"warmup_frac + cooldown_frac = {cfg.warmup_frac + cfg.cooldown_frac} exceeds 1")
     try:
+        settings = spectral_settings(cfg)
+        act, grad = cfg.spectra_every > 0, cfg.spectra_every > 0 and cfg.grad_spectra_every > 0
+        settings.check(act=act, grad=grad)
         gcfg = model_config(cfg)
-        spectra.select_points(gcfg.n_layer, cfg.spectra_points, cfg.spectra_sublayers)
         with torch.device("meta"):
             linears = GPT(gcfg).linears()
-        names = spectra.select_linears(linears, gcfg.n_layer, cfg.grad_matrices, cfg.grad_layers)
-        if cfg.spectra_every and cfg.grad_spectra_every:  # a forced token-Gram must fit grad_spectra_max_gb
-            spectra.plan_passes({m: linears[m].weight.shape for m in names}, cfg.grad_samples, cfg.seq_len,
-                                cfg.grad_spectra_max_gb, cfg.grad_spectra_method)
+        settings.point_names(gcfg.n_layer)
+        names = settings.matrix_names(linears, gcfg.n_layer)
+        if grad:  # a forced token-Gram must fit grad_spectra_max_gb
+            spectra.plan_passes({m: linears[m].weight.shape for m in names}, settings.grad_samples, settings.seq_len,
+                                settings.max_gb, settings.method)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def spectral_settings(cfg):
+    """The run's spectral settings (spectra.SpectraSettings), from its flat keys."""
+    return spectra.SpectraSettings.from_config(asdict(cfg))
 
 
 def model_config(cfg):
@@ -282,8 +290,8 @@ def model_config(cfg):
         return make_config(cfg.preset, cfg.profile, seq_len=cfg.seq_len, **cfg.model)
     if cfg.resume:  # the run's own checkpoint fixes the architecture: its source may be gone by now
         run_dir = os.path.join(cfg.out_dir, choose_run_name(cfg))
-        return GPTConfig(**{**checkpoint_model_config(checkpoints(run_dir)[-1]), "seq_len": cfg.seq_len,
-                            **cfg.model})
+        _, ckpt = resume_checkpoint(run_dir, mmap=True)
+        return GPTConfig(**{**ckpt.model_config, "seq_len": cfg.seq_len, **cfg.model})
     if cfg.init_from.endswith(".pt"):
         base = checkpoint_model_config(cfg.init_from)
         fixed = [f"{k}={v} (the checkpoint has {base[k]})" for k, v in cfg.model.items()
@@ -304,32 +312,21 @@ def model_config(cfg):
 @functools.lru_cache(maxsize=4)
 def checkpoint_model_config(path):
     """The model_config a trainer checkpoint was saved with (memory-mapped: the weights are not read)."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"init_from={path!r}: no such checkpoint (trainer checkpoints are runs/RUN/ckpt/step_*.pt)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return dict(ckpt["model_config"])
-    except Exception as e:
-        raise ConfigError(f"init_from={path!r} is not a trainer checkpoint ({type(e).__name__}: {e})") from None
+        return dict(Checkpoint.load(path, mmap=True).model_config)
+    except RunFileError as e:
+        raise ConfigError(f"init_from={path!r}: {e}") from None
 
 
 def initial_model(cfg, gcfg):
     """The model a run starts from: randomly initialised, or holding init_from's weights (learned
-    positions cut to seq_len). A pretrained GPT-2 is built by from_pretrained itself, which skips the
-    random initialisation (26 s for gpt2-xl on 2 cores)."""
+    positions cut to seq_len; a pretrained GPT-2 is built without the random initialisation its
+    weights would overwrite, 26 s for gpt2-xl on 2 cores)."""
     if not cfg.init_from or cfg.resume:  # a resumed run loads its own checkpoint later
         return GPT(gcfg)
-    if not cfg.init_from.endswith(".pt"):
-        from model import from_pretrained
-        model = from_pretrained(cfg.init_from, **{**cfg.model, "seq_len": gcfg.seq_len})
-        assert model.cfg == gcfg, (model.cfg, gcfg)  # model_config resolved the same architecture
-        return model.train()  # from_pretrained returns it in eval mode; training needs dropout on
-    state = torch.load(cfg.init_from, map_location="cpu", weights_only=True)["model"]
-    if "wpe.weight" in state:
-        state["wpe.weight"] = state["wpe.weight"][:gcfg.seq_len]
-    model = GPT(gcfg)
-    model.load_state_dict(state)
-    return model
+    model = load_model(cfg.init_from, **{**cfg.model, "seq_len": gcfg.seq_len})
+    assert model.cfg == gcfg, (model.cfg, gcfg)  # model_config resolved the same architecture
+    return model.train()  # load_model returns it in eval mode; training needs dropout on
 
 
 def parse_milestones(text):
@@ -371,9 +368,8 @@ def saved_labels(run_dir):
     """The (group, job_type, tags) a run's config.json recorded at its start; None for a run from
     before they were recorded (or without the file)."""
     try:
-        with open(os.path.join(run_dir, "config.json")) as f:
-            group, job_type, tags = json.load(f)["labels"]
-    except (OSError, ValueError, KeyError, TypeError):
+        group, job_type, tags = RunRecord.load(run_dir).labels
+    except (RunFileError, TypeError, ValueError):
         return None
     return group, job_type, tuple(tags)
 
@@ -381,15 +377,20 @@ def saved_labels(run_dir):
 def batch_layout(cfg, world_size):
     """(device_batch_size, grad_accum): how one optimizer step's batch_size sequences are split over
     processes and micro-steps. device_batch_size=0 means batch_size / world_size, no accumulation."""
-    dbs = cfg.device_batch_size or max(1, cfg.batch_size // world_size)
-    per_pass = dbs * world_size
-    if cfg.batch_size % per_pass:
-        raise ConfigError(
-            f"batch_size={cfg.batch_size} is not a multiple of device_batch_size x world_size = "
-            f"{dbs} x {world_size} = {per_pass} ({cfg.batch_size} / {per_pass} = "
-            f"{cfg.batch_size / per_pass:.3g}); choose a device_batch_size that divides "
-            f"batch_size / world_size = {cfg.batch_size / world_size:g}")
-    return dbs, cfg.batch_size // per_pass
+    if cfg.batch_size % world_size:
+        near = sorted({max(world_size, cfg.batch_size // world_size * world_size),
+                       -(-cfg.batch_size // world_size) * world_size})
+        raise ConfigError(f"batch_size={cfg.batch_size} cannot be split over {world_size} processes: choose a multiple "
+                          f"of {world_size}, e.g. batch_size={' or '.join(map(str, near))}")
+    per_rank = cfg.batch_size // world_size
+    dbs = cfg.device_batch_size or per_rank
+    if per_rank % dbs:
+        valid = [d for d in range(1, per_rank + 1) if per_rank % d == 0]
+        raise ConfigError(f"batch_size={cfg.batch_size} is not a multiple of device_batch_size x world_size = "
+                          f"{dbs} x {world_size} = {dbs * world_size}: each of the {world_size} processes takes "
+                          f"{per_rank} sequences per step, so choose device_batch_size from "
+                          f"{', '.join(map(str, valid))} (0: {per_rank}, no accumulation)")
+    return dbs, per_rank // dbs
 
 
 def lr_factor(cfg):
@@ -422,6 +423,19 @@ def open_train_shards(pattern, tokens_per_step, budget_tokens, rank):
                       f"shard(s): the data repeats {budget_tokens / sum(sizes):.1f} times; fetch more shards "
                       "(e.g. python data/fineweb.py --train_shards 103) for a single pass", stacklevel=2)
     return files
+
+
+def load_val_and_probe(cfg, gcfg, settings):
+    """(val, probe): the fixed val slice the loss is measured on, and the probe slice of the spectra
+    (None with spectra off). One probe slice serves both families: activation spectra read its first
+    spectra_tokens, gradient spectra its first grad_samples sequences (+1 token for the last target)."""
+    val_files = find_shards(cfg.val_files)
+    val = torch.from_numpy(load_prefix(val_files, (cfg.val_tokens // cfg.seq_len) * cfg.seq_len, gcfg.vocab_size))
+    if not cfg.spectra_every:
+        return val, None
+    n_probe = max(settings.probe_tokens("act"), settings.probe_tokens("grad") if cfg.grad_spectra_every else 0)
+    probe = load_prefix(val_files, n_probe, gcfg.vocab_size, key="spectra_tokens / grad_samples x seq_len")
+    return val, torch.from_numpy(probe)
 
 
 class TrainLoader:
@@ -578,15 +592,7 @@ def set_schedule(opts, step, n_steps, cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# Run directory, checkpoints, metrics, W&B
-
-
-def checkpoints(run_dir):
-    """Checkpoint paths of a run, oldest first."""
-    ckpt_dir = os.path.join(run_dir, "ckpt")
-    names = sorted(n for n in os.listdir(ckpt_dir) if n.startswith("step_") and n.endswith(".pt")) \
-        if os.path.isdir(ckpt_dir) else []
-    return [os.path.join(ckpt_dir, n) for n in names]
+# Run directory (rundir.py owns its files), metrics and W&B
 
 
 def choose_run_name(cfg):
@@ -618,13 +624,30 @@ def choose_run_name(cfg):
     return name
 
 
+def check_writable(run_dir):
+    """ConfigError unless the run directory can be created and written (a read-only out_dir, a path
+    through a file, no permission), found before any training starts."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, f".write-test{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"cannot write the run directory {run_dir} ({e.strerror or e}); choose a writable "
+                          "--out_dir") from None
+
+
 def resolve_run_dir(cfg, rank):
-    """Rank 0 decides (its clock names the run, its file system is the one written to) and every
-    rank gets the same answer, or the same error."""
+    """Rank 0 decides (its clock names the run, its file system is the one written to) and checks it
+    can write there; every rank gets the same answer, or the same error."""
     decision = None
     if rank == 0:
         try:
-            decision = ("name", choose_run_name(cfg))
+            name = choose_run_name(cfg)
+            if not cfg.dry_run:
+                check_writable(os.path.join(cfg.out_dir, name))
+            decision = ("name", name)
         except ConfigError as e:
             decision = ("error", str(e))
     kind, value = broadcast_object(decision, rank)
@@ -632,17 +655,6 @@ def resolve_run_dir(cfg, rank):
         raise ConfigError(value)
     cfg.run_name = value
     return os.path.join(cfg.out_dir, value)
-
-
-def save_checkpoint(run_dir, state, rank, keep):
-    """Rank 0 writes ckpt/step_XXXXXXXX.pt atomically and prunes to the newest `keep`."""
-    if rank != 0:
-        return
-    os.makedirs(os.path.join(run_dir, "ckpt"), exist_ok=True)
-    path = os.path.join(run_dir, "ckpt", f"step_{state['step']:08d}.pt")
-    atomic_write(path, lambda f: torch.save(state, f))
-    for old in checkpoints(run_dir)[:-keep]:
-        os.remove(old)
 
 
 def rng_state(device):
@@ -677,6 +689,15 @@ def rewind_metrics(run_dir, step):
             f.writelines(d if d.endswith(b"\n") else d + b"\n" for d in drop)
     atomic_write(path, lambda f: f.writelines(keep))
     return last
+
+
+def rewind_spectra(run_dir, tokens):
+    """On resume: spectra saved after the checkpoint move to spectra/discarded/ (they are re-measured)."""
+    later = [f for family in spectra.FAMILIES for t, f in spectra.spectra_files(run_dir, family) if t > tokens]
+    if later:
+        os.makedirs(os.path.join(run_dir, "spectra", "discarded"), exist_ok=True)
+    for f in later:
+        os.replace(f, os.path.join(run_dir, "spectra", "discarded", os.path.basename(f)))
 
 
 def versions():
@@ -722,12 +743,9 @@ class MetricsLog:
         # (milestone, key) pairs already in the summary: those of the records kept from an interrupted
         # attempt (sent then), so a resumed run never overwrites them with later values
         self.milestones, self.summarised = parse_milestones(cfg.wandb_milestones), set()
-        kept, kept_summary = [], {}
-        if os.path.exists(path):
-            with open(path) as f:
-                for line in f:
-                    kept.append(json.loads(line))
-                    kept_summary.update(self.milestone_summary(kept[-1]))
+        kept, kept_summary = read_metrics(path)[0] if os.path.exists(path) else [], {}
+        for record in kept:
+            kept_summary.update(self.milestone_summary(record))
         self.file = open(path, "a")
         self.wandb, self.wandb_sent_step = None, wandb_sent_step
         self.artifact_tokens = None  # tokens of the last spectra artifact logged
@@ -739,7 +757,8 @@ class MetricsLog:
             import wandb
             self.wandb = wandb.init(project=cfg.wandb_project, group=cfg.wandb_group or group, job_type=job_type,
                                     tags=list(tags), name=cfg.wandb_name or cfg.run_name, id=wandb_id,
-                                    resume="allow", config=run_config, dir=run_dir, mode=mode)
+                                    resume="allow", config=run_config, dir=run_dir, mode=mode,
+                                    settings=wandb.Settings(init_timeout=wandb_init_timeout()))
             self.wandb.define_metric("tokens")
             self.wandb.define_metric("*", step_metric="tokens")
             if mode in ("offline", "dryrun") and wandb_sent_step >= 0:  # a resume: this folder gets every line
@@ -793,7 +812,7 @@ class MetricsLog:
 
     def log_spectra_artifact(self, tokens):
         """The npz spectra so far as a W&B artifact (at checkpoints and at the end)."""
-        files = [f for family in ("act", "grad", "weight") for _, f in spectra.spectra_files(self.run_dir, family)]
+        files = [f for family in spectra.FAMILIES for _, f in spectra.spectra_files(self.run_dir, family)]
         if self.wandb is None or not files or tokens == self.artifact_tokens:
             return
         self.artifact_tokens = tokens
@@ -817,6 +836,15 @@ class MetricsLog:
                 self.wandb.finish()
             except Exception as e:
                 self._wandb_failed(e)
+
+
+def wandb_init_timeout():
+    """Seconds wandb.init may wait for W&B's servers before the run goes on without W&B (a warning):
+    WANDB_INIT_TIMEOUT if set, else 30 (wandb's own default, 90, stalls an offline machine's start)."""
+    try:
+        return float(os.environ.get("WANDB_INIT_TIMEOUT", 30))
+    except ValueError:
+        return 30.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -863,6 +891,21 @@ def gather_objects(obj):
 # Evaluation
 
 
+def close_process_group():
+    """Wait for every rank, then end the process group. Gloo's worker threads free the tensors of
+    the last collectives under the GIL, while the process group's destructor joins those threads
+    holding it: a pause that releases the GIL first avoids the rare deadlock this makes at exit
+    (seen as a hung rank after a final all_gather_object and barrier)."""
+    if dist.is_initialized():
+        dist.barrier()
+        time.sleep(0.2)
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: the validation loss, the spectra, the in-run forecast; one metrics line
+
+
 @torch.no_grad()
 def val_loss(model, val, cfg, rank, world, device, autocast):
     """Mean next-token loss over the fixed val slice. Sequence i goes to rank i % world; sums and
@@ -882,114 +925,6 @@ def val_loss(model, val, cfg, rank, world, device, autocast):
     return (total[0] / total[1]).item()
 
 
-def evaluate(model, raw, val, probe, cfg, rank, world, device, autocast, spectral):
-    """Everything measured at an evaluation: ({"val_loss": ...}, {family: spectra}) with families
-    act, grad and weight as `spectral` asks (None on ranks other than 0). Spectra come from `raw`,
-    the uncompiled module (hooks need it), in eval mode: parameters, .grad, optimizer state, RNG
-    and the data position are untouched."""
-    metrics = {"val_loss": val_loss(model, val, cfg, rank, world, device, autocast)}
-    measured = {}
-    if "act" in spectral:
-        points = spectra.select_points(raw.cfg.n_layer, cfg.spectra_points, cfg.spectra_sublayers)
-        act_probe = probe[: cfg.spectra_tokens // cfg.seq_len * cfg.seq_len]  # the probe slice serves grads too
-        measured["act"] = spectra.measure_activations(raw, act_probe, points, cfg.seq_len, cfg.spectra_batch_size,
-                                                      cfg.spectra_act_norm, rank, world)
-    if "grad" in spectral:
-        names = spectra.select_linears(raw.linears(), raw.cfg.n_layer, cfg.grad_matrices, cfg.grad_layers)
-        measured["grad"] = spectra.measure_gradients(raw, probe, names, cfg.seq_len, cfg.grad_samples,
-                                                     cfg.grad_batch_size, cfg.grad_spectra_max_gb,
-                                                     cfg.grad_spectra_method, rank, world,
-                                                     cfg.grad_spectra_precision, cfg.grad_spectra_compile)
-        measured["weight"] = spectra.measure_weights(raw, names) if rank == 0 else None
-    return metrics, measured
-
-
-def log_spectra(run_dir, family, measured, cfg, n_layer, step, tokens, seen_notes):
-    """Rank 0: the scalar metrics of one family of measured spectra (for metrics.jsonl and W&B),
-    written to spectra/<family>_<tokens>.npz and plots/, with the console table. Each distinct
-    note warns once."""
-    head, tail = cfg.spectra_head, cfg.spectra_tail
-    n_probe = cfg.spectra_tokens // cfg.seq_len if family == "act" else cfg.grad_samples
-    meta = dict(step=step, tokens=tokens, probe_tokens=n_probe * cfg.seq_len, seq_len=cfg.seq_len, head=head,
-                tail=tail, act_norm=cfg.spectra_act_norm)
-    if family == "grad":
-        meta["precision"] = cfg.grad_spectra_precision
-    prev, first = spectra.reference_spectra(run_dir, family, tokens, meta)
-    metrics, notes = spectra.summarise(measured, family, head, tail, prev, first, where=f"at step {step}")
-    metrics.update(spectra.extra_metrics(family, measured))
-    for note in notes:
-        if note not in seen_notes:
-            seen_notes.add(note)
-            warnings.warn(note, stacklevel=1)
-    spectra.write_outputs(run_dir, family, tokens, measured, metrics, meta, head, tail, n_layer,
-                          plots=cfg.spectra_plots)
-    print(f"{family} spectra:\n" + spectra.format_table(metrics, family, list(measured)))
-    return metrics
-
-
-def load_forecast_reference(cfg, gcfg):
-    """(reference runs, target loss) for the in-run forecast, or (None, None) when it is off.
-    ConfigError before anything is written when the reference cannot be read, was measured unlike
-    this run (analyze.COMPARABLE: probe set, fit windows, ...), or has fewer than 3 runs at the target."""
-    if not cfg.forecast_reference:
-        return None, None
-    import analyze
-    try:
-        runs = analyze.load_runs([p.strip() for p in cfg.forecast_reference.split(",") if p.strip()])
-        analyze.check_comparable(runs + [analyze.Run("this run", dict(config=asdict(cfg), model=asdict(gcfg)), [])],
-                                 override=None)
-    except analyze.AnalysisError as e:
-        raise ConfigError(f"forecast_reference={cfg.forecast_reference!r}: {e}") from None
-    finals = [loss for loss in (analyze.final_loss(r.records) for r in runs) if loss is not None]
-    target = cfg.forecast_target_loss or cfg.target_val_loss or max(finals, default=0.0)
-    ratios = [ratio for _, ratio in analyze.token_ratios(runs, target).values() if ratio is not None]
-    if len(ratios) < 3:
-        raise ConfigError(f"forecast_reference={cfg.forecast_reference!r}: {len(ratios)} of its {len(runs)} runs reach "
-                          f"val_loss {target:.4g}; a forecast needs 3 (set forecast_target_loss higher or add runs)")
-    if len(set(ratios)) < 2:  # no spread to correlate with: every run is the best of its own family
-        raise ConfigError(f"forecast_reference={cfg.forecast_reference!r}: every run's token ratio is "
-                          f"{ratios[0]:g}, so no predictor can rank them; the reference needs runs of one family "
-                          "(same preset, profile, architecture and seed) at different batch sizes")
-    return runs, target
-
-
-def forecast_metrics(reference, target, own_records, tokens):
-    """forecast/token_ratio (tokens to the target relative to the reference family's best, predicted
-    from this run's spectra so far by the reference's best predictor at these tokens), the
-    predictor's name and its leave-one-out error; {} when no predictor is available yet."""
-    import analyze
-    f = analyze.forecast(reference, target, own_records, tokens)
-    if f is None:
-        return {}
-    return {"forecast/token_ratio": f.ratio, "forecast/loo_error": f.loo_error, "forecast/predictor": f.predictor}
-
-
-def log_eig_histograms(measured, per_family=3):
-    """{"<family>/log_eig/<name>": wandb.Histogram of log10 of the positive finite eigen/singular
-    values} for the first, middle and last measured point (or matrix) of each family: the shape of
-    whole spectra in W&B panels, beside the scalar fits."""
-    import wandb
-    out = {}
-    for family, spec in measured.items():
-        names = list(spec)
-        for name in dict.fromkeys(names[i] for i in np.linspace(0, len(names) - 1, per_family).round().astype(int)):
-            values = np.asarray(spec[name]["eig"])
-            values = values[np.isfinite(values) & (values > 0)]
-            if len(values):
-                out[f"{family}/log_eig/{name}"] = wandb.Histogram(np.log10(values))
-    return out
-
-
-def rewind_spectra(run_dir, tokens):
-    """On resume: spectra saved after the checkpoint move to spectra/discarded/ (they are re-measured)."""
-    later = [f for family in ("act", "grad", "weight") for t, f in spectra.spectra_files(run_dir, family)
-             if t > tokens]
-    if later:
-        os.makedirs(os.path.join(run_dir, "spectra", "discarded"), exist_ok=True)
-    for f in later:
-        os.replace(f, os.path.join(run_dir, "spectra", "discarded", os.path.basename(f)))
-
-
 def crossed_multiple(every, tokens, tokens_per_step):
     """Did the step that ended at `tokens` cross a multiple of `every` (> 0)? (eval/ckpt cadence)"""
     return every > 0 and tokens // every > (tokens - tokens_per_step) // every
@@ -1006,6 +941,312 @@ def spectral_eval(cfg, step, n_steps, tokens_per_step):
     act = cfg.spectra_every > 0 and (index % cfg.spectra_every == 0 or last)
     grad = act and cfg.grad_spectra_every > 0 and (index % (cfg.spectra_every * cfg.grad_spectra_every) == 0 or last)
     return {family for family, on in (("act", act), ("grad", grad)) if on}
+
+
+@dataclass
+class Session:
+    """One attempt at a run, from its start to its end: what the training loop shares with the
+    functions it calls (resume, open_run, evaluate_and_log, log_interval, save_checkpoint), passed to
+    them explicitly. Fixed at the start but for the run's files and clocks."""
+    cfg: Config
+    gcfg: GPTConfig
+    settings: spectra.SpectraSettings
+    rank: int
+    world: int
+    device: torch.device
+    autocast: object                 # bf16 autocast on CUDA, a no-op on CPU
+    run_dir: str
+    n_steps: int
+    tokens_per_step: int
+    raw: GPT                         # the module itself (hooks, state dicts)
+    model: object                    # raw, compiled or not (validation loss)
+    opts: list
+    loader: object                   # TrainLoader
+    val: torch.Tensor                # the fixed val slice
+    probe: object                    # the spectra's probe slice of the val split (None: spectra off)
+    points: list                     # probe points of the activation spectra
+    matrices: list                   # Linear layers of the gradient and weight spectra
+    reference: object = None         # analyze.ForecastReference of the in-run forecast
+    wandb_id: str = ""
+    elapsed_before: float = 0.0      # wall clock of earlier attempts
+    t_start: float = field(default_factory=time.time)
+    log: object = None               # MetricsLog, rank 0 only
+    history: object = None           # spectra.SpectraHistory, rank 0 only
+    notes: object = field(default_factory=measure.Notes)
+    own_records: list = field(default_factory=list)  # this run's evaluations so far (the in-run forecast)
+    train_losses: list = field(default_factory=list)  # logged train_loss values of this attempt
+    warned_uniform: bool = False
+
+    def elapsed(self):
+        """Wall clock of the run across resumes."""
+        return self.elapsed_before + time.time() - self.t_start
+
+
+def measure_spectra(s, families):
+    """{family: spectra} of the families asked for (grad brings weight), from the uncompiled module
+    in eval mode: parameters, .grad, optimizer state, RNG and data position are untouched. Every
+    rank takes part; the spectra are complete on rank 0 (None elsewhere)."""
+    measured = {}
+    if "act" in families:
+        measured["act"] = spectra.measure_activations(s.raw, s.probe, s.settings, s.points, s.rank, s.world)
+    if "grad" in families:
+        measured["grad"] = spectra.measure_gradients(s.raw, s.probe, s.settings, s.matrices, s.rank, s.world)
+        measured["weight"] = spectra.measure_weights(s.raw, s.matrices, s.settings) if s.rank == 0 else None
+    return measured
+
+
+def evaluate_and_log(s, step):
+    """Evaluate at `step`: the validation loss, the spectra this evaluation measures (spectral_eval)
+    and their report (measure.report: npz, figures, table), the in-run forecast, one metrics line.
+    Diverged on a non-finite validation loss; True when target_val_loss is reached."""
+    t0, tokens = time.time(), step * s.tokens_per_step
+    loss = val_loss(s.model, s.val, s.cfg, s.rank, s.world, s.device, s.autocast)
+    if not math.isfinite(loss):
+        raise diverged(s, step, f"val_loss is {loss}")
+    measured = measure_spectra(s, spectral_eval(s.cfg, step, s.n_steps, s.tokens_per_step))
+    if s.log:
+        print(f"step {step:6d}/{s.n_steps} | tokens {human(tokens)} | val_loss {loss:.4f} | "
+              f"eval {time.time() - t0:.1f}s")
+        record = dict(step=step, tokens=tokens, val_loss=loss)
+        for family, spec in measured.items():
+            record.update(measure.report(family, spec, s.settings, s.run_dir, step, tokens, s.gcfg.n_layer, s.history,
+                                         s.notes, where=f"at step {step}", figures=s.cfg.spectra_plots))
+        record["elapsed_s"] = s.elapsed()
+        if s.reference:
+            s.own_records.append(json_safe(record))
+            record.update(s.reference.metrics(s.own_records, tokens))
+            if "forecast/token_ratio" in record:
+                print(f"forecast: {record['forecast/token_ratio']:.3f}x the reference family's best tokens to "
+                      f"val_loss {s.reference.target:.4g} (from {record['forecast/predictor']}, leave-one-out "
+                      f"error {record['forecast/loo_error']:.3f})")
+        s.log.log(record, media=spectrum_histograms(measured) if s.log.wandb is not None else None)
+    reached = 0 < s.cfg.target_val_loss and loss <= s.cfg.target_val_loss
+    if reached and s.log:
+        print(f"reached target_val_loss={s.cfg.target_val_loss} at {human(tokens)} tokens")
+    return reached
+
+
+def spectrum_histograms(measured, per_family=3):
+    """{"<family>/log_spectrum/<name>": wandb.Histogram of log10 of the positive finite eigenvalues
+    (act) or singular values (grad, weight)} for the first, middle and last measured point (or
+    matrix) of each family: the shape of whole spectra in W&B panels, beside the scalar fits."""
+    import wandb
+    out = {}
+    for family, spec in measured.items():
+        names = list(spec)
+        for name in dict.fromkeys(names[i] for i in np.linspace(0, len(names) - 1, per_family).round().astype(int)):
+            values = np.asarray(spec[name]["values"])
+            values = values[np.isfinite(values) & (values > 0)]
+            if len(values):
+                out[f"{family}/log_spectrum/{name}"] = wandb.Histogram(np.log10(values))
+    return out
+
+
+def load_forecast_reference(cfg, gcfg):
+    """analyze.ForecastReference of the in-run forecast, or None when it is off; ConfigError before
+    anything is written when analyze's policy refuses the reference (analyze.load_forecast_reference)."""
+    if not cfg.forecast_reference:
+        return None
+    this_run = analyze.Run("this run", RunRecord(config=asdict(cfg), model=asdict(gcfg)), [])
+    try:
+        return analyze.load_forecast_reference([p.strip() for p in cfg.forecast_reference.split(",") if p.strip()],
+                                               this_run, cfg.forecast_target_loss or cfg.target_val_loss)
+    except analyze.AnalysisError as e:
+        raise ConfigError(f"forecast_reference={cfg.forecast_reference!r}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# The log interval, divergence, checkpoints and resuming
+
+
+class LogInterval:
+    """The steps since the last log line: their summed loss (kept on the device, so no step waits
+    for it), the step they began at, and how long they trained. Evaluations and checkpoints pause
+    its clock, so tokens_per_s is training throughput. Its state goes into checkpoints, so that a
+    resumed run's next train_loss and tokens_per_s average the same steps as an uninterrupted run's
+    (each rank's own loss sum, bitwise)."""
+
+    def __init__(self, step, device):
+        self.start, self.loss_sum, self.t0, self.paused = step, torch.zeros((), device=device), time.time(), None
+        self.first_step, self.train_time = step, 0.0  # the ETA's rate: this attempt's steps and training time
+
+    def add(self, loss):
+        self.loss_sum += loss
+
+    def pause(self):
+        self.paused = time.time()
+
+    def resume(self):
+        self.t0 += time.time() - self.paused
+        self.paused = None
+
+    def seconds(self):
+        return (self.paused or time.time()) - self.t0
+
+    def close(self, step, world):
+        """(mean train loss over the interval's steps and all ranks, its training seconds); the next
+        interval starts at `step`. Waits for the device (.item())."""
+        loss = (all_sum(self.loss_sum) / (world * (step - self.start))).item()
+        seconds = self.seconds()
+        self.train_time += seconds
+        self.start, self.loss_sum, self.t0 = step, torch.zeros_like(self.loss_sum), time.time()
+        return loss, seconds
+
+    def eta(self, step, n_steps):
+        return (n_steps - step) * self.train_time / max(1, step - self.first_step)
+
+    def state(self):
+        """For a checkpoint; every rank takes part (each rank's loss sum is gathered)."""
+        return dict(start=self.start, train_s=self.seconds(), loss_sums=gather_objects(self.loss_sum.item()))
+
+    def restore(self, state, rank):
+        """Continue an interval a checkpoint was written in."""
+        self.start, self.first_step = state["start"], state["start"]
+        self.t0 = time.time() - state["train_s"]
+        self.loss_sum.fill_(state["loss_sums"][rank])
+
+
+class Diverged(RuntimeError):
+    """A non-finite loss or weights: the run stops, and what is non-finite is never checkpointed."""
+
+
+def diverged(s, step, what):
+    rates = "adamw_lr" if s.cfg.optimizer == "adamw" else "muon_lr, embed_lr, head_lr, scalar_lr"
+    saved = checkpoints(s.run_dir)
+    kept = f"the last checkpoint, {saved[-1]}, is from before it" if saved else "no checkpoint was written"
+    return Diverged(f"training diverged at step {step}: {what}; lower the learning rates ({rates}) or set grad_clip "
+                    f"(e.g. --grad_clip=1.0) and train again; {kept}")
+
+
+def back_at_uniform(losses, vocab_size, patience=3, tolerance=0.02):
+    """Has the train loss climbed back to ln(vocab_size), the loss of a uniform prediction over the
+    vocabulary, after falling clearly below it (by 10%), and stayed within `tolerance` of it (or
+    above) for the last `patience` log lines? A finite loss that does this has collapsed."""
+    level = math.log(vocab_size)
+    earlier, recent = losses[:-patience], losses[-patience:]
+    return (len(recent) == patience and bool(earlier) and min(earlier) < 0.9 * level
+            and all(loss >= (1 - tolerance) * level for loss in recent))
+
+
+def log_interval(s, interval, step, lr):
+    """The log line at `step`: mean train loss of the interval (Diverged if it is not finite), learning
+    rate, throughput, ETA; a warning, once, when the loss is back at the uniform level."""
+    n = step - interval.start
+    train_loss, seconds = interval.close(step, s.world)
+    if not math.isfinite(train_loss):
+        raise diverged(s, step, f"train_loss is {train_loss} (the mean of steps {step - n + 1}-{step})")
+    s.train_losses.append(train_loss)
+    if not s.warned_uniform and back_at_uniform(s.train_losses, s.gcfg.vocab_size):
+        s.warned_uniform = True
+        if s.rank == 0:
+            print(f"warning: train_loss {train_loss:.3f} at step {step} is back at ln(vocab_size) = "
+                  f"{math.log(s.gcfg.vocab_size):.3f}, the loss of a uniform prediction, after falling below it: the "
+                  "model has collapsed; lower the learning rates or set grad_clip", file=sys.stderr)
+    if s.log:
+        tokens, tps = step * s.tokens_per_step, n * s.tokens_per_step / seconds
+        s.log.log(dict(step=step, tokens=tokens, train_loss=train_loss, lr=lr, tokens_per_s=tps, elapsed_s=s.elapsed()))
+        print(f"step {step:6d}/{s.n_steps} | tokens {human(tokens)} | loss {train_loss:.4f} | lr {lr:.3g} | "
+              f"{human(tps)} tok/s | eta {duration(interval.eta(step, s.n_steps))}")
+
+
+def check_finite(s, step, interval):
+    """Diverged unless the weights and every step loss since the last log line are finite on every
+    rank: the check before a checkpoint (its synchronisation is the checkpoint's, not a step's)."""
+    bad = (~interval.loss_sum.isfinite()).float() + (~torch.stack([p.isfinite().all() for p in s.raw.parameters()])
+                                                      ).any().float()
+    if all_sum(bad).item() > 0:
+        raise diverged(s, step, "the weights or a step's loss are not finite")
+
+
+def save_checkpoint(s, step, interval):
+    """Every rank: check the state is finite (a non-finite checkpoint is never written, so it cannot
+    push out good ones) and gather the RNG states and the interval; rank 0 writes ckpt/step_N.pt,
+    with the metrics up to this step on disk first."""
+    check_finite(s, step, interval)
+    ckpt = Checkpoint(model=s.raw.state_dict(), model_config=asdict(s.gcfg), config=asdict(s.cfg), step=step,
+                      tokens=step * s.tokens_per_step, optimizers=[o.state_dict() for o in s.opts],
+                      data=s.loader.state_dict(), rng=gather_objects(rng_state(s.device)), elapsed_s=s.elapsed(),
+                      wandb_id=s.wandb_id, interval=interval.state())
+    if s.log:
+        s.log.sync()
+        ckpt.save(s.run_dir, s.cfg.ckpt_keep)
+        s.log.log_spectra_artifact(step * s.tokens_per_step)
+
+
+def resume_checkpoint(run_dir, mmap=False):
+    """(path, Checkpoint): the newest checkpoint of the run that loads, each newer one that does not
+    named in a warning (on rank 0, once); ConfigError when none loads."""
+    try:
+        return newest_checkpoint(run_dir, mmap=mmap, warn=warn_once)
+    except RunFileError as e:
+        raise ConfigError(f"--resume=1: {e}") from None
+
+
+@functools.cache
+def warn_once(message):
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def resume(s, ckpt):
+    """Continue from a checkpoint: weights, optimizers, data position, RNG and clocks. The model and
+    what the spectra measure must be as the run was trained (ConfigError otherwise). Returns the step
+    to continue from and the log interval in progress (LogInterval.restore; None when it was saved
+    by another number of processes: the next line then averages the steps since the resume)."""
+    if ckpt.model_config != asdict(s.gcfg):
+        diff = {k: (ckpt.model_config.get(k), v) for k, v in asdict(s.gcfg).items() if ckpt.model_config.get(k) != v}
+        raise ConfigError(f"--resume=1: the model config differs from the checkpoint's, "
+                          f"{{key: (checkpoint, now)}} = {diff}")
+    before = spectra.SpectraSettings.from_config(ckpt.config)  # a setting the checkpoint lacks had its default
+    for key, was, now in (("batch_size", ckpt.config["batch_size"], s.cfg.batch_size),
+                          ("seq_len", ckpt.config["seq_len"], s.cfg.seq_len),
+                          ("grad_spectra_precision", before.precision, s.settings.precision)):
+        if was != now:
+            raise ConfigError(f"--resume=1: {key}={now!r} but the run was trained with {key}={was!r}; resume with "
+                              "the same value")
+    s.raw.load_state_dict(ckpt.model)
+    for o, state in zip(s.opts, ckpt.optimizers):
+        o.load_state_dict(state)
+    s.loader.load_state_dict(ckpt.data)
+    s.elapsed_before, s.wandb_id = ckpt.elapsed_s, ckpt.wandb_id
+    if len(ckpt.rng) == s.world:
+        set_rng_state(ckpt.rng[s.rank], s.device)
+    elif s.rank == 0:
+        print(f"warning: resuming on {s.world} processes from a checkpoint of {len(ckpt.rng)}: dropout RNG streams "
+              "restart", file=sys.stderr)
+    return ckpt.step, ckpt.interval if ckpt.interval and len(ckpt.interval["loss_sums"]) == s.world else None
+
+
+def open_run(s, step, derived):
+    """Rank 0: the run directory for this attempt (config.json for a new run; for a resumed one its
+    metrics and spectra rewound to the checkpoint), stale temporary files of a killed writer removed,
+    the console header, the metrics log and W&B, and the spectral history so far."""
+    if s.rank != 0:
+        return
+    cfg, gcfg = s.cfg, s.gcfg
+    with torch.device("meta"):
+        linears = GPT(gcfg).linears()
+    # W&B group, job type and tags: decided at the run's start and kept, so a resume needs no init_from source
+    labels = (saved_labels(s.run_dir) if cfg.resume else None) or run_labels(cfg, gcfg)
+    record = RunRecord(config=asdict(cfg), model=asdict(gcfg), derived=derived, labels=list(labels),
+                       spectra=s.settings.record(linears, gcfg.n_layer), wandb_id=s.wandb_id,
+                       metric_version=spectra.METRIC_VERSION, git=git_state(), versions=versions(),
+                       device=torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else "cpu")
+    for path in remove_stale_temporaries(s.run_dir):
+        print(f"removed {path}, left by a writer that was killed")
+    wandb_sent_step = -1
+    if cfg.resume:
+        wandb_sent_step = rewind_metrics(s.run_dir, step)
+        rewind_spectra(s.run_dir, step * s.tokens_per_step)
+    else:
+        record.save(s.run_dir)
+    print(describe(cfg, gcfg, s.raw.param_counts(), derived))
+    print(f"run directory: {s.run_dir}")
+    s.log = MetricsLog(s.run_dir, cfg, dataclasses.asdict(record), s.wandb_id, wandb_sent_step, labels)
+    s.history = spectra.SpectraHistory.load(s.run_dir, s.settings, math.inf) if cfg.resume else \
+        spectra.SpectraHistory(s.settings)
+    if s.reference and cfg.resume:  # the in-run forecast reads the evaluations of the interrupted attempts too
+        s.own_records = [json_safe(r) for r in read_metrics(os.path.join(s.run_dir, "metrics.jsonl"))[0]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1041,13 +1282,12 @@ def describe(cfg, gcfg, counts, derived):
 
 def train(cfg):
     """Train per cfg; returns the run directory (None for a dry run)."""
-    gcfg = model_config(cfg)
+    gcfg, settings = model_config(cfg), spectral_settings(cfg)
     rank, world, device = (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), None) \
         if cfg.dry_run else setup_device_and_dist(cfg)
     cfg.device_batch_size, grad_accum = batch_layout(cfg, world)
-    n_steps = total_steps(cfg)
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    points = spectra.select_points(gcfg.n_layer, cfg.spectra_points, cfg.spectra_sublayers) if cfg.spectra_every else []
+    n_steps, tokens_per_step = total_steps(cfg), cfg.batch_size * cfg.seq_len
+    points = settings.point_names(gcfg.n_layer) if cfg.spectra_every else []
     derived = dict(world_size=world, grad_accum=grad_accum, tokens_per_step=tokens_per_step, total_steps=n_steps,
                    total_tokens=n_steps * tokens_per_step, lr_factor=round(lr_factor(cfg), 6),
                    spectra_points=len(points),
@@ -1059,18 +1299,12 @@ def train(cfg):
             print(describe(cfg, gcfg, raw.param_counts(), derived))
         return None
 
-    # Everything that can fail on bad input fails here, before the run directory exists.
+    # Everything that can fail on bad input fails here, before anything is written.
     train_files = open_train_shards(cfg.train_files, tokens_per_step, n_steps * tokens_per_step, rank)
-    val = torch.from_numpy(load_prefix(find_shards(cfg.val_files), (cfg.val_tokens // cfg.seq_len) * cfg.seq_len,
-                                        gcfg.vocab_size))
-    # one probe slice of the val split serves both: activation spectra read its first spectra_tokens,
-    # gradient spectra its first grad_samples sequences (+1 token for the last target)
-    n_probe = max(cfg.spectra_tokens // cfg.seq_len * cfg.seq_len,
-                  cfg.grad_samples * cfg.seq_len if cfg.grad_spectra_every else 0)
-    probe = torch.from_numpy(load_prefix(find_shards(cfg.val_files), n_probe, gcfg.vocab_size,
-                                         key="spectra_tokens / grad_samples x seq_len")) if cfg.spectra_every else None
-    reference, forecast_target = load_forecast_reference(cfg, gcfg)  # every rank: a bad one fails on all alike
+    val, probe = load_val_and_probe(cfg, gcfg, settings)
+    reference = load_forecast_reference(cfg, gcfg)  # every rank: a bad one fails on all alike
     run_dir = resolve_run_dir(cfg, rank)
+    ckpt_path, ckpt = resume_checkpoint(run_dir) if cfg.resume else (None, None)
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -1084,117 +1318,26 @@ def train(cfg):
     opts = build_optimizers(raw, cfg, device, compile=use_compile)
     loader = TrainLoader(train_files, cfg, rank, world, device, gcfg.vocab_size)
     torch.manual_seed(cfg.seed + 1 + rank)  # per-rank stream for dropout
-
+    with torch.device("meta"):
+        matrices = settings.matrix_names(GPT(gcfg).linears(), gcfg.n_layer)
     # a W&B sweep agent names the run it launched in WANDB_RUN_ID; otherwise a fresh id
-    step, elapsed_before, wandb_id = 0, 0.0, os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)
-    resumed_interval = None
-    if cfg.resume:
-        ckpt = torch.load(checkpoints(run_dir)[-1], map_location=device, weights_only=True)
-        if ckpt["model_config"] != asdict(gcfg):
-            diff = {k: (ckpt["model_config"].get(k), v) for k, v in asdict(gcfg).items()
-                    if ckpt["model_config"].get(k) != v}
-            raise ConfigError(f"--resume=1: the model config differs from the checkpoint's, "
-                              f"{{key: (checkpoint, now)}} = {diff}")
-        for key in ("batch_size", "seq_len", "grad_spectra_precision"):  # the same measurements throughout
-            before = ckpt["config"].get(key, getattr(Config, key))
-            if before != getattr(cfg, key):
-                raise ConfigError(f"--resume=1: {key}={getattr(cfg, key)!r} but the run was trained with "
-                                  f"{key}={before!r}; resume with the same value")
-        raw.load_state_dict(ckpt["model"])
-        for o, s in zip(opts, ckpt["optimizers"]):
-            o.load_state_dict(s)
-        loader.load_state_dict(ckpt["data"])
-        step, elapsed_before, wandb_id = ckpt["step"], ckpt["elapsed_s"], ckpt["wandb_id"]
-        resumed_interval = ckpt.get("interval")  # absent from checkpoints written before it was saved
-        if resumed_interval and len(resumed_interval["loss_sums"]) != world:
-            resumed_interval = None  # another process count: the next log line averages the steps since the resume
-        if len(ckpt["rng"]) == world:
-            set_rng_state(ckpt["rng"][rank], device)
-        elif rank == 0:
-            warnings.warn(f"resuming on {world} processes from a checkpoint of {len(ckpt['rng'])}: "
-                          "dropout RNG streams restart", stacklevel=1)
-        del ckpt
+    s = Session(cfg, gcfg, settings, rank, world, device, autocast, run_dir, n_steps, tokens_per_step, raw, model,
+                opts, loader, val, probe, points, matrices, reference,
+                wandb_id=os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4))
+    step, resumed_interval = resume(s, ckpt) if ckpt else (0, None)
+    if ckpt and rank == 0:
+        print(f"resuming {run_dir} from step {step} (checkpoint {ckpt_path})")
+    if step >= n_steps:  # nothing left: no new W&B folder, no files touched
+        if rank == 0:
+            print(f"{run_dir} is finished (step {step} of {n_steps}); nothing to do")
+        close_process_group()
+        return run_dir
+    open_run(s, step, derived)
 
-    # W&B group, job type and tags: decided at the run's start and kept, so a resume needs no init_from source
-    labels = (saved_labels(run_dir) if cfg.resume else None) or run_labels(cfg, gcfg)
-    run_config = dict(config=asdict(cfg), model=asdict(gcfg), derived=derived, git=git_state(), versions=versions(),
-                      device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                      wandb_id=wandb_id, metric_version=spectra.METRIC_VERSION, labels=labels)
-    log = None
-    if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        wandb_sent_step = -1
-        if cfg.resume:
-            wandb_sent_step = rewind_metrics(run_dir, step)
-            rewind_spectra(run_dir, step * tokens_per_step)
-        else:
-            text = json.dumps(run_config, indent=2).encode()
-            atomic_write(os.path.join(run_dir, "config.json"), lambda f: f.write(text))
-        print(describe(cfg, gcfg, raw.param_counts(), derived))
-        print(f"run directory: {run_dir}")
-        log = MetricsLog(run_dir, cfg, run_config, wandb_id, wandb_sent_step, labels)
-    # the in-run forecast reads this run's evaluations so far (those of an interrupted attempt too)
-    own_records = []
-    if reference and cfg.resume and rank == 0:
-        import analyze
-        own_records = analyze.read_records(os.path.join(run_dir, "metrics.jsonl"))[0]
-
-    t_start, start_step = time.time(), step
-
-    def crossed(every, tokens):
-        return crossed_multiple(every, tokens, tokens_per_step)
-
-    def elapsed():
-        return elapsed_before + time.time() - t_start  # wall clock of the run, across resumes
-
-    def checkpoint():
-        # the log interval in progress, so that a resumed run's next train_loss and tokens_per_s
-        # average the same steps as an uninterrupted run's (each rank's own loss sum, bitwise)
-        interval = dict(start=interval_step, train_s=t_pause - t_interval, loss_sums=gather_objects(loss_sum.item()))
-        state = dict(model=raw.state_dict(), optimizers=[o.state_dict() for o in opts], step=step,
-                     tokens=step * tokens_per_step, data=loader.state_dict(), rng=gather_objects(rng_state(device)),
-                     elapsed_s=elapsed(), wandb_id=wandb_id, config=asdict(cfg), model_config=asdict(gcfg),
-                     interval=interval)
-        if log:
-            log.sync()  # metrics up to this step on disk before the checkpoint that makes them final
-        save_checkpoint(run_dir, state, rank, cfg.ckpt_keep)
-        if log:
-            log.log_spectra_artifact(step * tokens_per_step)
-
-    seen_notes = set()
-
-    def run_eval():
-        """Evaluate and log; True when target_val_loss is reached."""
-        t0, tokens = time.time(), step * tokens_per_step
-        # spectra at every spectra_every-th evaluation (the first included) and at the last step
-        spectral = spectral_eval(cfg, step, n_steps, tokens_per_step)
-        metrics, measured = evaluate(model, raw, val, probe, cfg, rank, world, device, autocast, spectral)
-        if log:
-            print(f"step {step:6d}/{n_steps} | tokens {human(tokens)} | val_loss {metrics['val_loss']:.4f} | "
-                  f"eval {time.time() - t0:.1f}s")
-            for family, spec in measured.items():
-                metrics.update(log_spectra(run_dir, family, spec, cfg, gcfg.n_layer, step, tokens, seen_notes))
-            record = dict(step=step, tokens=tokens, **metrics, elapsed_s=elapsed())
-            if reference:
-                own_records.append(json_safe(record))
-                record.update(forecast_metrics(reference, forecast_target, own_records, tokens))
-                if "forecast/token_ratio" in record:
-                    print(f"forecast: {record['forecast/token_ratio']:.3f}x the reference family's best tokens to "
-                          f"val_loss {forecast_target:.4g} (from {record['forecast/predictor']}, leave-one-out "
-                          f"error {record['forecast/loo_error']:.3f})")
-            log.log(record, media=log_eig_histograms(measured) if log.wandb is not None else None)
-        reached = 0 < cfg.target_val_loss and metrics["val_loss"] <= cfg.target_val_loss
-        if reached and log:
-            print(f"reached target_val_loss={cfg.target_val_loss} at {human(step * tokens_per_step)} tokens")
-        return reached
-
-    done = run_eval() if step == 0 and cfg.eval_every_tokens >= 0 else False
-    t_interval, interval_step, train_time = time.time(), step, 0.0  # throughput counts training time only
-    loss_sum = torch.zeros((), device=device)  # sum of step losses since the last log line
+    done = evaluate_and_log(s, step) if step == 0 and cfg.eval_every_tokens >= 0 else False
+    interval = LogInterval(step, device)  # throughput counts training time only: it starts after the first eval
     if resumed_interval:  # resumed within a log interval: continue it
-        t_interval, interval_step = t_interval - resumed_interval["train_s"], resumed_interval["start"]
-        loss_sum.fill_(resumed_interval["loss_sums"][rank])
-        start_step = interval_step  # the ETA's rate counts the interval's earlier steps and time too
+        interval.restore(resumed_interval, rank)
     while step < n_steps and not done:
         lr = set_schedule(opts, step, n_steps, cfg)
         for m, (x, y) in enumerate(loader.next_step(grad_accum)):
@@ -1202,7 +1345,7 @@ def train(cfg):
             with (train_model.no_sync() if world > 1 and not sync else nullcontext()), autocast:
                 _, loss = train_model(x, y)
             (loss / grad_accum).backward()
-            loss_sum += loss.detach() / grad_accum  # on the device: no synchronisation per step
+            interval.add(loss.detach() / grad_accum)  # on the device: no synchronisation per step
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
         for o in opts:
@@ -1212,45 +1355,21 @@ def train(cfg):
         tokens = step * tokens_per_step
 
         if step % cfg.log_every == 0 or step == n_steps:
-            # mean over the interval's steps and all ranks; .item() waits for the GPU
-            train_loss = (all_sum(loss_sum) / (world * (step - interval_step))).item()
-            dt = time.time() - t_interval
-            train_time += dt
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(f"training diverged at step {step}: train_loss={train_loss}; "
-                                         "lower the learning rates or set grad_clip")
-            if log:
-                tps = (step - interval_step) * tokens_per_step / dt
-                log.log(dict(step=step, tokens=tokens, train_loss=train_loss, lr=lr, tokens_per_s=tps,
-                             elapsed_s=elapsed()))
-                eta = (n_steps - step) * train_time / (step - start_step)
-                print(f"step {step:6d}/{n_steps} | tokens {human(tokens)} | loss {train_loss:.4f} | "
-                      f"lr {lr:.3g} | {human(tps)} tok/s | eta {duration(eta)}")
-            t_interval, interval_step = time.time(), step
-            loss_sum = torch.zeros((), device=device)
-        t_pause = time.time()
-        if cfg.eval_every_tokens >= 0 and (step == n_steps or crossed(cfg.eval_every_tokens, tokens)):
-            done = run_eval()
-        if cfg.ckpt_every_tokens >= 0 and (step == n_steps or done or crossed(cfg.ckpt_every_tokens, tokens)):
-            checkpoint()
-        t_interval += time.time() - t_pause  # evaluation and checkpoints are not training throughput
+            log_interval(s, interval, step, lr)
+        interval.pause()  # evaluations and checkpoints are not training throughput
+        if cfg.eval_every_tokens >= 0 and (step == n_steps or crossed_multiple(cfg.eval_every_tokens, tokens,
+                                                                                 tokens_per_step)):
+            done = evaluate_and_log(s, step)
+        if cfg.ckpt_every_tokens >= 0 and (step == n_steps or done or crossed_multiple(cfg.ckpt_every_tokens, tokens,
+                                                                                         tokens_per_step)):
+            save_checkpoint(s, step, interval)
+        interval.resume()
 
-    if log:
-        log.log_spectra_artifact(step * tokens_per_step)  # unless the final checkpoint just did
-        log.close()
+    if s.log:
+        s.log.log_spectra_artifact(step * tokens_per_step)  # unless the final checkpoint just did
+        s.log.close()
     close_process_group()
     return run_dir
-
-
-def close_process_group():
-    """Wait for every rank, then end the process group. Gloo's worker threads free the tensors of
-    the last collectives under the GIL, while the process group's destructor joins those threads
-    holding it: a pause that releases the GIL first avoids the rare deadlock this makes at exit
-    (seen as a hung rank after a final all_gather_object and barrier)."""
-    if dist.is_initialized():
-        dist.barrier()
-        time.sleep(0.2)
-        dist.destroy_process_group()
 
 
 def main(argv=None):
@@ -1261,6 +1380,9 @@ def main(argv=None):
     except (ConfigError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (Diverged, WriteError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

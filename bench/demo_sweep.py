@@ -29,6 +29,7 @@ from dataclasses import asdict
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import analyze  # noqa: E402
+import rundir  # noqa: E402
 import train_gpt  # noqa: E402
 
 DEMO = os.path.join(REPO, "configs", "cpu_demo.py")
@@ -49,21 +50,20 @@ def parse_args(argv):
 
 def check_reusable(run_dir, config_args):
     """Exit with a message unless run_dir was trained to the end with the settings config_args resolve to."""
-    with open(os.path.join(run_dir, "config.json")) as f:
-        saved = json.load(f)
+    saved = rundir.RunRecord.load(run_dir)
     try:
         wanted = json.loads(json.dumps(asdict(train_gpt.load_config(config_args))))  # tuples as JSON lists
     except train_gpt.ConfigError as e:
         sys.exit(f"error: {e}")
     defaults = json.loads(json.dumps(asdict(train_gpt.Config())))  # keys added since that run: their defaults
     resolved = ("out_dir", "run_name", "config_file", "device_batch_size")  # paths; filled in by the trainer
-    differ = {k: (saved["config"].get(k, defaults[k]), v) for k, v in wanted.items()
-              if k not in resolved and saved["config"].get(k, defaults[k]) != v}
+    differ = {k: (saved.config.get(k, defaults[k]), v) for k, v in wanted.items()
+              if k not in resolved and saved.config.get(k, defaults[k]) != v}
     if differ:
         sys.exit(f"{run_dir} was trained with other settings, {{key: (that run, requested)}} = {differ}; delete it "
                  "or choose another --out")
     records, _ = analyze.read_records(os.path.join(run_dir, "metrics.jsonl"))
-    last, total = max((r.get("step", 0) for r in records), default=0), saved["derived"]["total_steps"]
+    last, total = max((r.get("step", 0) for r in records), default=0), saved.derived["total_steps"]
     if last < total:
         sys.exit(f"{run_dir} stopped at step {last} of {total}; delete it to train it again")
 

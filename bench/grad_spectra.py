@@ -59,6 +59,7 @@ import torch.nn.functional as F  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import measure  # noqa: E402
 import spectra  # noqa: E402
 from data.shards import ShardError, find_shards, load_prefix  # noqa: E402
 from model import GPT, PROFILES, make_config  # noqa: E402
@@ -309,7 +310,7 @@ def main(argv=None):
                          "bf16 are approximate); a comma-separated list runs each, against the same baseline")
     args = ap.parse_args(argv)
 
-    device = spectra.pick_device(args.device)
+    device = measure.pick_device(args.device)
     sizes = resolve_sizes(args)
     model = random_model(sizes, args.seq_len, device)
     tokens, split = probe_tokens(args.samples, args.seq_len, model.cfg.vocab_size)
@@ -334,8 +335,10 @@ def main(argv=None):
 
     def ours(variant, max_gb=args.max_gb):
         precision, batch_size, compiled = variant
-        return spectra.measure_gradients(model, tokens, names, args.seq_len, n, batch_size, max_gb, args.method,
-                                         precision=precision, compile=bool(compiled))
+        settings = spectra.SpectraSettings(seq_len=args.seq_len, grad_samples=n, grad_batch_size=batch_size,
+                                           max_gb=max_gb, method=args.method, precision=precision,
+                                           compile=bool(compiled))
+        return spectra.measure_gradients(model, tokens, settings, names)
 
     runs = []  # ((precision, batch size, compile), best time, spectra, measured peak or None)
     for variant in itertools.product(args.precision, args.batch_size, args.compile):
@@ -368,9 +371,9 @@ def main(argv=None):
           f"({len(passes)} pass{'es' * (len(passes) != 1)} over the probe set) vs G whole {mb(whole)} "
           f"(n x P x 4 bytes, all {len(names)} matrices){note}")
     if blocked is not None:
-        block_diff = max(float(np.max(np.abs(blocked[m]["eig"] - first_out[m]["eig"]) / first_out[m]["eig"][0]))
-                         for m in names)
-        block_rel = max(relative_difference(blocked[m]["eig"], first_out[m]["eig"], min(n, P[m])) for m in names)
+        block_diff = max(float(np.max(np.abs(blocked[m]["values"] - first_out[m]["values"])
+                                   / first_out[m]["values"][0])) for m in names)
+        block_rel = max(relative_difference(blocked[m]["values"], first_out[m]["values"], min(n, P[m])) for m in names)
         print(f"blocked ({describe(first)}, max_gb {small_gb:.3g}, {args.blocks} column blocks "
               f"per matrix, {len(small_passes)} passes): most held at once "
               f"{mb(peak_held_bytes(model, small_passes, n, args.seq_len))}, time {t_blocked:.3f} s = "
@@ -392,10 +395,10 @@ def describe(variant):
 def report(variant, t, out, peak, t_base, base_out, names, n, P, repeats):
     """Print one run of ours against the baseline; the reason it fails its accuracy check, or None."""
     precision = variant[0]
-    rel = {m: relative_difference(out[m]["eig"], base_out[m], min(n, P[m])) for m in names}
-    scaled = {m: scaled_difference(out[m]["eig"], base_out[m]) for m in names}
+    rel = {m: relative_difference(out[m]["values"], base_out[m], min(n, P[m])) for m in names}
+    scaled = {m: scaled_difference(out[m]["values"], base_out[m]) for m in names}
     ranks = [spectra.numerical_rank(base_out[m], min(n, P[m])) for m in names]
-    shifts = {m: alpha_shift(out[m]["eig"], base_out[m], min(n, P[m])) for m in names}
+    shifts = {m: alpha_shift(out[m]["values"], base_out[m], min(n, P[m])) for m in names}
     shift = {w: worst({m: s[w] for m, s in shifts.items()}) for w in WINDOWS}
     (rel_max, rel_at), (scaled_max, scaled_at) = worst(rel), worst(scaled)
     exact = precision == "fp32"

@@ -1,8 +1,10 @@
 """
-Time spent in spectral evaluation as a fraction of training time, at a config's own cadence.
+Time spent in spectral evaluation as a fraction of training time, at a config's own cadence; and
+whether reporting an evaluation costs the same however many came before.
 
     python bench/spectra_overhead.py configs/cpu_demo.py [--steps=40] [--key=value ...]
     python bench/spectra_overhead.py configs/d12_bs512.py --steps=60      # one GPU
+    python bench/spectra_overhead.py configs/cpu_demo.py --report_evals=200
 
 Runs the real trainer for --steps optimizer steps with a spectral evaluation every --steps/4
 steps, and times, inside that run, (a) training throughput (the trainer's own tokens/s, which
@@ -14,8 +16,16 @@ budget and cadence (eval_every_tokens, spectra_every), it prints
 
 Both times come from the same run on the same device, so the figure is a ratio, not a timing.
 Goals (issue 3): <= 10% for cpu_demo on CPU, <= 2% for d12 on one GPU.
+
+--report_evals=N: the config's model measures its spectra once, then measure.report (fits,
+references, npz, figures and table, as the trainer reports an evaluation; gradient and weight
+spectra at every grad_spectra_every-th) runs for N evaluations in a row into one run directory.
+It prints the mean reporting time per evaluation over the first and the last tenth and their
+ratio: about 1 when the work per evaluation does not grow with the evaluations before it.
 """
 
+import contextlib
+import io
 import json
 import os
 import statistics
@@ -26,8 +36,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import measure  # noqa: E402
 import spectra  # noqa: E402
 import train_gpt  # noqa: E402
+from data.shards import find_shards, load_prefix  # noqa: E402
 from train_throughput import bench_config  # noqa: E402
 
 
@@ -65,7 +77,51 @@ def per_eval(times, parts):
     return statistics.median(totals[1:] if len(totals) > 2 else totals), totals
 
 
+def report_scaling(cfg, n_evals):
+    """Reporting time per evaluation over n_evals evaluations of one run directory: (first tenth,
+    last tenth) means in seconds."""
+    gcfg, settings = train_gpt.model_config(cfg), train_gpt.spectral_settings(cfg)
+    torch.manual_seed(cfg.seed)
+    model = train_gpt.GPT(gcfg).eval()
+    with torch.no_grad():  # trained-looking weights: no zero-initialised projection, so every spectrum is fitted
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and not p.any():
+                p.normal_(0, 0.02)
+    points, names = settings.point_names(gcfg.n_layer), settings.matrix_names(model.linears(), gcfg.n_layer)
+    probe = torch.from_numpy(load_prefix(find_shards(cfg.val_files), max(settings.probe_tokens("act"),
+                                                                         settings.probe_tokens("grad")),
+                                         gcfg.vocab_size))
+    measured = {"act": spectra.measure_activations(model, probe, settings, points),
+                "grad": spectra.measure_gradients(model, probe, settings, names),
+                "weight": spectra.measure_weights(model, names, settings)}
+    every = cfg.grad_spectra_every or n_evals + 1
+    times = []
+    with tempfile.TemporaryDirectory() as run_dir:
+        history, notes = spectra.SpectraHistory(settings), measure.Notes(say=lambda note: None)
+        for k in range(n_evals):
+            tokens = k * cfg.eval_every_tokens
+            families = ["act"] + (["grad", "weight"] if k % every == 0 else [])
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):  # the console tables
+                for family in families:
+                    measure.report(family, measured[family], settings, run_dir, k, tokens, gcfg.n_layer, history,
+                                   notes, figures=cfg.spectra_plots)
+            times.append(time.perf_counter() - t0)
+    tenth = max(1, n_evals // 10)
+    return statistics.mean(times[:tenth]), statistics.mean(times[-tenth:])
+
+
 def main(argv):
+    report_evals = next((int(a.split("=", 1)[1]) for a in argv if a.startswith("--report_evals=")), 0)
+    if report_evals:
+        cfg, _ = bench_config([a for a in argv if not a.startswith("--report_evals=")], steps=0)
+        first, last = report_scaling(cfg, report_evals)
+        print(f"== {cfg.config_file}: measure.report over {report_evals} evaluations of one run directory "
+              f"(figures {'on' if cfg.spectra_plots else 'off'})")
+        print(f"per evaluation, first tenth  {first:.3f} s")
+        print(f"per evaluation, last tenth   {last:.3f} s")
+        print(f"last / first                 {last / first:.2f}  (flat: about 1)")
+        return
     cfg, steps = bench_config(argv, steps=40)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tokens_per_step = cfg.batch_size * cfg.seq_len
@@ -84,7 +140,7 @@ def main(argv):
     times = {}
     for fn in ("measure_activations", "measure_gradients", "measure_weights"):
         setattr(spectra, fn, timed(getattr(spectra, fn), times, device, key=lambda args, fn=fn: fn))
-    train_gpt.log_spectra = timed(train_gpt.log_spectra, times, device, key=lambda args: f"log_{args[1]}")
+    measure.report = timed(measure.report, times, device, key=lambda args: f"log_{args[0]}")
     with tempfile.TemporaryDirectory() as tmp:
         cfg.out_dir = tmp
         run_dir = train_gpt.train(cfg)
@@ -100,11 +156,10 @@ def main(argv):
         if "measure_gradients" in times else (0.0, [])
     share_act, share_grad = n_evals["act"] * t_act / train_s, n_evals["grad"] * t_grad / train_s
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    gcfg = train_gpt.model_config(cfg)
-    n_points = len(spectra.select_points(gcfg.n_layer, cfg.spectra_points, cfg.spectra_sublayers))
+    gcfg, settings = train_gpt.model_config(cfg), train_gpt.spectral_settings(cfg)
+    n_points = len(settings.point_names(gcfg.n_layer))
     with torch.device("meta"):
-        n_mats = len(spectra.select_linears(train_gpt.GPT(gcfg).linears(), gcfg.n_layer, cfg.grad_matrices,
-                                            cfg.grad_layers))
+        n_mats = len(settings.matrix_names(train_gpt.GPT(gcfg).linears(), gcfg.n_layer))
     print(f"\n== {cfg.config_file} on {world} x {name}: {n_points} probe points on {cfg.spectra_tokens:,} tokens; "
           f"{n_mats} matrices on {cfg.grad_samples} sequences")
     print(f"training tokens/s                  {tps:,.0f}  (median of {len(rates)} log intervals)")

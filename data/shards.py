@@ -6,6 +6,7 @@ followed by the tokens as uint16. Every error names the file, so a bad download 
 truncated copy is found at once rather than as a shape error deep in training.
 """
 
+import errno
 import glob
 import os
 
@@ -100,14 +101,31 @@ def load_prefix(files, n_tokens, vocab_size, key="val_tokens"):
     return np.concatenate(parts)
 
 
+class WriteError(OSError):
+    """A file that could not be written (no space left, no permission); nothing half-written is left."""
+
+
 def atomic_write(path, write):
-    """write(f) into path + '.tmp', fsync, rename: readers see the old file or the new, never half."""
+    """write(f) into path + '.tmp<pid>', fsync, rename: readers see the old file or the new, never half.
+    A write that fails removes its temporary file (a full disk would otherwise stay full) and raises
+    WriteError naming the folder; one killed outright leaves it behind, for the next run's
+    rundir.remove_stale_temporaries."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise WriteError(f"no space left on {os.path.dirname(os.path.abspath(path))} while writing "
+                             f"{os.path.basename(path)}; free space there or write elsewhere") from None
+        if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise WriteError(f"cannot write {path}: {e.strerror}") from None
+        raise
 
 
 def write_shard(path, tokens):

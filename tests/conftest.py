@@ -2,8 +2,11 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 
+import numpy as np
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -35,6 +38,32 @@ def crash_in_step(monkeypatch, args, n):
     with pytest.raises(KeyboardInterrupt):
         train_gpt.train(train_gpt.load_config(args))
     monkeypatch.setattr(train_gpt.TrainLoader, "next_step", real_next_step)
+
+
+# Worker processes start with OMP_NUM_THREADS=1 (torchrun_worker, the trainer's DDP test; torchrun's
+# default too). MKL's fp32 products may round differently with the thread count (on AVX2: 5-11 rows
+# against the 50304-wide head), so a 1-process reference in this process, which has one thread per
+# core, runs in `worker_threads()`: the same arithmetic, and 1 and N processes agree to fp64
+# round-off (1e-10), whatever the machine and its load. Across thread counts the spectra agree to
+# FP32_ORDER_BOUND of lambda_1 / sigma_1 (the tests of that bound are in test_spectra and
+# test_grad_spectra; 11.5 fp32 epsilons is the largest difference measured, in gradient spectra).
+FP32_ORDER_BOUND = 64 * float(np.finfo(np.float32).eps)  # 7.6e-6
+
+
+@contextmanager
+def threads(n):
+    """torch's intra-op threads (OpenMP and MKL) set to n inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def worker_threads():
+    """The arithmetic of a torchrun worker (OMP_NUM_THREADS=1), for a 1-process reference."""
+    return threads(1)
 
 
 def torchrun_worker(tmp_path, source):

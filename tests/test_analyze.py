@@ -6,12 +6,14 @@ import csv
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict
 
 import numpy as np
 import pytest
 
 import analyze
+import rundir
 import spectra
 import train_gpt
 from conftest import tiny_args
@@ -375,7 +377,8 @@ def test_a_folder_of_runs_expands_and_names_stay_unique(tmp_path):
 class FakeWandbRun:
     def __init__(self, run, wrap):
         self.name, self.id = run.name, "id-" + run.name
-        self.config = {k: {"value": v, "desc": None} for k, v in run.config.items()} if wrap else run.config
+        config = rundir.as_dict(run.record)  # what the trainer sends to wandb.init
+        self.config = {k: {"value": v, "desc": None} for k, v in config.items()} if wrap else config
         self.rows = [dict(r, _step=i, _runtime=1.0, _timestamp=1.7e9) for i, r in enumerate(run.records)]
 
     def scan_history(self):
@@ -399,7 +402,7 @@ def test_wandb_loader_gives_the_same_runs_as_the_directories(tmp_path, capsys):
     remote = analyze.load_wandb_runs("me/spectral-nanogpt/sweep1", api)
     assert api.calls == [("me/spectral-nanogpt", {"group": "sweep1"})]
     for a, b in zip(local, remote):
-        assert (b.name, b.config, b.records, b.truncated) == (a.name, a.config, a.records, False)
+        assert (b.name, b.record, b.records, b.truncated) == (a.name, a.record, a.records, False)
     assert [r.predictor for r in analyze.rank_predictors(remote, TARGET, 2500)][:3] == \
         [r.predictor for r in analyze.rank_predictors(local, TARGET, 2500)][:3]
     analyze.main(["forecast", "--wandb", "me/spectral-nanogpt", "--target-loss", "5", "--at-tokens", "2500",
@@ -427,7 +430,7 @@ def test_wandb_loader_gives_the_same_runs_as_the_directories(tmp_path, capsys):
 def save_power_law_spectra(run_dir, tokens, alpha):
     values = np.arange(1, 65, dtype=float) ** -alpha
     spectra.save_spectra(spectra.spectra_path(run_dir, "act", tokens),
-                         {p: dict(eig=values, limit=63, n=512, width=64) for p in POINTS},
+                         {p: dict(values=values, limit=63, n=512, width=64) for p in POINTS},
                          dict(step=0, tokens=tokens, probe_tokens=512, seq_len=32))
 
 
@@ -474,9 +477,19 @@ def test_compare_end_to_end_on_synthetic_runs(tmp_path, capsys):
     with pytest.warns(analyze.AnalysisWarning, match=r"every grad/alpha_tail value is null .* try --stat alpha_head"):
         analyze.compare_command(runs, str(out), family="grad")  # 8 samples: no tail fits
     # gradient stable ranks of runs from before and after they were defined from sigma^2
-    runs[0].config["metric_version"] = spectra.METRIC_VERSION
-    with pytest.warns(analyze.AnalysisWarning, match=r"grad/stable_rank was defined from sigma before metric version"):
+    runs[0].record.metric_version = spectra.METRIC_VERSION
+    with pytest.warns(analyze.AnalysisWarning, match=r"grad/stable_rank was defined differently before metric "
+                                                     r"version 2"):
         analyze.compare_command(runs, str(out), family="grad", stat="stable_rank")
+    for run in runs[1:]:  # version 2: the same stable ranks, another noise estimate
+        run.record.metric_version = 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", analyze.AnalysisWarning)
+        analyze.compare_command(runs, str(out), family="grad", stat="stable_rank")
+    assert not [w for w in caught if "defined differently" in str(w.message)]
+    with pytest.warns(analyze.AnalysisWarning, match=r"act/alpha_tail_noise was defined differently before metric "
+                                                     r"version 3"):
+        analyze.compare_command(runs, str(out), stat="alpha_tail_noise")
     # any logged statistic, not only the forecast's predictors
     pr = analyze.compare_command(runs, str(out), stat="pr")
     assert pr["points"] == POINTS and pr["rows"]["tokens"][0][3] == pytest.approx(0.5 + DRIFT * 6144)

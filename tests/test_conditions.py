@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+import conditions
 import spectra
 import train_gpt
 from conftest import REPO, tiny_args
@@ -34,15 +35,15 @@ def tail_alpha(npz, point, tail=(10, 100)):
 
 def test_conditions_end_to_end_average_what_each_seed_measured(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "study"
-    spectra.main(["conditions", "--model", tiny_ckpt, "--data", "data/shakespeare", "--seeds", "2", "--out", str(out),
+    conditions.main(["--model", tiny_ckpt, "--data", "data/shakespeare", "--seeds", "2", "--out", str(out),
                   "--ckpt", tiny_ckpt, *SMALL])
     printed = capsys.readouterr().out
     assert "the val split stands in" in printed and "act/alpha_tail (mean +- std over seeds)" in printed
     summary = read_summary(out / "conditions.csv")
-    conditions = {c for c, _ in summary}
+    measured = {c for c, _ in summary}
     extra = "tiny_step_00000004"  # the checkpoint's label: run and step
-    assert conditions == {"ft_train", "ft_test", "pre_train", "pre_test", "random_train", f"{extra}_train",
-                          f"{extra}_test"}
+    assert measured == {"ft_train", "ft_test", "pre_train", "pre_test", "random_train", f"{extra}_train",
+                        f"{extra}_test"}
     point = "L01.mlp_resid"
     for cond in ("ft_train", "pre_train", "pre_test", "random_train"):
         per_seed = [tail_alpha(out / "spectra" / f"{cond}_seed{s}_act.npz", point) for s in (0, 1)]
@@ -65,19 +66,19 @@ def test_conditions_end_to_end_average_what_each_seed_measured(tiny_ckpt, tmp_pa
                  "act_sublayers.png"):
         assert (out / "plots" / plot).exists()
     # a rerun into the same folder reuses the finished fine-tuning and measures the same spectrum
-    spectra.main(["conditions", "--model", tiny_ckpt, "--data", "data/shakespeare", "--seeds", "1", "--out", str(out),
+    conditions.main(["--model", tiny_ckpt, "--data", "data/shakespeare", "--seeds", "1", "--out", str(out),
                   "--conditions", "ft_train", *SMALL])
     assert "reusing the fine-tuned model" in capsys.readouterr().out
     assert np.array_equal(spectra.load_spectra(out / "spectra" / "ft_train_seed0_act.npz")[0][point], ft)
     # ... but not a fine-tuning of other settings
     with pytest.raises(SystemExit):
-        spectra.main(["conditions", "--model", tiny_ckpt, "--data", "data/shakespeare", "--seeds", "1", "--out",
+        conditions.main(["--model", tiny_ckpt, "--data", "data/shakespeare", "--seeds", "1", "--out",
                       str(out), "--conditions", "ft_train", "--ft_lr", "1e-3", *SMALL])
     assert "holds a fine-tuning of other settings" in capsys.readouterr().err
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "spectra.py", "conditions", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "conditions.py", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
 
 
@@ -116,7 +117,7 @@ def tiny_gpt2_dir(path):
 def test_conditions_on_a_hugging_face_model_fine_tune_through_the_trainer(tmp_path, capsys):
     pytest.importorskip("safetensors")
     model_dir, out = tiny_gpt2_dir(tmp_path / "tiny-gpt2"), tmp_path / "study"
-    spectra.main(["conditions", "--model", model_dir, "--data", "data/shakespeare", "--seeds", "2", "--out", str(out),
+    conditions.main(["--model", model_dir, "--data", "data/shakespeare", "--seeds", "2", "--out", str(out),
                   "--seq_len", "8", "--act_tokens", "512", "--grad_samples", "8", "--epochs", "0.0002",
                   "--ft", "log_every=1"])
     summary = read_summary(out / "conditions.csv")
@@ -138,11 +139,11 @@ def test_conditions_without_network_names_the_file_and_the_local_fix(tmp_path, m
         raise ConnectionError("huggingface.co unreachable")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     with pytest.raises(SystemExit) as stop:
-        spectra.main(["conditions", "--model", "gpt2", "--data", "data/shakespeare", "--out", str(tmp_path / "o")])
+        conditions.main(["--model", "gpt2", "--data", "data/shakespeare", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "config.json of openai-community/gpt2" in err and "local" in err
     with pytest.raises(SystemExit):
-        spectra.main(["conditions", "--model", "gpt-5", "--data", "data/shakespeare", "--out", str(tmp_path / "o")])
+        conditions.main(["--model", "gpt-5", "--data", "data/shakespeare", "--out", str(tmp_path / "o")])
     assert "known names are ['gpt2', 'gpt2-large', 'gpt2-medium', 'gpt2-xl']" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 

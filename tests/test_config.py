@@ -56,6 +56,14 @@ def test_unknown_key_on_command_line_suggests_model_keys_too():
     ("--adam_beta1=1.5", r"adam_beta1=1.5 must be in \[0, 1\)"),
     ("--muon_momentum=1", r"muon_momentum=1.0 must be in \[0, 1\)"),
     ("batch_size=3", r"expected --key=value"),
+    ("--muon_lr=nan", r"muon_lr=nan is not a finite number"),
+    ("--adamw_lr=inf", r"adamw_lr=inf is not a finite number"),
+    ("--softcap=nan", r"softcap=nan is not a finite number"),
+    ("--eval_every_tokens=-5", r"eval_every_tokens=-5: a token count > 0, or 0 evaluates at the start and the end "
+                               r"only, -1 never"),
+    ("--ckpt_every_tokens=-7", r"ckpt_every_tokens=-7: a token count > 0, or 0 checkpoints at the end only, -1 never"),
+    ("--spectra_every=-1", r"spectra_every=-1 must be >= 0"),
+    ("--weight_density_rule=powerlaw", r"weight_density_rule='powerlaw': valid values are weightwatcher, exact"),
 ])
 def test_bad_values_are_config_errors(arg, match):
     with pytest.raises(ConfigError, match=match):
@@ -82,11 +90,26 @@ def test_typed_parsing_from_the_command_line():
     assert load_config([DEMO, "--compile=0"]).compile is False
 
 
-def test_grad_accumulation_error_shows_the_arithmetic():
+def test_grad_accumulation_error_shows_the_arithmetic_and_valid_choices():
     cfg = load_config([DEMO, "--batch_size=512", "--device_batch_size=24"])
     with pytest.raises(ConfigError, match=r"batch_size=512 is not a multiple of device_batch_size x world_size = "
-                                          r"24 x 8 = 192 \(512 / 192 = 2.67\)"):
+                                          r"24 x 8 = 192: each of the 8 processes takes 64 sequences per step, so "
+                                          r"choose device_batch_size from 1, 2, 4, 8, 16, 32, 64 \(0: 64"):
         train_gpt.batch_layout(cfg, 8)
+    # a batch that no device_batch_size can split: the advice names batch sizes that can be split
+    with pytest.raises(ConfigError, match=r"batch_size=3 cannot be split over 2 processes: choose a multiple of 2, "
+                                          r"e.g. batch_size=2 or 4"):
+        train_gpt.batch_layout(load_config([DEMO, "--batch_size=3", "--device_batch_size=0"]), 2)
+    for bs, dbs, world in ((3, 0, 2), (6, 4, 2), (512, 24, 8), (7, 0, 3)):  # every value advised works
+        try:
+            train_gpt.batch_layout(load_config([DEMO, f"--batch_size={bs}", f"--device_batch_size={dbs}"]), world)
+        except ConfigError as e:
+            sizes = re.search(r"batch_size=(\d+) or (\d+)", str(e))
+            choices = re.search(r"device_batch_size from ([\d, ]+) \(", str(e))
+            for b in (sizes.groups() if sizes else []):
+                train_gpt.batch_layout(load_config([DEMO, f"--batch_size={b}", "--device_batch_size=0"]), world)
+            for d in (choices.group(1).split(", ") if choices else []):
+                train_gpt.batch_layout(load_config([DEMO, f"--batch_size={bs}", f"--device_batch_size={d}"]), world)
     assert train_gpt.batch_layout(load_config([DEMO, "--batch_size=512", "--device_batch_size=16"]), 8) == (16, 4)
     assert train_gpt.batch_layout(load_config([DEMO, "--batch_size=512", "--device_batch_size=0"]), 8) == (64, 1)
 

@@ -11,12 +11,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import measure
 import spectra
 import train_gpt
-from conftest import REPO, torchrun_worker, crash_in_step, losses, read_metrics, tiny_args
+from conftest import (FP32_ORDER_BOUND, REPO, crash_in_step, losses, read_metrics, threads, tiny_args, torchrun_worker,
+                      worker_threads)
 from data.shards import find_shards, load_prefix
 from model import GPT, make_config
 from train_gpt import ConfigError, load_config, train
+
+S = spectra.SpectraSettings
 
 VAL = "data/shakespeare/shakespeare_val_*.bin"
 
@@ -38,6 +42,14 @@ def random_model(preset="modded", seed=0, **overrides):
 
 def rel(a, b):
     return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+def split_sum_linear(self, x):
+    """nn.Linear.forward with its sum over inputs in two halves: the order of a BLAS that splits the
+    reduction over threads (monkeypatched onto nn.Linear by the fp32-order tests)."""
+    k = x.size(-1) // 2
+    y = F.linear(x[..., :k], self.weight[:, :k]) + F.linear(x[..., k:], self.weight[:, k:])
+    return y if self.bias is None else y + self.bias
 
 
 # ---- covariance accumulator ------------------------------------------------------------------
@@ -107,6 +119,40 @@ def test_windows_are_clipped_to_the_valid_rank_and_flagged():
     assert (fit["lo"], fit["hi"], fit["clipped"]) == (30, 40, True)
     assert math.isfinite(fit["alpha"])
     assert math.isnan(spectra.fit_power_law(values, (30, 150), rank=30)["alpha"])  # one rank: no line
+
+
+def test_split_half_noise_estimates_the_standard_error_of_alpha():
+    # the formula: for Gaussian half-sample alphas N(a, 2 s^2), sqrt(pi / 8) |a0 - a1| has mean s
+    draws = np.random.default_rng(0).normal(1.0, math.sqrt(2) * 0.05, size=(200_000, 2))
+    assert np.mean([spectra.split_half_se(a0, a1) for a0, a1 in draws]) == pytest.approx(0.05, rel=0.01)
+    # on covariances of sampled power-law data: the estimate against the spread of the full-sample alpha
+    # over 400 independent samples (each term of the ratio has ~4% sampling error)
+    rng = np.random.default_rng(1)
+    scale = np.arange(1, 65) ** -0.5
+    full, estimates = [], []
+
+    def alpha(rows):
+        values = np.linalg.eigvalsh(np.cov(rows, rowvar=False))[::-1]
+        return spectra.fit_power_law(values, (5, 30))["alpha"]
+    for _ in range(400):
+        x = rng.standard_normal((1024, 64)) * scale
+        full.append(alpha(x))
+        estimates.append(spectra.split_half_se(alpha(x[0::2]), alpha(x[1::2])))
+    ratio = np.mean(estimates) / np.std(full, ddof=1)
+    assert abs(ratio - 1) < 0.12, ratio  # |a0 - a1| / 2, the earlier estimate, reads 20% low: ratio 0.8
+
+
+def test_a_table_of_all_zero_spectra_says_so_in_one_line():
+    zero = dict(values=np.zeros(8), n=8, width=64, limit=8)
+    grown = dict(values=np.arange(8, 0, -1.0), n=8, width=64, limit=8)
+    settings = S(head=(1, 4), tail=(2, 8))
+    metrics, _ = spectra.summarise({"L00.attn.c_proj": zero, "L01.attn.c_proj": zero}, "grad", settings)
+    table = spectra.format_table(metrics, "grad", ["L00.attn.c_proj", "L01.attn.c_proj"])
+    assert table.count("\n") == 0 and "every spectrum: all zero, no fits" in table and "nan" not in table
+    metrics, _ = spectra.summarise({"L00.attn.c_proj": zero, "L01.attn.c_proj": grown}, "grad", settings)
+    table = spectra.format_table(metrics, "grad", ["L00.attn.c_proj", "L01.attn.c_proj"]).splitlines()
+    assert len(table) == 3 and table[1].lstrip().startswith("L01.attn.c_proj")
+    assert table[2].strip().startswith("L00.attn.c_proj: all zero, no fits")
 
 
 def test_fit_recovers_alpha_from_samples_of_a_power_law_covariance():
@@ -239,14 +285,14 @@ def test_one_pass_spectra_equal_an_independent_covariance_of_every_point():
     model = random_model("gpt2", n_layer=2)
     tokens = probe_tokens(10 * 16)  # 10 sequences: batches of 4, 4 and 2
     points = spectra.select_points(2, sublayers=True)
-    got = spectra.measure_activations(model, tokens, points, seq_len=16, batch_size=4, act_norm="rms")
+    got = spectra.measure_activations(model, tokens, S(seq_len=16, act_batch_size=4, act_norm="rms"), points)
     manual = manual_gpt2_points(model, tokens.view(10, 16))
     for p in points:
         x = manual[p]
         if spectra.is_residual(p):
-            x = x / torch.sqrt((x ** 2).mean(-1, keepdim=True))
+            x = x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-6)  # the Spectral Lens protocol's eps
         halves = [x[0::2].reshape(-1, x.size(-1)).numpy(), x[1::2].reshape(-1, x.size(-1)).numpy()]
-        for key, rows in (("eig", np.concatenate(halves)), ("eig_half0", halves[0]), ("eig_half1", halves[1])):
+        for key, rows in (("values", np.concatenate(halves)), ("values_half0", halves[0]), ("values_half1", halves[1])):
             expected = np.linalg.eigvalsh(np.cov(rows, rowvar=False))[::-1]
             k = spectra.numerical_rank(expected, len(expected))
             assert rel(got[p][key][:k], expected[:k]) < 1e-5, (p, key)
@@ -260,7 +306,7 @@ def test_measurement_does_not_touch_training_state():
     model.train()
     rng = torch.get_rng_state()
     params = [p.detach().clone() for p in model.parameters()]
-    spectra.measure_activations(model, probe_tokens(64), spectra.select_points(3), 16, 2)
+    spectra.measure_activations(model, probe_tokens(64), S(seq_len=16, act_batch_size=2), spectra.select_points(3))
     assert torch.equal(torch.get_rng_state(), rng) and model.training
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
     assert all(p.grad is None for p in model.parameters())
@@ -271,8 +317,8 @@ def test_non_finite_activations_give_nan_metrics_and_a_warning_naming_point_and_
     with torch.no_grad():
         model.blocks[1].mlp.c_fc.weight[0, 0] = float("inf")
     points = spectra.select_points(3, sublayers=True)
-    act = spectra.measure_activations(model, probe_tokens(64), points, 16, 2)
-    metrics, notes = spectra.summarise(act, "act", (1, 10), (30, 150), where="at step 7")
+    act = spectra.measure_activations(model, probe_tokens(64), S(seq_len=16, act_batch_size=2), points)
+    metrics, notes = spectra.summarise(act, "act", S(head=(1, 10), tail=(30, 150)), where="at step 7")
     assert math.isfinite(metrics["act/alpha_head/L00.mlp_resid"]) and math.isfinite(metrics["act/rankme/L01.ln2"])
     assert math.isnan(metrics["act/alpha_head/L01.fc"]) and math.isnan(metrics["act/rankme/final"])
     assert any("L01.fc at step 7: non-finite" in n for n in notes)
@@ -280,8 +326,9 @@ def test_non_finite_activations_give_nan_metrics_and_a_warning_naming_point_and_
 
 def test_too_few_probe_tokens_warn_and_limit_the_fits():
     model = random_model(n_embd=64, n_head=2)
-    act = spectra.measure_activations(model, probe_tokens(48), ["L01.mlp_resid"], 16, 2)  # 48 tokens < width 64
-    metrics, notes = spectra.summarise(act, "act", (1, 10), (30, 150))
+    act = spectra.measure_activations(model, probe_tokens(48), S(seq_len=16, act_batch_size=2),
+                                      ["L01.mlp_resid"])  # 48 tokens < width 64
+    metrics, notes = spectra.summarise(act, "act", S(head=(1, 10), tail=(30, 150)))
     assert any("48 probe tokens for width 64" in n and "rank-deficient" in n for n in notes)
     assert metrics["act/valid_rank/L01.mlp_resid"] <= 47
     assert any("tail window [30, 150] clipped" in n for n in notes)
@@ -301,16 +348,19 @@ import os, sys, numpy as np, torch, torch.distributed as dist
 sys.path.insert(0, {repo!r})
 import spectra
 from test_spectra import probe_tokens, random_model
+S = spectra.SpectraSettings
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 model = random_model("modded")
 points = spectra.select_points(3, sublayers=True)
-act = spectra.measure_activations(model, probe_tokens(11 * 16), points, 16, 2, "rms", rank, world)
+act = spectra.measure_activations(model, probe_tokens(11 * 16), S(seq_len=16, act_batch_size=2), points, rank, world)
 # 3 sequences in one batch of 4: rank 1 has no batch at all
-lone = spectra.measure_activations(model, probe_tokens(3 * 16), ["L01.fc"], 16, 4, "rms", rank, world)
+lone = spectra.measure_activations(model, probe_tokens(3 * 16), S(seq_len=16, act_batch_size=4), ["L01.fc"], rank,
+                                   world)
 if rank == 0:
     act["lone"] = lone["L01.fc"]
-    np.savez({out!r}, **{{k + "|" + p: s[k] for p, s in act.items() for k in ("eig", "eig_half0", "eig_half1")}})
+    np.savez({out!r}, **{{k + "|" + p: s[k] for p, s in act.items()
+                          for k in ("values", "values_half0", "values_half1")}})
 import train_gpt
 train_gpt.close_process_group()
 """
@@ -319,13 +369,35 @@ train_gpt.close_process_group()
 def test_two_processes_give_the_same_eigenvalues_as_one(tmp_path):
     ddp = torchrun_worker(tmp_path, DDP_WORKER)
     model = random_model("modded")
-    one = spectra.measure_activations(model, probe_tokens(11 * 16), spectra.select_points(3, sublayers=True), 16, 2)
-    one["lone"] = spectra.measure_activations(model, probe_tokens(3 * 16), ["L01.fc"], 16, 4)["L01.fc"]
+    with worker_threads():  # the workers' arithmetic: fp32 products may round differently with more threads
+        one = spectra.measure_activations(model, probe_tokens(11 * 16), S(seq_len=16, act_batch_size=2),
+                                          spectra.select_points(3, sublayers=True))
+        one["lone"] = spectra.measure_activations(model, probe_tokens(3 * 16), S(seq_len=16, act_batch_size=4),
+                                                  ["L01.fc"])["L01.fc"]
     assert len(ddp.files) == 3 * len(one)
     for p, s in one.items():
-        for key in ("eig", "eig_half0", "eig_half1"):
+        for key in ("values", "values_half0", "values_half1"):
             k = spectra.numerical_rank(s[key], len(s[key]))
             assert k > 0 and rel(ddp[f"{key}|{p}"][:k], s[key][:k]) < 1e-10, (p, key)
+
+
+def test_the_thread_count_or_summation_order_moves_eigenvalues_by_fp32_rounding_only(monkeypatch):
+    """What 1 and N processes at different thread counts (or another BLAS) may differ by: the
+    activations change by a few fp32 roundings, so by Weyl's inequality every eigenvalue by at most
+    ||dC|| ~ 2 |dX| / |X| lambda_1 (conftest.FP32_ORDER_BOUND). Threads 1 against 2, and every
+    Linear's sum split in two halves."""
+    model = random_model("modded", n_embd=64)
+    points, tokens, settings = spectra.select_points(3, sublayers=True), probe_tokens(24 * 16), S(seq_len=16,
+                                                                                                   act_batch_size=4)
+    with threads(1):
+        one = spectra.measure_activations(model, tokens, settings, points)
+    with threads(2):
+        two = spectra.measure_activations(model, tokens, settings, points)
+    monkeypatch.setattr(torch.nn.Linear, "forward", split_sum_linear)
+    with threads(1):
+        split = spectra.measure_activations(model, tokens, settings, points)
+    assert max(rel(two[p]["values"], one[p]["values"]) for p in points) < FP32_ORDER_BOUND
+    assert 0 < max(rel(split[p]["values"], one[p]["values"]) for p in points) < FP32_ORDER_BOUND
 
 
 # ---- in the trainer and on checkpoints -------------------------------------------------------
@@ -410,7 +482,7 @@ def test_checkpoint_command_writes_the_same_spectra_as_the_trainer(tmp_path):
     run_dir = train(load_config(tiny_args(tmp_path, max_steps=4, eval_every_tokens=0, ckpt_every_tokens=0,
                                           spectra_tail="5,40")))
     ckpt, = train_gpt.checkpoints(run_dir)
-    r = subprocess.run([sys.executable, "spectra.py", "act", "--ckpt", ckpt, "--data", VAL], cwd=REPO,
+    r = subprocess.run([sys.executable, "measure.py", "act", "--ckpt", ckpt, "--data", VAL], cwd=REPO,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "L01.mlp_resid" in r.stdout and "alpha_tail" in r.stdout
@@ -432,49 +504,63 @@ def test_checkpoint_command_writes_the_same_spectra_as_the_trainer(tmp_path):
 
 
 def test_checkpoint_command_errors_name_the_problem(tmp_path, capsys):
-    r = subprocess.run([sys.executable, "spectra.py", "act", "--ckpt", str(tmp_path / "nope.pt")], cwd=REPO,
+    r = subprocess.run([sys.executable, "measure.py", "act", "--ckpt", str(tmp_path / "nope.pt")], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "nope.pt' not found" in r.stderr
-    r = subprocess.run([sys.executable, "spectra.py", "act", "--ckpt", "x.pt", "--tail", "5"], cwd=REPO,
+    r = subprocess.run([sys.executable, "measure.py", "act", "--ckpt", "x.pt", "--tail", "5"], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "is not a rank window" in r.stderr
     bogus = tmp_path / "bogus.pt"
     torch.save({"weights": torch.zeros(2)}, bogus)
-    r = subprocess.run([sys.executable, "spectra.py", "act", "--ckpt", str(bogus)], cwd=REPO,
+    r = subprocess.run([sys.executable, "measure.py", "act", "--ckpt", str(bogus)], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "is not a trainer checkpoint" in r.stderr
 
-    def error_of(*argv):  # in process: spectra.main exits 2 with one line on stderr
+    def error_of(*argv):  # in process: measure.main exits 2 with one line on stderr
         with pytest.raises(SystemExit) as e:
-            spectra.main(list(argv))
+            measure.main(list(argv))
         assert e.value.code == 2
         return capsys.readouterr().err
-    assert "README.md is not a trainer checkpoint (UnpicklingError" in error_of("act", "--ckpt", f"{REPO}/README.md")
+    readme = error_of("act", "--ckpt", f"{REPO}/README.md")
+    assert "README.md is not a trainer checkpoint: it is truncated or corrupt, or not a file torch.save wrote" in readme
+    assert "weights_only" not in readme  # never torch's advice to load with weights_only=False (it runs code)
     model = random_model()
     good = tmp_path / "good.pt"
     torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg)}, good)
     assert "--seq_len 0: the model takes 1 to 16 tokens" in error_of("act", "--ckpt", str(good), "--seq_len", "0")
     torch.save({"model": model.state_dict(), "model_config": {**dataclasses.asdict(model.cfg), "n_experts": 4}},
                bogus)
-    assert "its model does not match this model.py (TypeError" in error_of("grad", "--ckpt", str(bogus))
+    assert "its model does not match this model.py with its config (TypeError" in error_of("grad", "--ckpt", str(bogus))
+    good_bytes = good.read_bytes()
+    good.write_bytes(good_bytes[:len(good_bytes) // 2])
+    assert "good.pt is not a trainer checkpoint: it is truncated or corrupt" in error_of("act", "--ckpt", str(good))
+    torch.save({"model": {}, "model_config": {}, "extra": object()}, good)  # not plain data
+    assert "good.pt is not a trainer checkpoint: it holds Python objects" in error_of("act", "--ckpt", str(good))
 
 
 def test_rms_normalisation_applies_to_residual_points_only():
     model = random_model()
+    with torch.no_grad():
+        model.wte.weight.mul_(0.01)  # small embeddings, where the eps of the RMS norm shows
     tokens = probe_tokens(64)
-    points = ["L00.attn_resid", "L00.fc"]
-    on = spectra.measure_activations(model, tokens, points, 16, 2, "rms")
-    off = spectra.measure_activations(model, tokens, points, 16, 2, "none")
-    assert on["L00.attn_resid"]["rms"] and not on["L00.fc"]["rms"]
-    np.testing.assert_array_equal(on["L00.fc"]["eig"], off["L00.fc"]["eig"])
+    points = ["embed", "L00.fc"]
+    on = spectra.measure_activations(model, tokens, S(seq_len=16, act_batch_size=2, act_norm="rms"), points)
+    off = spectra.measure_activations(model, tokens, S(seq_len=16, act_batch_size=2, act_norm="none"), points)
+    assert on["embed"]["rms"] and not on["L00.fc"]["rms"]
+    np.testing.assert_array_equal(on["L00.fc"]["values"], off["L00.fc"]["values"])
     captured = {}
     model.eval()
-    with spectra.Probe({"x": model.probe_points()["L00.attn_resid"]}, lambda n, o: captured.setdefault(n, o)):
+    with spectra.Probe({"x": model.probe_points()["embed"]}, lambda n, o: captured.setdefault(n, o)):
         with torch.no_grad():
             model.features(tokens.view(4, 16))
-    x = F.rms_norm(captured["x"], (32,)).reshape(-1, 32).double().numpy()
-    expected = np.linalg.eigvalsh(np.cov(x, rowvar=False))[::-1]
-    assert rel(on["L00.attn_resid"]["eig"], expected) < 1e-5
+    x = captured["x"].double()
+    # the documented formula x / sqrt(mean(x^2) + 1e-6), written out in fp64
+    x_rms = (x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-6)).reshape(-1, 32).numpy()
+    expected = np.linalg.eigvalsh(np.cov(x_rms, rowvar=False))[::-1]
+    assert rel(on["embed"]["values"], expected) < 1e-5
+    # ... which is not torch's default eps (fp32 epsilon): at these activations the spectra differ
+    x_default = F.rms_norm(captured["x"], (32,)).reshape(-1, 32).double().numpy()
+    assert rel(on["embed"]["values"], np.linalg.eigvalsh(np.cov(x_default, rowvar=False))[::-1]) > 1e-3
 
 
 @pytest.mark.parametrize("alpha, outlier", [(2.0, 100.0), (3.0, 1.0), (4.0, 1.0)])
@@ -497,29 +583,37 @@ def test_steep_and_outlier_spectra_keep_their_accurate_ranks(alpha, outlier):
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_halves_alternate_over_the_whole_probe_set(batch_size):
     model = random_model()
-    act = spectra.measure_activations(model, probe_tokens(7 * 16), ["L00.mlp_resid"], 16, batch_size)
+    act = spectra.measure_activations(model, probe_tokens(7 * 16), S(seq_len=16, act_batch_size=batch_size),
+                                      ["L00.mlp_resid"])
     s = act["L00.mlp_resid"]
     assert (s["n_half0"], s["n_half1"]) == (4 * 16, 3 * 16)  # sequences 0,2,4,6 and 1,3,5
-    metrics, _ = spectra.summarise(act, "act", (1, 10), (11, 30))
+    metrics, _ = spectra.summarise(act, "act", S(head=(1, 10), tail=(11, 30)))
     assert math.isfinite(metrics["act/alpha_tail_noise/L00.mlp_resid"])
 
 
 def test_js_first_uses_the_first_evaluation_where_a_point_has_a_spectrum(tmp_path):
-    meta = dict(probe_tokens=64, seq_len=16, act_norm="rms")
+    settings = S(seq_len=16, act_tokens=64)
+    meta = settings.meta("act")
     zero, grown, later = np.zeros(8), np.arange(8, 0, -1.0), np.arange(8, 0, -1.0) ** 2
 
-    def save(tokens, spectrum):
-        s = dict(eig=spectrum, eig_half0=spectrum, eig_half1=spectrum, n=64, n_half0=32, n_half1=32, width=8, limit=8)
+    def save(tokens, spectrum, meta=meta):
+        s = dict(values=spectrum, values_half0=spectrum, values_half1=spectrum, n=64, n_half0=32, n_half1=32,
+                 width=8, limit=8)
         spectra.save_spectra(spectra.spectra_path(str(tmp_path), "act", tokens), {"L00.attn": s}, meta)
     save(0, zero)
     save(100, grown)
     save(150, later)
-    prev, first = spectra.reference_spectra(str(tmp_path), "act", 200, meta)
+    prev, first = spectra.SpectraHistory.load(str(tmp_path), settings, 200).references("act")
     np.testing.assert_array_equal(first["L00.attn"], grown)
     np.testing.assert_array_equal(prev["L00.attn"], later)
-    prev, first = spectra.reference_spectra(str(tmp_path), "act", 200, {**meta, "probe_tokens": 128})
+    prev, first = spectra.SpectraHistory.load(str(tmp_path), settings.override(act_tokens=128), 200).references("act")
     assert prev == {} and first == {}  # another probe set: nothing to compare with
-    spectra.save_spectra(spectra.spectra_path(str(tmp_path), "act", 180),  # measured on another probe set
-                         {"L00.attn": dict(eig=grown, n=128, width=8, limit=8)}, {**meta, "probe_tokens": 128})
-    prev, _ = spectra.reference_spectra(str(tmp_path), "act", 200, meta)
-    np.testing.assert_array_equal(prev["L00.attn"], later)  # the latest on the same probe set
+    save(180, grown, {**meta, "probe_tokens": 128})  # measured on another probe set
+    history = spectra.SpectraHistory.load(str(tmp_path), settings, 200)
+    np.testing.assert_array_equal(history.references("act")[0]["L00.attn"], later)  # the latest on the same probe set
+    assert sorted(history.series["act"]["L00.attn"]) == [0, 100, 150, 180]  # the alpha series holds every evaluation
+    # evaluations after the one reported (a folder of measured checkpoints) join the series, not the references
+    prev, first = spectra.SpectraHistory.load(str(tmp_path), settings, 120).references("act")
+    np.testing.assert_array_equal(prev["L00.attn"], grown)
+
+

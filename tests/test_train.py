@@ -1,5 +1,7 @@
+import errno
 import glob
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -12,7 +14,7 @@ import torch
 
 import spectra
 import train_gpt
-from conftest import REPO, crash_in_step, losses, read_metrics, tiny_args
+from conftest import REPO, crash_in_step, losses, read_metrics, tiny_args, worker_threads
 from data.shards import load_prefix
 from train_gpt import load_config, train
 
@@ -116,7 +118,8 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
                         "train_gpt.py", *common, "--run_name=ddp2", "--device_batch_size=2"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    one = train(load_config(common + ["--run_name=ddp1", "--device_batch_size=4"]))  # grad_accum 2 instead
+    with worker_threads():  # the workers' arithmetic: fp32 products may round differently with more threads
+        one = train(load_config(common + ["--run_name=ddp1", "--device_batch_size=4"]))  # grad_accum 2 instead
     a, b = losses(read_metrics(one)), losses(read_metrics(os.path.join(tmp_path, "ddp2")))
     assert [x[:2] for x in a] == [x[:2] for x in b] and len(a) == 7
     for (_, _, x), (_, _, y) in zip(a, b):
@@ -204,8 +207,8 @@ def test_wandb_run_is_labelled_from_the_config_with_histograms_milestones_and_sp
     for family, name in (("act", "embed"), ("act", "L01.mlp_resid"), ("act", "final"), ("grad", "L00.attn.c_proj"),
                          ("weight", "L01.attn.c_proj")):
         measured = [h for h in evals if h.get(f"{family}/alpha_head/{name}") is not None]  # not all-zero spectra
-        assert measured and all(h[f"{family}/log_eig/{name}/_type"] == "histogram" for h in measured)
-    hist = evals[-1]["act/log_eig/L01.mlp_resid/values"]
+        assert measured and all(h[f"{family}/log_spectrum/{name}/_type"] == "histogram" for h in measured)
+    hist = evals[-1]["act/log_spectrum/L01.mlp_resid/values"]
     assert sum(hist) == 64  # all eigenvalues of the width-64 point, none dropped
     # summary copies at the first evaluation at or past 1K tokens (1024), none at 1M (not reached)
     summary = {}
@@ -382,7 +385,7 @@ def test_init_from_a_checkpoint_starts_from_its_weights(tmp_path):
     assert read_metrics(tuned)[-1]["step"] == 3
     assert json.load(open(os.path.join(tuned, "config.json")))["labels"] == config["labels"]
     shutil.move(str(tmp_path / "moved"), source)
-    with pytest.raises(train_gpt.ConfigError, match="no such checkpoint"):
+    with pytest.raises(train_gpt.ConfigError, match="none.pt' not found"):
         load_config(tiny_args(tmp_path, init_from=str(tmp_path / "none.pt")))
     with pytest.raises(train_gpt.ConfigError, match=r"cannot set n_embd=128 \(the checkpoint has 64\)"):
         load_config(tiny_args(tmp_path, init_from=ckpt, n_embd=128))
@@ -454,3 +457,172 @@ def test_a_resumed_run_keeps_the_milestone_summaries_of_the_interrupted_attempt(
     assert log.wandb.summary == {"val_loss@2K": 7.0}  # @1K stays what the first attempt set (8.0)
     assert [r["step"] for r in log.wandb.logged] == [20]
     log.file.close()
+
+
+# ---- faults: divergence, broken checkpoints, full disks, unwritable folders ------------------
+
+
+def poison_training_loss(monkeypatch, from_step, value=float("nan"), before=None):
+    """From the from_step-th optimizer step on, every training loss is `value` (still differentiable,
+    so gradients and weights follow it); before it, `before` if given. Validation is left alone."""
+    real_forward, real_next_step, steps = train_gpt.GPT.forward, train_gpt.TrainLoader.next_step, [0]
+
+    def next_step(self, grad_accum):
+        steps[0] += 1
+        return real_next_step(self, grad_accum)
+
+    def forward(self, idx, targets=None):
+        logits, loss = real_forward(self, idx, targets)
+        if loss is not None and self.training:
+            constant = value if steps[0] >= from_step else before
+            if constant is not None:
+                loss = loss * 0 + constant if math.isfinite(constant) else loss * constant
+        return logits, loss
+    monkeypatch.setattr(train_gpt.TrainLoader, "next_step", next_step)
+    monkeypatch.setattr(train_gpt.GPT, "forward", forward)
+
+
+@pytest.mark.parametrize("evaluate, what", [(False, "the weights or a step's loss are not finite"),
+                                            (True, "val_loss is nan")])
+def test_divergence_stops_with_a_clear_error_and_never_checkpoints_non_finite_weights(tmp_path, monkeypatch, capsys,
+                                                                                      evaluate, what):
+    # log lines every 4 steps, checkpoints every 2 (keep 2): the first non-finite step is 5, its log line at 8
+    args = tiny_args(tmp_path, max_steps=12, log_every=4, ckpt_every_tokens=256, ckpt_keep=2,
+                     eval_every_tokens=256 if evaluate else -1)
+    poison_training_loss(monkeypatch, 5)
+    with pytest.raises(SystemExit) as e:
+        train_gpt.main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err
+    assert f"error: training diverged at step 6: {what}; lower the learning rates (muon_lr, embed_lr" in err
+    assert "step_00000004.pt, is from before it" in err
+    saved = train_gpt.checkpoints(os.path.join(tmp_path, "tiny"))
+    assert [os.path.basename(p) for p in saved] == ["step_00000002.pt", "step_00000004.pt"]  # the good ones kept
+    for path in saved:
+        assert all(torch.isfinite(t).all() for t in torch.load(path, weights_only=True)["model"].values())
+
+
+def test_a_loss_back_at_the_uniform_level_is_warned_about_once(tmp_path, monkeypatch, capsys):
+    poison_training_loss(monkeypatch, 9, value=math.log(50304), before=5.0)
+    train(load_config(tiny_args(tmp_path, max_steps=16, log_every=2, eval_every_tokens=-1, ckpt_every_tokens=-1)))
+    err = capsys.readouterr().err
+    assert err.count("back at ln(vocab_size) = 10.826, the loss of a uniform prediction") == 1
+    assert "at step 14" in err  # the third log line at the uniform level (steps 10, 12, 14)
+    level = math.log(50304)
+    assert train_gpt.back_at_uniform([5.0, 4.0, level, level, level + 1], 50304)
+    assert not train_gpt.back_at_uniform([level, level, level, level], 50304)  # never left it: not a collapse
+    assert not train_gpt.back_at_uniform([5.0, level, level], 50304)  # not for long enough yet
+    assert not train_gpt.back_at_uniform([5.0, 9.0, 9.5, 10.0], 50304)  # high, but below the uniform level
+
+
+def test_resume_skips_a_broken_last_checkpoint_and_removes_stale_temporaries(tmp_path, monkeypatch, capsys):
+    args = tiny_args(tmp_path, max_steps=12, ckpt_every_tokens=256, ckpt_keep=2, eval_every_tokens=-1)
+    crash_in_step(monkeypatch, args, 8)
+    run_dir = os.path.join(tmp_path, "tiny")
+    newest = train_gpt.checkpoints(run_dir)[-1]
+    with open(newest, "r+b") as f:  # a write cut short by a full disk or a kill
+        f.truncate(1000)
+    dead = 2 ** 22 - 1
+    while os.path.exists(f"/proc/{dead}"):
+        dead -= 1
+    stale = os.path.join(run_dir, "ckpt", f"step_00000008.pt.tmp{dead}")
+    open(stale, "wb").close()
+    capsys.readouterr()
+    train(load_config(args + ["--resume=1"]))
+    captured = capsys.readouterr()
+    assert f"skipping a checkpoint that does not load: {newest} is not a trainer checkpoint: it is truncated" \
+        in captured.err and "weights_only" not in captured.err
+    assert f"resuming {run_dir} from step 4 (checkpoint {os.path.join(run_dir, 'ckpt', 'step_00000004.pt')})" \
+        in captured.out
+    assert f"removed {stale}" in captured.out and not os.path.exists(stale)
+    assert read_metrics(run_dir)[-1]["step"] == 12
+    for path in train_gpt.checkpoints(run_dir):
+        open(path, "wb").close()
+    with pytest.raises(train_gpt.ConfigError, match=r"--resume=1: no checkpoint of .* loads"):
+        train(load_config(args + ["--resume=1"]))
+
+
+def test_resuming_a_finished_run_does_nothing(tmp_path, capsys):
+    args = tiny_args(tmp_path, max_steps=4)
+    run_dir = train(load_config(args))
+    before = open(os.path.join(run_dir, "metrics.jsonl")).read()
+    capsys.readouterr()
+    train(load_config(args + ["--resume=1"]))
+    assert f"{run_dir} is finished (step 4 of 4); nothing to do" in capsys.readouterr().out
+    assert open(os.path.join(run_dir, "metrics.jsonl")).read() == before
+
+
+def test_a_full_disk_at_a_checkpoint_is_a_clear_error_without_leftovers(tmp_path, monkeypatch, capsys):
+    real_save = torch.save
+
+    def save(obj, f, *a, **k):
+        if isinstance(obj, dict) and "optimizers" in obj:  # the checkpoint: the disk fills half way
+            f.write(b"\0" * 4096)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(SystemExit) as e:
+        train_gpt.main(tiny_args(tmp_path, max_steps=4, ckpt_every_tokens=256))
+    err = capsys.readouterr().err
+    ckpt_dir = os.path.join(tmp_path, "tiny", "ckpt")
+    assert e.value.code == 1 and "Traceback" not in err
+    assert f"error: no space left on {os.path.abspath(ckpt_dir)} while writing step_00000002.pt" in err
+    assert os.listdir(ckpt_dir) == []  # no temporary file keeps the disk full
+
+
+def test_an_unwritable_out_dir_is_a_config_error_before_training(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(train_gpt.ConfigError, match=r"cannot write the run directory .*a_file/runs/tiny .*choose a "
+                                                    r"writable --out_dir"):
+        train(load_config(tiny_args(tmp_path / "a_file" / "runs")))
+    if os.geteuid() != 0:  # permissions do not bind root
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        with pytest.raises(train_gpt.ConfigError, match=r"cannot write the run directory .*locked/tiny"):
+            train(load_config(tiny_args(locked)))
+
+
+def test_wandb_init_is_bounded_by_its_own_timeout_setting(tmp_path, monkeypatch):
+    import wandb
+    calls = []
+
+    def unreachable(**kwargs):
+        calls.append(kwargs)
+        raise TimeoutError("no network")
+    monkeypatch.setattr(wandb, "init", unreachable)
+    cfg = load_config(tiny_args(tmp_path, wandb_mode="online"))
+    with pytest.warns(UserWarning, match="W&B disabled for the rest of this run"):
+        log = train_gpt.MetricsLog(str(tmp_path), cfg, {}, "id", labels=("g", "bs4", ()))
+    assert log.wandb is None and calls[0]["settings"].init_timeout == 30
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "5")
+    with pytest.warns(UserWarning):
+        train_gpt.MetricsLog(str(tmp_path), cfg, {}, "id", labels=("g", "bs4", ()))
+    assert calls[1]["settings"].init_timeout == 5
+
+
+def test_the_log_interval_averages_its_steps_and_carries_over_a_checkpoint():
+    interval = train_gpt.LogInterval(10, torch.device("cpu"))
+    for loss in (1.0, 2.0, 4.5):
+        interval.add(torch.tensor(loss))
+    state = interval.state()
+    assert state["start"] == 10 and state["loss_sums"] == [7.5]
+    mean, seconds = interval.close(13, world=1)
+    assert mean == pytest.approx(2.5) and seconds >= 0 and interval.start == 13 and interval.loss_sum.item() == 0
+    resumed = train_gpt.LogInterval(12, torch.device("cpu"))  # a resumed run continues the saved interval
+    resumed.restore(state, rank=0)
+    resumed.add(torch.tensor(0.5))
+    assert resumed.close(14, world=1)[0] == pytest.approx(2.0)  # (7.5 + 0.5) over steps 11-14
+
+
+def test_evaluations_read_no_spectra_files_and_config_json_records_the_resolved_lists(tmp_path, monkeypatch):
+    reads = []
+    real_load = spectra.load_spectra
+    monkeypatch.setattr(spectra, "load_spectra", lambda path: reads.append(path) or real_load(path))
+    args = tiny_args(tmp_path, max_steps=8, eval_every_tokens=256, spectra_plots=1, ckpt_every_tokens=768)
+    run_dir = train(load_config(args))
+    assert reads == []  # references and the alpha-against-tokens plot come from memory
+    record = json.load(open(os.path.join(run_dir, "config.json")))
+    assert record["spectra"]["point_names"] == ["embed", "L00.mlp_resid", "L01.mlp_resid", "final"]
+    assert record["spectra"]["layer_indices"] == [0, 1]
+    assert record["spectra"]["matrix_names"] == ["L00.attn.c_proj", "L01.attn.c_proj"]
+    assert record["spectra"]["tail"] == [30, 150] and record["metric_version"] == spectra.METRIC_VERSION
