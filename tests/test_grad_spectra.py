@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 import spectra
 import train_gpt
-from conftest import FP32_ORDER_BOUND, REPO, losses, read_metrics, threads, tiny_args, torchrun_worker, worker_threads
-from test_spectra import probe_tokens, random_model, rel, split_sum_linear
+from conftest import FP32_ORDER_BOUND, REPO, losses, read_metrics, tiny_args, torchrun_worker, worker_threads
+from test_spectra import in_three_orders, probe_tokens, random_model, rel
 from model import compiled_head_grad_rows
 from train_gpt import ConfigError, load_config, train
 
@@ -491,13 +491,7 @@ def test_the_thread_count_moves_singular_values_by_fp32_rounding_only(monkeypatc
     names = ["L00.attn.c_proj", "L01.mlp.c_fc"]
     model = random_model("modded", n_layer=2, seq_len=7)
     tokens, settings = probe_tokens(12 * 7 + 1), S(seq_len=7, grad_samples=12, grad_batch_size=1)
-    with threads(1):
-        one = spectra.measure_gradients(model, tokens, settings, names)
-    with threads(2):
-        two = spectra.measure_gradients(model, tokens, settings, names)
-    monkeypatch.setattr(torch.nn.Linear, "forward", split_sum_linear)
-    with threads(1):
-        split = spectra.measure_gradients(model, tokens, settings, names)
+    one, two, split = in_three_orders(monkeypatch, lambda: spectra.measure_gradients(model, tokens, settings, names))
     for name in names:
         assert rel(two[name]["values"], one[name]["values"]) < FP32_ORDER_BOUND, name
         assert 0 < rel(split[name]["values"], one[name]["values"]) < FP32_ORDER_BOUND, name

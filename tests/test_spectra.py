@@ -52,6 +52,18 @@ def split_sum_linear(self, x):
     return y if self.bias is None else y + self.bias
 
 
+def in_three_orders(monkeypatch, measure):
+    """measure() at 1 thread, at 2 threads, and at 1 thread with every Linear's sum split in two halves."""
+    with threads(1):
+        one = measure()
+    with threads(2):
+        two = measure()
+    with monkeypatch.context() as m, threads(1):
+        m.setattr(torch.nn.Linear, "forward", split_sum_linear)
+        split = measure()
+    return one, two, split
+
+
 # ---- covariance accumulator ------------------------------------------------------------------
 
 
@@ -389,13 +401,7 @@ def test_the_thread_count_or_summation_order_moves_eigenvalues_by_fp32_rounding_
     model = random_model("modded", n_embd=64)
     points, tokens, settings = spectra.select_points(3, sublayers=True), probe_tokens(24 * 16), S(seq_len=16,
                                                                                                    act_batch_size=4)
-    with threads(1):
-        one = spectra.measure_activations(model, tokens, settings, points)
-    with threads(2):
-        two = spectra.measure_activations(model, tokens, settings, points)
-    monkeypatch.setattr(torch.nn.Linear, "forward", split_sum_linear)
-    with threads(1):
-        split = spectra.measure_activations(model, tokens, settings, points)
+    one, two, split = in_three_orders(monkeypatch, lambda: spectra.measure_activations(model, tokens, settings, points))
     assert max(rel(two[p]["values"], one[p]["values"]) for p in points) < FP32_ORDER_BOUND
     assert 0 < max(rel(split[p]["values"], one[p]["values"]) for p in points) < FP32_ORDER_BOUND
 
