@@ -17,8 +17,9 @@ Read top to bottom:
    the arithmetic of the gradient passes.
 3. Curves: a metric's value at a token count (linear interpolation between evaluations) and the
    tokens at which the validation loss first reaches a target.
-4. Forecast core, pure functions the trainer can import: predictors at T, Spearman correlation,
-   least-squares line, leave-one-out error, predictor ranking, forecast_ratio.
+4. Forecast core, pure functions: predictors at T, Spearman correlation, least-squares line,
+   leave-one-out error, predictor ranking, forecast_ratio; and the in-run forecast's policy
+   (load_forecast_reference: which target, how many reference runs, what spread of ratios).
 5. The forecast command: table, forecast.csv, predictors.csv, forecast.png.
 6. The compare command: alpha against layer at matched tokens and at matched loss, alpha against
    tokens, loss against tokens, spectra overlaid at one layer; table and compare.csv.
@@ -26,12 +27,9 @@ Read top to bottom:
 
 From the trainer (a reference sweep of finished runs, the run's own metrics.jsonl records so far):
 
-    reference = analyze.load_runs(["runs/sweep1"])            # once: run dirs or a folder of them
-    ratio, predictor = analyze.forecast_ratio(reference, target_loss, own_records, at_tokens)
-    # (None, None) until own_records has an evaluation at or past at_tokens. The ranking depends
-    # only on the reference, so a caller may instead rank once and reuse the rows at each eval:
-    rows = analyze.rank_predictors(reference, target_loss, at_tokens)
-    f = analyze.forecast_from_rows(rows, analyze.predictor_values(own_records, at_tokens))  # Forecast or None
+    reference = analyze.load_forecast_reference(["runs/sweep1"], this_run, target_loss)  # once; AnalysisError
+    metrics = reference.metrics(own_records, tokens)    # at each evaluation: forecast/token_ratio, ...; {} until
+                                                         # own_records has an evaluation at or past `tokens`
 
 Definitions used throughout:
 
@@ -300,7 +298,7 @@ def final_loss(records):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Forecast core (pure functions; train_gpt.py may call forecast_ratio at each evaluation)
+# 4. Forecast core (pure functions) and the in-run forecast's policy (train_gpt calls it)
 
 
 PREDICTOR_FAMILIES = ("act", "grad")
@@ -848,6 +846,11 @@ def compare_command(runs, out, family="act", stat="alpha_tail", layer=None, toke
     points = plotted_points(runs, family, stat)
     if not points:
         raise AnalysisError(f"no run has {family}/{stat}/... metrics (spectra off, or another --family/--stat?)")
+    if family == "weight" and stat in ("alpha_density", "density_xmin", "density_ks"):
+        rules = {r.name: setting(r.record, "weight_density_rule") for r in runs}
+        if len(set(rules.values())) > 1:
+            warn(f"weight/{stat} was measured with different x_min rules (weight_density_rule) {rules}; its values "
+                 "are not comparable")
     for version, families, stats in spectra.METRIC_CHANGES:
         if family in families and stat in stats:
             versions = {r.name: r.record.metric_version for r in runs}

@@ -372,7 +372,9 @@ def check_arguments(args):
     if args.act_tokens < 2 * args.seq_len or args.grad_samples < 2:
         raise ValueError("--act_tokens must hold two sequences and --grad_samples be at least 2 (the halves)")
     args.settings = study_settings(args)
-    args.settings.check()
+    args.settings.check(names={k: f"--{k}" for k in ("seq_len", "head", "tail", "act_tokens", "grad_samples",
+                                                      "grad_batch_size", "max_gb", "act_norm")}
+                        | dict(act_batch_size="--batch_size"))
 
 
 def main(argv=None):

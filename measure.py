@@ -83,7 +83,8 @@ def spectrum_picks(names, max_curves=5):
 
 def draw_figures(plot_dir, family, tokens, measured, metrics, settings, n_layer, history=None):
     """The figures of one evaluation: a few spectra with their fitted head and tail, alpha against
-    layer, and alpha against tokens over the history so far (this evaluation alone without one)."""
+    layer, and alpha against tokens over the history so far (this evaluation alone without one).
+    Returns what each drew, {"spectrum" | "alpha_layer" | "alpha_tokens": {panel: {label: (x, y)}}}."""
     tag, label = f"{tokens:012d}", f"{family} spectra at {tokens:,} tokens"
     curves = []
     for p in spectrum_picks(list(measured)):
@@ -94,20 +95,23 @@ def draw_figures(plot_dir, family, tokens, measured, metrics, settings, n_layer,
                     for name, window in (("head", settings.head), ("tail", settings.tail))]
             curves.append(plots.Curve(p, values[:rank], fits))
     ylabel = "eigenvalue" if family == "act" else "singular value"
-    plots.spectra(os.path.join(plot_dir, f"{family}_spectrum_{tag}.png"), {label: curves}, ylabel)
+    drawn = {"spectrum": plots.spectra(os.path.join(plot_dir, f"{family}_spectrum_{tag}.png"), {label: curves}, ylabel)}
     kinds = {}
     for p in measured:
         kinds.setdefault(p.split(".", 1)[-1], []).append(p)
     by_layer = {stat: {kind: ([layer_of(p, n_layer) for p in ps], [metrics.get(f"{family}/{stat}/{p}") for p in ps])
                        for kind, ps in kinds.items()} for stat in ("alpha_head", "alpha_tail")}
-    plots.alpha_by_layer(os.path.join(plot_dir, f"{family}_alpha_layer_{tag}.png"), by_layer, "alpha", label)
+    drawn["alpha_layer"] = plots.alpha_by_layer(os.path.join(plot_dir, f"{family}_alpha_layer_{tag}.png"), by_layer,
+                                                "alpha", label)
     series = history.series[family] if history is not None else \
         {p: {tokens: (metrics[f"{family}/alpha_head/{p}"], metrics[f"{family}/alpha_tail/{p}"])} for p in measured}
     if any(p.endswith(".mlp_resid") for p in series):  # activations: the block outputs, embed and final
         series = {p: s for p, s in series.items() if p.endswith(".mlp_resid") or "." not in p}
-    plots.alpha_by_tokens(os.path.join(plot_dir, f"{family}_alpha_tokens.png"),
-                          {stat: {p: (sorted(s), [s[t][i] for t in sorted(s)]) for p, s in series.items()}
-                           for i, stat in enumerate(("alpha_head", "alpha_tail"))}, "alpha")
+    drawn["alpha_tokens"] = plots.alpha_by_tokens(
+        os.path.join(plot_dir, f"{family}_alpha_tokens.png"),
+        {stat: {p: (sorted(s), [s[t][i] for t in sorted(s)]) for p, s in series.items()}
+         for i, stat in enumerate(("alpha_head", "alpha_tail"))}, "alpha")
+    return drawn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,6 +169,12 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
+# the flag of each setting, for errors that name what the user typed
+FLAGS = dict(seq_len="--seq_len", head="--head", tail="--tail", act_tokens="--tokens", act_batch_size="--batch_size",
+             act_norm="--act_norm", grad_samples="--samples", grad_batch_size="--batch_size", max_gb="--max_gb",
+             method="--method", precision="--precision", density_rule="--density_rule")
+
+
 def command_settings(args, config, model_seq_len):
     """The run's spectral settings (from its checkpoint's config) with the command's flags applied."""
     run = spectra.SpectraSettings.from_config({"seq_len": model_seq_len, **config})
@@ -189,7 +199,7 @@ def main(argv=None):
         if not 0 < settings.seq_len <= model.cfg.seq_len:
             raise ValueError(f"--seq_len {settings.seq_len}: the model takes 1 to {model.cfg.seq_len} tokens per "
                              "sequence")
-        settings.check(act=args.command == "act", grad=args.command == "grad")
+        settings.check(act=args.command == "act", grad=args.command == "grad", names=FLAGS)
         n_layer, linears = model.cfg.n_layer, model.linears()
         if args.command == "act":
             names = settings.point_names(n_layer)

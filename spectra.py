@@ -37,7 +37,7 @@ import math
 import os
 import re
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -76,8 +76,9 @@ DENSITY_RULES = ("weightwatcher", "exact")  # x_min choice of the weight density
 @dataclass(frozen=True)
 class SpectraSettings:
     """What a spectral measurement measures and how, with the one set of defaults. The trainer's flat
-    keys (train_gpt.Config, e.g. --spectra_tail=10,100) are in CONFIG_KEYS; a record from before a
-    setting existed was measured with its default here."""
+    keys (train_gpt.Config, e.g. --spectra_tail=10,100) are in CONFIG_KEYS. A record from before a
+    setting existed was measured with its default here, unless the field says otherwise
+    (metadata "before": the default changed since)."""
     seq_len: int = 1024              # tokens per probe sequence (the run's seq_len)
     act_tokens: int = 131_072        # activation probe set: the first this-many val tokens
     act_batch_size: int = 16         # probe sequences per forward pass; a fixed unit, so any GPU count agrees
@@ -94,7 +95,8 @@ class SpectraSettings:
     method: str = "auto"             # auto | materialise | token_gram (see gram_method)
     precision: str = "fp32"          # fp32 (exact) | tf32 | bf16: faster, approximate passes on a GPU
     compile: bool = False            # torch.compile the head's gradient in those passes (a GPU speedup)
-    density_rule: str = "weightwatcher"  # weight density exponent: WeightWatcher's x_min rule | exact
+    # weight density exponent: WeightWatcher's x_min rule | exact (records from before the setting: exact)
+    density_rule: str = field(default="weightwatcher", metadata={"before": "exact"})
 
     @classmethod
     def from_config(cls, config):
@@ -106,30 +108,37 @@ class SpectraSettings:
             if key in config and config[key] is not None:
                 value = config[key]
                 values[f.name] = tuple(value) if isinstance(value, list) else value
+            elif "before" in f.metadata:
+                values[f.name] = f.metadata["before"]
         return cls(**values)
 
     def override(self, **flags):
         """A copy with the given settings changed; None leaves a setting as it is (an absent flag)."""
         return replace(self, **{k: v for k, v in flags.items() if v is not None})
 
-    def check(self, act=True, grad=True):
-        """ValueError naming the trainer key (and the value) of the first setting that cannot be measured."""
-        for name in ("head", "tail"):
-            check_window(CONFIG_KEYS[name], getattr(self, name))
-        for name, allowed in (("act_norm", ACT_NORMS), ("method", METHODS), ("precision", PRECISIONS),
-                              ("density_rule", DENSITY_RULES)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{CONFIG_KEYS[name]}={getattr(self, name)!r}: valid values are {', '.join(allowed)}"
+    def check(self, act=True, grad=True, names=None):
+        """ValueError naming the setting (and its value) of the first one that cannot be measured:
+        by its trainer key, or by `names` ({setting: name}, e.g. a command's flags)."""
+        def name(setting):
+            return (names or {}).get(setting) or CONFIG_KEYS.get(setting, setting)
+        for window in ("head", "tail"):
+            check_window(name(window), getattr(self, window))
+        for setting, allowed in (("act_norm", ACT_NORMS), ("method", METHODS), ("precision", PRECISIONS),
+                                 ("density_rule", DENSITY_RULES)):
+            if getattr(self, setting) not in allowed:
+                raise ValueError(f"{name(setting)}={getattr(self, setting)!r}: valid values are {', '.join(allowed)}"
                                  + (" (fp32 is exact; tf32 and bf16 are faster on a GPU and approximate)"
-                                    if name == "precision" else ""))
-        for name in ("seq_len", "act_batch_size", "grad_batch_size", "max_gb"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{CONFIG_KEYS.get(name, name)}={getattr(self, name)} must be positive")
+                                    if setting == "precision" else ""))
+        for setting in ("seq_len", "act_batch_size", "grad_batch_size", "max_gb"):
+            if not getattr(self, setting) > 0:
+                raise ValueError(f"{name(setting)}={getattr(self, setting)} must be positive")
         if act and self.act_tokens < 2 * self.seq_len:
-            raise ValueError(f"spectra_tokens={self.act_tokens} is less than two sequences of seq_len={self.seq_len} "
-                             "(the probe set is split in two halves for the noise estimate)")
+            raise ValueError(f"{name('act_tokens')}={self.act_tokens} is less than two sequences of "
+                             f"{name('seq_len')}={self.seq_len} (the probe set is split in two halves for the noise "
+                             "estimate)")
         if grad and self.grad_samples < 2:
-            raise ValueError(f"grad_samples={self.grad_samples}: per-example gradient spectra need at least 2 examples")
+            raise ValueError(f"{name('grad_samples')}={self.grad_samples}: per-example gradient spectra need at least "
+                             "2 examples")
 
     def point_names(self, n_layer):
         return select_points(n_layer, self.points, self.sublayers)
@@ -139,10 +148,11 @@ class SpectraSettings:
 
     def probe_tokens(self, family):
         """Tokens of the probe slice a family reads: whole sequences of the activation probe set, or
-        one sequence per gradient example (+1 for the last target); weights read none."""
+        one sequence per gradient example (+1 for the last target). Weights read none; they are
+        measured with the gradients and recorded with their probe set."""
         if family == "act":
             return self.act_tokens // self.seq_len * self.seq_len
-        return self.grad_samples * self.seq_len if family == "grad" else 0
+        return self.grad_samples * self.seq_len
 
     def meta(self, family):
         """What a family's spectra were measured with, saved beside them (npz meta.*): the probe set
@@ -391,7 +401,8 @@ ENERGY_STATS = ("pr", "stable_rank", "top10", "js_prev", "js_first")  # of sigma
 # are 1), and what changed at each version: (version, families, stats) defined differently from it on.
 METRIC_VERSION = 3
 METRIC_CHANGES = ((2, SINGULAR_FAMILIES, ENERGY_STATS),  # from sigma^2 (1: from sigma itself)
-                  (3, FAMILIES, ("alpha_head_noise", "alpha_tail_noise")))  # split_half_se (2: |a0 - a1| / 2)
+                  (3, FAMILIES, ("alpha_head_noise", "alpha_tail_noise")),  # split_half_se (2: |a0 - a1| / 2)
+                  (3, ("weight",), ("alpha_density", "density_xmin", "density_ks")))  # WeightWatcher's x_min rule
 STATS = ("alpha_head", "r2_head", "se_head", "alpha_head_noise", "alpha_tail", "r2_tail", "se_tail",
          "alpha_tail_noise", "rankme", "pr", "stable_rank", "top10", "valid_rank", "js_prev", "js_first")
 
@@ -1002,15 +1013,13 @@ def summarise(measured, family, settings, prev=None, first=None, where=""):
             values = spectrum_metrics(s["values"], limit, head, tail, halves, half_limits,
                                       (prev or {}).get(p), (first or {}).get(p, s["values"]),
                                       singular=family in SINGULAR_FAMILIES)
-            rank = values["valid_rank"]
-            if rank == 0:
-                notes.append(f"{family} spectrum of {p}: all values are zero (e.g. a zero-initialised "
-                             "projection or head upstream); no fits")
+            rank = values["valid_rank"]  # 0: an all-zero spectrum, said by format_table
             for name, (a, b) in (("head", head), ("tail", tail)):
                 if 0 < rank < b:
                     notes.append(f"{family} spectrum of {p}: {name} window [{a}, {b}] clipped to the "
                                  f"{rank} valid ranks")
         metrics.update({f"{family}/{k}/{p}": v for k, v in values.items()})
+    for p, s in measured.items():  # after every fit, as the keys have always been ordered
         if "noise_scale" in s:
             metrics[f"{family}/noise_scale/{p}"] = s["noise_scale"]
         if "density" in s:  # the exponent of the density of sigma^2, distinct from the rank exponents of sigma
@@ -1039,8 +1048,11 @@ def format_table(metrics, family, names):
                          f"{get('rankme', p):7.1f}")
     if zero:
         which = "every spectrum" if not rows else ", ".join(zero)
-        lines.append(f"  {which}: all zero, no fits (zero-initialised weights upstream, e.g. the modded head "
-                     "before its first update)")
+        why = {"weight": "zero-initialised weights, e.g. the modded preset's output projections before their "
+                         "first update",
+               "grad": "every per-example gradient is zero: a zero-initialised head or projection above, e.g. "
+                       "the modded preset at step 0"}.get(family, "zero activations")
+        lines.append(f"  {which}: all zero, no fits ({why})")
     return "\n".join(lines)
 
 
@@ -1141,3 +1153,8 @@ class SpectraHistory:
                     values, meta, limits = load_spectra(path)
                     history.add(family, saved, values, limits, meta, reference=saved < tokens)
         return history
+
+
+if __name__ == "__main__":  # the command lines that lived here moved to modules above the measurement
+    raise SystemExit("spectra.py is the measurement library; measure a checkpoint with python measure.py act|grad "
+                     "--ckpt CKPT [...], run the conditions study with python conditions.py --model ... --data ...")

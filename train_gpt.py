@@ -5,8 +5,9 @@ spectral-nanogpt trainer: one file, read top to bottom.
     torchrun --standalone --nproc_per_node=8 train_gpt.py configs/d36_bs512.py [--key=value ...]
     python train_gpt.py configs/d36_bs512.py --dry_run=1
 
-Sections: config -> data -> optimizers -> run directory and logging -> evaluation -> checkpoints,
-resume and the log interval -> training loop. Tokens are the first-class axis: budgets, evaluation
+Sections: config -> data -> optimizers -> run directory, metrics and W&B -> distributed helpers ->
+evaluation (the session, evaluate_and_log) -> the log interval, divergence, checkpoints and
+resuming -> console -> training loop. Tokens are the first-class axis: budgets, evaluation
 and checkpoint cadence are in tokens, so runs at different batch sizes line up.
 """
 
@@ -41,7 +42,7 @@ from rundir import Checkpoint, RunFileError, RunRecord, checkpoints, load_model,
     remove_stale_temporaries
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-S = spectra.DEFAULTS  # the spectral settings' defaults, owned by spectra.SpectraSettings
+SPECTRA = spectra.DEFAULTS  # the spectral settings' defaults, owned by spectra.SpectraSettings
 
 # ----------------------------------------------------------------------------------------------
 # Config: dataclass defaults < config file (plain Python assignments) < --key=value
@@ -99,25 +100,25 @@ class Config:
     final_lr_frac: float = 0.0         # LR at the end of the cooldown, relative to the peak
     # spectral evaluation (spectra.SpectraSettings owns these defaults): activation covariance spectra
     spectra_every: int = 1             # evaluations: measure at every k-th evaluation (and the last); 0: off
-    spectra_tokens: int = S.act_tokens  # probe set: the first this-many val tokens, the same at every evaluation
-    spectra_batch_size: int = S.act_batch_size  # probe sequences per forward pass (a fixed unit: any GPU count agrees)
-    spectra_points: str = S.points     # "" -> embed, every L{l}.mlp_resid, final; or names/globs "L0*.attn,final"
-    spectra_sublayers: bool = S.sublayers  # with spectra_points="": every probe point of every block
-    spectra_head: tuple[int, int] = S.head  # rank windows [a, b] of the power-law fits;
-    spectra_tail: tuple[int, int] = S.tail  # (10, 100) is the earlier protocol's tail
-    spectra_act_norm: str = S.act_norm  # rms: RMS-normalise residual-stream points per token | none
+    spectra_tokens: int = SPECTRA.act_tokens  # probe set: the first this-many val tokens, the same at every evaluation
+    spectra_batch_size: int = SPECTRA.act_batch_size  # probe sequences per forward pass (a fixed unit: N GPUs agree)
+    spectra_points: str = SPECTRA.points     # "" -> embed, every L{l}.mlp_resid, final; or names/globs "L0*.attn,final"
+    spectra_sublayers: bool = SPECTRA.sublayers  # with spectra_points="": every probe point of every block
+    spectra_head: tuple[int, int] = SPECTRA.head  # rank windows [a, b] of the power-law fits;
+    spectra_tail: tuple[int, int] = SPECTRA.tail  # (10, 100) is the earlier protocol's tail
+    spectra_act_norm: str = SPECTRA.act_norm  # rms: RMS-normalise residual-stream points per token | none
     spectra_plots: bool = True         # plots/ at each spectral evaluation
     # per-example gradient spectra (and the weights' own spectra) of chosen Linear layers
     grad_spectra_every: int = 1        # spectral evaluations: at every k-th of them (and the last); 0: off
-    grad_samples: int = S.grad_samples  # examples: the first this-many val sequences, one example each
-    grad_matrices: str = S.matrices    # comma-separated from attn.c_q/c_k/c_v/c_proj, mlp.c_fc/c_proj
-    grad_layers: str = S.layers        # "" -> 5 evenly spaced layers, first and last included; "all"; or "0,5,11"
-    grad_batch_size: int = S.grad_batch_size  # examples per forward/backward (a fixed unit, like spectra_batch_size)
-    grad_spectra_max_gb: float = S.max_gb  # per-example gradients (fp32) held at once; more goes in column blocks
-    grad_spectra_method: str = S.method  # auto | materialise | token_gram (see spectra.gram_method)
-    grad_spectra_precision: str = S.precision  # fp32 (exact) | tf32 | bf16: faster, approximate passes on a GPU
-    grad_spectra_compile: bool = S.compile  # torch.compile the head's gradient in those passes (a GPU speedup)
-    weight_density_rule: str = S.density_rule  # weight/alpha_density: weightwatcher (its x_min rule) | exact
+    grad_samples: int = SPECTRA.grad_samples  # examples: the first this-many val sequences, one example each
+    grad_matrices: str = SPECTRA.matrices    # comma-separated from attn.c_q/c_k/c_v/c_proj, mlp.c_fc/c_proj
+    grad_layers: str = SPECTRA.layers        # "" -> 5 evenly spaced layers, first and last included; "all"; or "0,5,11"
+    grad_batch_size: int = SPECTRA.grad_batch_size  # examples per forward/backward (a fixed unit, too)
+    grad_spectra_max_gb: float = SPECTRA.max_gb  # per-example gradients (fp32) held at once; more goes in column blocks
+    grad_spectra_method: str = SPECTRA.method  # auto | materialise | token_gram (see spectra.gram_method)
+    grad_spectra_precision: str = SPECTRA.precision  # fp32 (exact) | tf32 | bf16: faster, approximate passes on a GPU
+    grad_spectra_compile: bool = SPECTRA.compile  # torch.compile the head's gradient in those passes (a GPU speedup)
+    weight_density_rule: str = SPECTRA.density_rule  # weight/alpha_density: weightwatcher (its x_min rule) | exact
     # checkpoints
     ckpt_every_tokens: int = 0         # tokens between checkpoints; 0: only at the end; -1: never
     ckpt_keep: int = 2                 # most recent checkpoints kept
@@ -242,7 +243,10 @@ def check_config(cfg):
     for key in ("spectra_every", "grad_spectra_every"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be >= 0 (every k-th evaluation; 0 switches it off)")
-    if cfg.train_tokens <= 0 and cfg.max_steps <= 0:
+    for key in ("train_tokens", "max_steps"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be >= 0 (0: no limit of this kind)")
+    if cfg.train_tokens == 0 and cfg.max_steps == 0:
         raise ConfigError("set a budget: train_tokens > 0 or max_steps > 0")
     if cfg.val_tokens < cfg.seq_len:
         raise ConfigError(f"val_tokens={cfg.val_tokens} is less than one sequence (seq_len={cfg.seq_len})")
@@ -626,7 +630,13 @@ def choose_run_name(cfg):
 
 def check_writable(run_dir):
     """ConfigError unless the run directory can be created and written (a read-only out_dir, a path
-    through a file, no permission), found before any training starts."""
+    through a file, no permission), found before any training starts. Leaves nothing behind: the
+    folders it had to create for the test are removed again."""
+    missing = []
+    parent = os.path.abspath(run_dir)
+    while not os.path.exists(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
     try:
         os.makedirs(run_dir, exist_ok=True)
         probe = os.path.join(run_dir, f".write-test{os.getpid()}")
@@ -636,6 +646,10 @@ def check_writable(run_dir):
     except OSError as e:
         raise ConfigError(f"cannot write the run directory {run_dir} ({e.strerror or e}); choose a writable "
                           "--out_dir") from None
+    finally:
+        for folder in missing:  # deepest first
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
 
 
 def resolve_run_dir(cfg, rank):
@@ -887,10 +901,6 @@ def gather_objects(obj):
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation
-
-
 def close_process_group():
     """Wait for every rank, then end the process group. Gloo's worker threads free the tensors of
     the last collectives under the GIL, while the process group's destructor joins those threads
@@ -947,7 +957,8 @@ def spectral_eval(cfg, step, n_steps, tokens_per_step):
 class Session:
     """One attempt at a run, from its start to its end: what the training loop shares with the
     functions it calls (resume, open_run, evaluate_and_log, log_interval, save_checkpoint), passed to
-    them explicitly. Fixed at the start but for the run's files and clocks."""
+    them explicitly. The fields above `reference` are fixed at the start; those below are set by
+    resume and open_run or grow as the run goes (the log, the history, the records so far)."""
     cfg: Config
     gcfg: GPTConfig
     settings: spectra.SpectraSettings
@@ -1232,6 +1243,7 @@ def open_run(s, step, derived):
                        spectra=s.settings.record(linears, gcfg.n_layer), wandb_id=s.wandb_id,
                        metric_version=spectra.METRIC_VERSION, git=git_state(), versions=versions(),
                        device=torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else "cpu")
+    os.makedirs(s.run_dir, exist_ok=True)
     for path in remove_stale_temporaries(s.run_dir):
         print(f"removed {path}, left by a writer that was killed")
     wandb_sent_step = -1
@@ -1301,6 +1313,7 @@ def train(cfg):
 
     # Everything that can fail on bad input fails here, before anything is written.
     train_files = open_train_shards(cfg.train_files, tokens_per_step, n_steps * tokens_per_step, rank)
+    loader = TrainLoader(train_files, cfg, rank, world, device, gcfg.vocab_size)
     val, probe = load_val_and_probe(cfg, gcfg, settings)
     reference = load_forecast_reference(cfg, gcfg)  # every rank: a bad one fails on all alike
     run_dir = resolve_run_dir(cfg, rank)
@@ -1316,7 +1329,6 @@ def train(cfg):
     model = torch.compile(raw) if use_compile else raw
     train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     opts = build_optimizers(raw, cfg, device, compile=use_compile)
-    loader = TrainLoader(train_files, cfg, rank, world, device, gcfg.vocab_size)
     torch.manual_seed(cfg.seed + 1 + rank)  # per-rank stream for dropout
     with torch.device("meta"):
         matrices = settings.matrix_names(GPT(gcfg).linears(), gcfg.n_layer)
@@ -1325,7 +1337,8 @@ def train(cfg):
                 opts, loader, val, probe, points, matrices, reference,
                 wandb_id=os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4))
     step, resumed_interval = resume(s, ckpt) if ckpt else (0, None)
-    if ckpt and rank == 0:
+    del ckpt  # weights and optimizer state are in place: no second copy in host memory for the run
+    if ckpt_path and rank == 0:
         print(f"resuming {run_dir} from step {step} (checkpoint {ckpt_path})")
     if step >= n_steps:  # nothing left: no new W&B folder, no files touched
         if rank == 0:

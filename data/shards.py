@@ -120,7 +120,8 @@ def atomic_write(path, write):
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        if any(isinstance(x, OSError) and x.errno == errno.ENOSPC for x in (e, e.__context__, e.__cause__)):
+            # (a writer such as torch.save may report a full disk as its own error, the OSError behind it)
             raise WriteError(f"no space left on {os.path.dirname(os.path.abspath(path))} while writing "
                              f"{os.path.basename(path)}; free space there or write elsewhere") from None
         if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):

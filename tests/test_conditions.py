@@ -62,6 +62,8 @@ def test_conditions_end_to_end_average_what_each_seed_measured(tiny_ckpt, tmp_pa
     assert not np.allclose(ft, pre, rtol=1e-6)
     grad = summary[("pre_train", "grad/alpha_head/L00.attn.c_proj")]
     assert math.isfinite(grad[0]) and grad[2] == 2
+    # the trainer's report path: every scalar the trainer logs, the gradient noise scale included
+    assert math.isfinite(summary[("pre_train", "grad/noise_scale/L00.attn.c_proj")][0])
     for plot in ("act_alpha_layers.png", "grad_alpha_layers.png", "act_spectrum_L01.mlp_resid.png",
                  "act_sublayers.png"):
         assert (out / "plots" / plot).exists()

@@ -63,6 +63,8 @@ def test_unknown_key_on_command_line_suggests_model_keys_too():
                                r"only, -1 never"),
     ("--ckpt_every_tokens=-7", r"ckpt_every_tokens=-7: a token count > 0, or 0 checkpoints at the end only, -1 never"),
     ("--spectra_every=-1", r"spectra_every=-1 must be >= 0"),
+    ("--max_steps=-3", r"max_steps=-3 must be >= 0 \(0: no limit of this kind\)"),
+    ("--train_tokens=-5", r"train_tokens=-5 must be >= 0"),
     ("--weight_density_rule=powerlaw", r"weight_density_rule='powerlaw': valid values are weightwatcher, exact"),
 ])
 def test_bad_values_are_config_errors(arg, match):

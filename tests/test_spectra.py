@@ -534,6 +534,11 @@ def test_checkpoint_command_errors_name_the_problem(tmp_path, capsys):
     good = tmp_path / "good.pt"
     torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.cfg)}, good)
     assert "--seq_len 0: the model takes 1 to 16 tokens" in error_of("act", "--ckpt", str(good), "--seq_len", "0")
+    # the command's own flags, not the trainer's keys
+    assert "--tokens=10 is less than two sequences of --seq_len=16" in error_of("act", "--ckpt", str(good), "--tokens",
+                                                                                  "10")
+    assert "--max_gb=0.0 must be positive" in error_of("grad", "--ckpt", str(good), "--max_gb", "0")
+    assert "--head=(5, 3) is not a rank window" in error_of("act", "--ckpt", str(good), "--head", "5,3")
     torch.save({"model": model.state_dict(), "model_config": {**dataclasses.asdict(model.cfg), "n_experts": 4}},
                bogus)
     assert "its model does not match this model.py with its config (TypeError" in error_of("grad", "--ckpt", str(bogus))
@@ -542,6 +547,27 @@ def test_checkpoint_command_errors_name_the_problem(tmp_path, capsys):
     assert "good.pt is not a trainer checkpoint: it is truncated or corrupt" in error_of("act", "--ckpt", str(good))
     torch.save({"model": {}, "model_config": {}, "extra": object()}, good)  # not plain data
     assert "good.pt is not a trainer checkpoint: it holds Python objects" in error_of("act", "--ckpt", str(good))
+
+
+def test_one_settings_object_owns_the_defaults_of_every_record():
+    assert spectra.SpectraSettings.from_config(dataclasses.asdict(train_gpt.Config())) == spectra.DEFAULTS
+    run = spectra.SpectraSettings.from_config({"spectra_tail": [10, 100], "grad_spectra_precision": "bf16",
+                                               "seq_len": 128})
+    assert (run.tail, run.precision, run.seq_len, run.head) == ((10, 100), "bf16", 128, spectra.DEFAULTS.head)
+    # a record from before a setting existed: its default, or what such runs measured with where the default changed
+    old = spectra.SpectraSettings.from_config({})
+    assert old.act_norm == "rms" and old.precision == "fp32" and old.density_rule == "exact"
+    assert run.override(tail=None, head=(2, 8)).head == (2, 8) and run.override(tail=None).tail == (10, 100)
+    with pytest.raises(ValueError, match=r"spectra_tail=\(10, 5\) is not a rank window"):
+        run.override(tail=(10, 5)).check()
+    with pytest.raises(ValueError, match=r"--tail=\(10, 5\) is not a rank window"):
+        run.override(tail=(10, 5)).check(names={"tail": "--tail"})
+
+
+def test_the_old_command_line_of_spectra_py_says_where_it_went():
+    r = subprocess.run([sys.executable, "spectra.py", "act", "--ckpt", "x.pt"], cwd=REPO, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and "python measure.py act|grad --ckpt" in r.stderr and "python conditions.py" in r.stderr
 
 
 def test_rms_normalisation_applies_to_residual_points_only():
