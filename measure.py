@@ -135,7 +135,10 @@ def pick_device(name):
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="measure.py", description=__doc__.split("\n\n")[0].strip())
+    ap = argparse.ArgumentParser(prog="measure.py", description="The activation spectra (act), or the per-example "
+                                 "gradient and weight spectra (grad), of a trainer checkpoint, measured and reported "
+                                 "as the trainer does at an evaluation. Every setting defaults to the run's own; "
+                                 "outputs go to RUN/measured/ (or --out).")
     sub = ap.add_subparsers(dest="command", required=True)
     act = sub.add_parser("act", help="activation spectra of a checkpoint")
     grad = sub.add_parser("grad", help="per-example gradient and weight spectra of a checkpoint")

@@ -20,10 +20,12 @@ Goals (issue 3): <= 10% for cpu_demo on CPU, <= 2% for d12 on one GPU.
 --report_evals=N: the config's model measures its spectra once, then measure.report (fits,
 references, npz, figures and table, as the trainer reports an evaluation; gradient and weight
 spectra at every grad_spectra_every-th) runs for N evaluations in a row into one run directory.
-It prints the mean reporting time per evaluation over the first and the last tenth and their
-ratio: about 1 when the work per evaluation does not grow with the evaluations before it. The
-first evaluation (imports, matplotlib's first figure) is left out of the first tenth; each tenth
-holds as many evaluations with gradient spectra as the other.
+It prints the mean reporting time per evaluation over the first and the last tenth, each against
+a baseline measured beside it: the same evaluation reported into an empty directory with no
+history. The growth of that ratio is about 1 when the work per evaluation does not grow with the
+evaluations before it (the machine's own drift cancels). The first evaluation (imports,
+matplotlib's first figure) is left out of the first tenth; each tenth holds as many evaluations
+with gradient spectra as the other.
 """
 
 import contextlib
@@ -99,32 +101,44 @@ def report_scaling(cfg, n_evals):
     every = cfg.grad_spectra_every or n_evals + 1
     if n_evals < 21:
         sys.exit("--report_evals: at least 21 evaluations (a first one left out, then two tenths)")
-    times = []
-    with tempfile.TemporaryDirectory() as run_dir:
-        history, notes = spectra.SpectraHistory(settings), measure.Notes(say=lambda note: None)
-        for k in range(n_evals):
-            tokens = k * cfg.eval_every_tokens
-            families = ["act"] + (["grad", "weight"] if k % every == 0 else [])
-            t0 = time.perf_counter()
-            with contextlib.redirect_stdout(io.StringIO()):  # the console tables
-                for family in families:
-                    measure.report(family, measured[family], settings, run_dir, k, tokens, gcfg.n_layer, history,
-                                   notes, figures=cfg.spectra_plots)
-            times.append(time.perf_counter() - t0)
     tenth = max(1, n_evals // 10)
-    return statistics.mean(times[1:1 + tenth]), statistics.mean(times[-tenth:])
+    timed = set(range(1, 1 + tenth)) | set(range(n_evals - tenth, n_evals))
+    notes = measure.Notes(say=lambda note: None)
+
+    def report(run_dir, history, k):
+        """Seconds to report evaluation k (its families) into run_dir with its history."""
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):  # the console tables
+            for family in ["act"] + (["grad", "weight"] if k % every == 0 else []):
+                measure.report(family, measured[family], settings, run_dir, k, k * cfg.eval_every_tokens,
+                               gcfg.n_layer, history, notes, figures=cfg.spectra_plots)
+        return time.perf_counter() - t0
+    run, fresh = [], []  # seconds of evaluation k in the long run, and of the same evaluation as a run's first
+    with tempfile.TemporaryDirectory() as run_dir:
+        history = spectra.SpectraHistory(settings)
+        for k in range(n_evals):
+            run.append(report(run_dir, history, k))
+            if k in timed:  # the baseline, measured beside it: the same work with nothing before it
+                with tempfile.TemporaryDirectory() as empty:
+                    fresh.append(report(empty, spectra.SpectraHistory(settings), k))
+    return (statistics.mean(run[1:1 + tenth]), statistics.mean(fresh[:tenth]),
+            statistics.mean(run[-tenth:]), statistics.mean(fresh[-tenth:]))
 
 
 def main(argv):
     report_evals = next((int(a.split("=", 1)[1]) for a in argv if a.startswith("--report_evals=")), 0)
     if report_evals:
         cfg, _ = bench_config([a for a in argv if not a.startswith("--report_evals=")], steps=0)
-        first, last = report_scaling(cfg, report_evals)
+        first, first_fresh, last, last_fresh = report_scaling(cfg, report_evals)
         print(f"== {cfg.config_file}: measure.report over {report_evals} evaluations of one run directory "
-              f"(figures {'on' if cfg.spectra_plots else 'off'})")
-        print(f"per evaluation, first tenth  {first:.3f} s")
-        print(f"per evaluation, last tenth   {last:.3f} s")
-        print(f"last / first                 {last / first:.2f}  (flat: about 1)")
+              f"(figures {'on' if cfg.spectra_plots else 'off'}), each timed evaluation also reported into an "
+              "empty directory (the baseline)")
+        print(f"first tenth, per evaluation   {first:.3f} s  (baseline {first_fresh:.3f} s: ratio "
+              f"{first / first_fresh:.2f})")
+        print(f"last tenth, per evaluation    {last:.3f} s  (baseline {last_fresh:.3f} s: ratio "
+              f"{last / last_fresh:.2f})")
+        print(f"growth of the ratio           {(last / last_fresh) / (first / first_fresh):.2f}  (flat: about 1; "
+              "the reporting of one evaluation does not depend on how many came before)")
         return
     cfg, steps = bench_config(argv, steps=40)
     world = int(os.environ.get("WORLD_SIZE", "1"))
