@@ -163,10 +163,10 @@ class SpectraSettings:
             meta["precision"] = self.precision
         return meta
 
-    def record(self, linears, n_layer):
+    def record(self, n_layer, points, matrices):
         """The settings and the resolved lists (points, layers, matrices) for a run's config.json."""
-        return dict(asdict(self), point_names=self.point_names(n_layer),
-                    layer_indices=layer_indices(n_layer, self.layers), matrix_names=self.matrix_names(linears, n_layer))
+        return dict(asdict(self), point_names=list(points), layer_indices=layer_indices(n_layer, self.layers),
+                    matrix_names=list(matrices))
 
 
 # trainer key of each setting (train_gpt.Config) where it is not the setting's own name

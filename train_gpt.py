@@ -1235,12 +1235,10 @@ def open_run(s, step, derived):
     if s.rank != 0:
         return
     cfg, gcfg = s.cfg, s.gcfg
-    with torch.device("meta"):
-        linears = GPT(gcfg).linears()
     # W&B group, job type and tags: decided at the run's start and kept, so a resume needs no init_from source
     labels = (saved_labels(s.run_dir) if cfg.resume else None) or run_labels(cfg, gcfg)
     record = RunRecord(config=asdict(cfg), model=asdict(gcfg), derived=derived, labels=list(labels),
-                       spectra=s.settings.record(linears, gcfg.n_layer), wandb_id=s.wandb_id,
+                       spectra=s.settings.record(gcfg.n_layer, s.points, s.matrices), wandb_id=s.wandb_id,
                        metric_version=spectra.METRIC_VERSION, git=git_state(), versions=versions(),
                        device=torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else "cpu")
     os.makedirs(s.run_dir, exist_ok=True)
@@ -1331,7 +1329,8 @@ def train(cfg):
     opts = build_optimizers(raw, cfg, device, compile=use_compile)
     torch.manual_seed(cfg.seed + 1 + rank)  # per-rank stream for dropout
     with torch.device("meta"):
-        matrices = settings.matrix_names(GPT(gcfg).linears(), gcfg.n_layer)
+        matrices = settings.matrix_names(GPT(gcfg).linears(), gcfg.n_layer) \
+            if cfg.spectra_every and cfg.grad_spectra_every else []
     # a W&B sweep agent names the run it launched in WANDB_RUN_ID; otherwise a fresh id
     s = Session(cfg, gcfg, settings, rank, world, device, autocast, run_dir, n_steps, tokens_per_step, raw, model,
                 opts, loader, val, probe, points, matrices, reference,
