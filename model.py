@@ -57,9 +57,9 @@ ACTIVATIONS = {"relu2": relu2, "gelu": F.gelu, "gelu_tanh": gelu_tanh}
 @dataclass
 class GPTConfig:
     vocab_size: int = 50304      # GPT-2's 50257 padded up to a multiple of 128 for fast matmuls
-    n_layer: int = 12
-    n_head: int = 6
-    n_embd: int = 768
+    n_layer: int = 12            # transformer blocks (the profile sets it)
+    n_head: int = 6              # attention heads per block (the profile sets it)
+    n_embd: int = 768            # residual-stream width (the profile sets it)
     seq_len: int = 1024          # longest sequence: size of the learned position table / rotary cache
     pos: str = "rotary"          # "learned" | "rotary"
     norm: str = "rms"            # "rms" (parameter-free) | "layer" (LayerNorm with weight, bias if `bias`)
@@ -72,8 +72,8 @@ class GPTConfig:
     unet_skips: bool = True      # first-half block outputs added (learned weights) into the second half
     attn_scale: float = 0.0      # softmax scale; 0 means 1/sqrt(head_dim)
     bias: bool = False           # biases in Linear layers (and LayerNorm)
-    dropout: float = 0.0
-    rope_base: float = 10000.0
+    dropout: float = 0.0         # dropout on embeddings, attention weights and sublayer outputs (training)
+    rope_base: float = 10000.0   # rotary frequency base
 
     def __post_init__(self):
         choices = {"pos": ("learned", "rotary"), "norm": ("rms", "layer"), "act": tuple(ACTIVATIONS)}

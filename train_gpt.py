@@ -14,6 +14,7 @@ and checkpoint cadence are in tokens, so runs at different batch sizes line up.
 import dataclasses
 import difflib
 import functools
+import inspect
 import json
 import math
 import os
@@ -37,7 +38,7 @@ import measure
 import spectra
 from data.shards import ShardError, WriteError, atomic_write, check_vocab, find_shards, load_prefix, load_tokens, \
     read_header
-from model import GPT, GPTConfig, make_config
+from model import GPT, PRESETS, GPTConfig, make_config, probe_point_width
 from rundir import Checkpoint, RunFileError, RunRecord, checkpoints, load_model, newest_checkpoint, read_metrics, \
     remove_stale_temporaries
 
@@ -53,10 +54,10 @@ class Config:
     # run and output
     config_file: str = ""              # the CONFIG.py given first on the command line (not a settable key)
     run_name: str = ""                 # "" -> <config file name>_<date-time>
-    out_dir: str = "runs"
-    seed: int = 1337
+    out_dir: str = "runs"              # run directories go to out_dir/run_name
+    seed: int = 1337                   # initial weights and dropout streams
     resume: bool = False               # continue runs/<run_name> (default: newest run of this config)
-    dry_run: bool = False              # build on the meta device, print config and size, exit
+    dry_run: bool = False              # check data, output folder and budgets; print config, size, spectra cost; exit
     device: str = "auto"               # auto | cpu | cuda
     compile: Optional[bool] = None     # torch.compile; None: on for CUDA, off for CPU
     # model: preset + size profile; any GPTConfig field of model.py (qk_norm, n_layer, ...) may be
@@ -65,11 +66,11 @@ class Config:
     init_from: str = ""                # "" -> random init; gpt2 | gpt2-medium | gpt2-large | gpt2-xl, a directory in
                                        # the Hugging Face format, or a trainer checkpoint (.pt) to fine-tune from
     profile: str = "d12"               # d12 | d24 | d36 | d48
-    model: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)  # (collected GPTConfig keys; not settable itself)
     # data and budget
-    train_files: str = "data/fineweb10B/fineweb_train_*.bin"
-    val_files: str = "data/fineweb10B/fineweb_val_*.bin"
-    seq_len: int = 1024
+    train_files: str = "data/fineweb10B/fineweb_train_*.bin"  # glob of training shards (data/shards.py format)
+    val_files: str = "data/fineweb10B/fineweb_val_*.bin"      # glob of validation shards: val loss and spectra
+    seq_len: int = 1024                # tokens per training sequence
     batch_size: int = 512              # sequences per optimizer step, all ranks together
     device_batch_size: int = 64        # sequences per forward/backward on one device (0: batch_size / world size)
     train_tokens: int = 2_500_000_000  # stop after this many tokens (0: use max_steps alone)
@@ -82,8 +83,8 @@ class Config:
     optimizer: str = "muon"            # muon | adamw
     lr_ref_batch_size: int = 512       # the learning rates below are for this batch size ...
     lr_scaling: str = "sqrt"           # ... and scale by (batch_size / lr_ref_batch_size)^p, p = 0 | 1/2 | 1
-    muon_lr: float = 0.05
-    muon_momentum: float = 0.95
+    muon_lr: float = 0.05              # Muon: hidden weight matrices
+    muon_momentum: float = 0.95        # Muon: momentum after its warmup
     muon_momentum_start: float = 0.85  # momentum warms up linearly from this ...
     muon_momentum_warmup_steps: int = 300  # ... over this many steps
     embed_lr: float = 0.3              # Adam: token, position and value embeddings
@@ -91,9 +92,9 @@ class Config:
     scalar_lr: float = 0.04            # Adam: gains, biases, skip and value-embedding weights
     adamw_lr: float = 6e-4             # optimizer="adamw": one LR for every parameter
     weight_decay: float = 0.0          # decoupled; hidden matrices (Muon) or all matrices (AdamW)
-    adam_beta1: float = 0.8
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-10
+    adam_beta1: float = 0.8            # Adam(W): first-moment decay
+    adam_beta2: float = 0.95           # Adam(W): second-moment decay
+    adam_eps: float = 1e-10            # Adam(W): denominator epsilon
     grad_clip: float = 0.0             # max global grad norm; 0: off
     warmup_frac: float = 0.0           # LR schedule: linear warmup over this share of the steps,
     cooldown_frac: float = 0.4         # constant, then linear cooldown over the last share
@@ -124,8 +125,8 @@ class Config:
     ckpt_keep: int = 2                 # most recent checkpoints kept
     # Weights & Biases
     wandb_mode: str = ""               # online | offline | disabled; "" -> $WANDB_MODE, else offline
-    wandb_project: str = "spectral-nanogpt"
-    wandb_group: str = ""
+    wandb_project: str = "spectral-nanogpt"  # W&B project
+    wandb_group: str = ""              # "" -> derived from the model family (preset, profile, changes, optimizer)
     wandb_name: str = ""               # "" -> run_name
     wandb_milestones: str = "100K,1M,10M,50M,100M,500M,1B"  # run-summary copies of alphas at these tokens
     # in-run forecast of token efficiency from a finished reference sweep (analyze.py)
@@ -207,21 +208,100 @@ def read_config_file(path):
             and type(v).__name__ != "module"}
 
 
+def command_line_pairs(args):
+    """[(key, value)] from --key=value, --key value, or a bare --flag (a bool key: True)."""
+    pairs, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"command line: expected --key=value or --key value, got {arg!r} (a config file "
+                              "comes first; python train_gpt.py --help lists the keys)")
+        if "=" in arg:
+            pairs.append(tuple(arg[2:].split("=", 1)))
+        elif {**TRAIN_KEYS, **MODEL_KEYS}.get(arg[2:]) is bool and (i + 1 == len(args) or args[i + 1].startswith("--")):
+            pairs.append((arg[2:], "1"))
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            pairs.append((arg[2:], args[i + 1]))
+            i += 1
+        else:
+            raise ConfigError(f"command line: {arg} needs a value: {arg}=VALUE or {arg} VALUE")
+        i += 1
+    return pairs
+
+
 def load_config(argv):
-    """Config from [CONFIG.py] [--key=value ...]; raises ConfigError naming the key and the fix."""
+    """Config from [CONFIG.py] [--key=value | --key value ...]; raises ConfigError naming the key and the fix."""
     cfg = Config()
     args = list(argv)
-    if args and not args[0].startswith("--"):
+    if args and not args[0].startswith("-"):
         cfg.config_file = args.pop(0)
         for key, value in read_config_file(cfg.config_file).items():
             set_key(cfg, key, value, cfg.config_file)
-    for arg in args:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError(f"command line: expected --key=value, got {arg!r}")
-        key, value = arg[2:].split("=", 1)
+    for key, value in command_line_pairs(args):
         set_key(cfg, key, value, "command line", cli=True)
     check_config(cfg)
     return cfg
+
+
+def key_docs(cls):
+    """[(group, key, meaning)] of a dataclass, read from its source: a comment line at field indent
+    opens a group, the comment after a field is its meaning, a deeper comment line continues it. So
+    --help says what the code says, from one place."""
+    docs, group, in_group = [], "", False
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        comment = line.partition("#")[2].strip()
+        field_match = re.match(r"    (\w+): ", line)
+        if field_match:
+            docs.append([group, field_match.group(1), comment])
+        elif re.match(r"    #", line):
+            group = f"{group} {comment}" if in_group else comment
+        elif re.match(r" {5,}#", line) and docs:
+            docs[-1][2] += " " + comment
+        in_group = bool(re.match(r"    #", line))
+    return [tuple(d) for d in docs]
+
+
+def type_name(typ):
+    if get_origin(typ) is tuple:
+        return ",".join(type_name(t) for t in get_args(typ))
+    if get_origin(typ) is Union:
+        return type_name(get_args(typ)[0]) + "|none"
+    return typ.__name__
+
+
+def cli_text(value):
+    """A default as it is written on the command line: 10,100 for a pair, "" for an empty string."""
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return '""' if value == "" else str(value)
+
+
+def config_help():
+    """The text of --help: every key with its type, default and meaning, grouped as in Config, then
+    the model flags of GPTConfig with the values of the default preset and profile."""
+    defaults = Config()
+    preset = make_config(defaults.preset, defaults.profile)
+    width = max(len(k) for k in [*TRAIN_KEYS, *MODEL_KEYS]) + 2
+
+    def row(key, typ, value, meaning):
+        return f"  --{key:<{width}} {type_name(typ):<9} {cli_text(value):<16} {meaning}"
+    lines = ["usage:", __doc__.strip().split("\n\n")[1], "",
+             "Precedence: Config defaults < CONFIG.py (plain Python assignments) < --key=value or --key value "
+             "(a bare --flag sets a bool key)."]
+    last_group = None
+    for group, key, meaning in key_docs(Config):
+        if key not in TRAIN_KEYS:
+            continue
+        if group != last_group:
+            lines += ["", group + ":"]
+            last_group = group
+        lines.append(row(key, TRAIN_KEYS[key], getattr(defaults, key), meaning))
+    lines += ["", f"model flags (GPTConfig in model.py; defaults of preset={defaults.preset!r}, "
+                  f"profile={defaults.profile!r}; preset=gpt2 sets "
+                  + ", ".join(f"{k}={v}" for k, v in PRESETS["gpt2"].items()) + "):"]
+    lines += [row(key, MODEL_KEYS[key], getattr(preset, key), meaning) for _, key, meaning in key_docs(GPTConfig)
+              if key in MODEL_KEYS]
+    return "\n".join(lines)
 
 
 def check_config(cfg):
@@ -947,10 +1027,63 @@ def spectral_eval(cfg, step, n_steps, tokens_per_step):
     every grad_spectra_every-th of those, and both at the last step."""
     index = sum(crossed_multiple(cfg.eval_every_tokens, s * tokens_per_step, tokens_per_step)
                 for s in range(1, step + 1))
-    last = step == n_steps
+    return spectral_families(cfg, index, last=step == n_steps)
+
+
+def spectral_families(cfg, index, last):
+    """spectral_eval of the evaluation numbered `index` (0 at step 0), `last` at the run's last step."""
     act = cfg.spectra_every > 0 and (index % cfg.spectra_every == 0 or last)
     grad = act and cfg.grad_spectra_every > 0 and (index % (cfg.spectra_every * cfg.grad_spectra_every) == 0 or last)
     return {family for family, on in (("act", act), ("grad", grad)) if on}
+
+
+# The spectral passes run in full fp32 (no TF32: exact), training in bf16 on tensor cores: on an
+# H200 training reaches ~400 TFLOP/s (MFU 0.40) and the fp32 passes 35-45 TFLOP/s, so a FLOP of
+# theirs costs about 10 of training's. On a CPU both run in fp32 (1). bf16/tf32 gradient passes: ~1.
+# Calibration on d12 (H200, README): the activation pass took 1.0 s, 0.96% of the training between
+# evaluations, which this estimate gives (0.9%); the gradient spectra took 13.6 s, twice their
+# estimate (small batches, the head's chunks, G formed per example), hence GRAD_PASS_OVERHEAD.
+FP32_SLOWDOWN = {"cuda": 10.0, "cpu": 1.0}
+GRAD_PASS_OVERHEAD = 2.0
+
+
+def evaluation_steps(cfg, n_steps, tokens_per_step):
+    """The steps at which the run evaluates: 0, every step crossing a multiple of eval_every_tokens,
+    and the last (none with eval_every_tokens = -1)."""
+    if cfg.eval_every_tokens < 0:
+        return []
+    every = [s for s in range(1, n_steps) if crossed_multiple(cfg.eval_every_tokens, s * tokens_per_step,
+                                                               tokens_per_step)]
+    return [0, *every, n_steps]
+
+
+def spectra_cost(cfg, gcfg, settings, points, n_steps, tokens_per_step):
+    """Estimated share of training time that the run's spectral evaluations take, from FLOP counts:
+    {"act_evals": n, "grad_evals": n, device type: {"act": share, "grad": share}}. Training:
+    GPT.flops_per_token per token. Activation spectra: one forward (a third of that) over the probe
+    tokens plus 2 d^2 per token and point for the covariance. Gradient spectra: a forward and a
+    backward without weight gradients (two thirds) over grad_samples sequences, plus per matrix the
+    per-example outer products (2 d_in d_out per token) and K = G G^T (2 n^2 d_in d_out). Fits,
+    files and plots are left out (about a second per evaluation at d12 on an H200). An estimate:
+    bench/spectra_overhead.py measures it."""
+    with torch.device("meta"):
+        meta = GPT(gcfg)
+    per_token = meta.flops_per_token()
+    train_flops = per_token * n_steps * tokens_per_step
+    steps = evaluation_steps(cfg, n_steps, tokens_per_step)
+    evals = [spectral_families(cfg, index, step == n_steps) for index, step in enumerate(steps)]
+    n_act, n_grad = sum("act" in e for e in evals), sum("grad" in e for e in evals)
+    act_tokens = settings.probe_tokens("act")
+    act = per_token / 3 * act_tokens + sum(2 * probe_point_width(p, gcfg.n_embd) ** 2 * act_tokens for p in points)
+    n, grad_tokens = settings.grad_samples, settings.probe_tokens("grad")
+    linears = meta.linears()
+    shapes = [linears[m].weight.shape for m in settings.matrix_names(linears, gcfg.n_layer)] if n_grad else []
+    grad = per_token * 2 / 3 * grad_tokens + sum(2 * (grad_tokens + n * n) * o * i for o, i in shapes)
+    cost = dict(act_evals=n_act, grad_evals=n_grad)
+    for device_type, slow in FP32_SLOWDOWN.items():
+        grad_slow = (slow if settings.precision == "fp32" else 1.0) * GRAD_PASS_OVERHEAD
+        cost[device_type] = dict(act=n_act * act * slow / train_flops, grad=n_grad * grad * grad_slow / train_flops)
+    return cost
 
 
 @dataclass
@@ -1250,7 +1383,7 @@ def open_run(s, step, derived):
         rewind_spectra(s.run_dir, step * s.tokens_per_step)
     else:
         record.save(s.run_dir)
-    print(describe(cfg, gcfg, s.raw.param_counts(), derived))
+    print(describe(cfg, gcfg, s.raw.param_counts(), derived, every_key=False))
     print(f"run directory: {s.run_dir}")
     s.log = MetricsLog(s.run_dir, cfg, dataclasses.asdict(record), s.wandb_id, wandb_sent_step, labels)
     s.history = spectra.SpectraHistory.load(s.run_dir, s.settings, math.inf) if cfg.resume else \
@@ -1275,8 +1408,13 @@ def duration(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def describe(cfg, gcfg, counts, derived):
-    lines = ["config:"] + [f"  {k} = {v!r}" for k, v in asdict(cfg).items() if k != "model"]
+def describe(cfg, gcfg, counts, derived, every_key=True):
+    """The console header: config, model, derived sizes and parameter counts. A run prints only the
+    keys its config file and command line changed (config.json holds them all); a dry run all."""
+    defaults = asdict(Config())
+    changed = {k: v for k, v in asdict(cfg).items() if k != "model" and (every_key or v != defaults[k])}
+    lines = ["config:" if every_key else "config (keys changed from the defaults; config.json holds every key):"]
+    lines += [f"  {k} = {v!r}" for k, v in changed.items()]
     lines += ["model:"] + [f"  {k} = {v!r}" for k, v in asdict(gcfg).items()]
     lines += ["derived:"] + [f"  {k} = {v!r}" for k, v in derived.items()]
     L, d = gcfg.n_layer, gcfg.n_embd
@@ -1288,6 +1426,52 @@ def describe(cfg, gcfg, counts, derived):
 
 # ----------------------------------------------------------------------------------------------
 # Training
+
+
+def preflight(cfg, gcfg, settings, n_steps, tokens_per_step):
+    """Every problem a launch would stop at, found without training: the train and val shards, the
+    output folder, the forecast reference. Returns (problems, warnings) as lines of text."""
+    problems, notes = [], []
+    checks = [("train data", lambda: open_train_shards(cfg.train_files, tokens_per_step, n_steps * tokens_per_step,
+                                                       rank=0)),
+              ("val data", lambda: load_val_and_probe(cfg, gcfg, settings)),
+              ("output", lambda: check_writable(os.path.join(cfg.out_dir, choose_run_name(cfg)))),
+              ("forecast reference", lambda: load_forecast_reference(cfg, gcfg))]
+    for what, check in checks:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                check()
+            except (ConfigError, ShardError, RunFileError, ValueError) as e:
+                problems.append(f"{what}: {e}")
+        notes += [f"{what}: {w.message}" for w in caught]
+    return problems, notes
+
+
+def dry_run(cfg, gcfg, settings, points, derived, rank):
+    """--dry_run=1: the resolved config, the model's size, the spectra's estimated cost and every
+    problem preflight finds; ConfigError (exit 2) when there is one. Writes nothing."""
+    if rank != 0:
+        return None
+    with torch.device("meta"):
+        counts = GPT(gcfg).param_counts()
+    print(describe(cfg, gcfg, counts, derived))
+    cost = spectra_cost(cfg, gcfg, settings, points, derived["total_steps"], derived["tokens_per_step"])
+    for device_type, how in (("cuda", "CUDA, bf16 training"), ("cpu", "CPU, fp32 training")):
+        share = cost[device_type]
+        print(f"spectra cost on {how} (estimated from FLOPs): activation spectra at {cost['act_evals']} evaluations "
+              f"{share['act']:.1%} + gradient and weight spectra at {cost['grad_evals']} {share['grad']:.1%} = "
+              f"{share['act'] + share['grad']:.1%} of training time")
+    problems, notes = preflight(cfg, gcfg, settings, derived["total_steps"], derived["tokens_per_step"])
+    for note in notes:
+        print(f"warning: {note}")
+    if problems:
+        raise ConfigError(f"dry run: {len(problems)} problem(s) a launch would stop at:\n"
+                          + "\n".join(f"  - {p}" for p in problems))
+    print("dry run: data, output folder and settings are ready")
+    return None
+
+
 
 
 def train(cfg):
@@ -1303,11 +1487,7 @@ def train(cfg):
                    spectra_points=len(points),
                    spectra_memory_gib=round(spectra.stats_memory(points, gcfg.n_embd) / 2**30, 3))
     if cfg.dry_run:
-        with torch.device("meta"):
-            raw = GPT(gcfg)
-        if rank == 0:
-            print(describe(cfg, gcfg, raw.param_counts(), derived))
-        return None
+        return dry_run(cfg, gcfg, settings, points, derived, rank)
 
     # Everything that can fail on bad input fails here, before anything is written.
     train_files = open_train_shards(cfg.train_files, tokens_per_step, n_steps * tokens_per_step, rank)
@@ -1386,6 +1566,9 @@ def train(cfg):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(config_help())
+        return
     try:
         cfg = load_config(argv)
         train(cfg)

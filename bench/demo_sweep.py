@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
+from decimal import ROUND_CEILING, Decimal
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -98,6 +99,13 @@ def choose_target(runs):
     return finals[1] if len(finals) > 2 else finals[0]
 
 
+def threshold_text(value, places=4):
+    """`value` printed with `places` decimals, rounded up: a target loss printed (and passed on) this
+    way is never below the loss that defines it, so the run whose final loss it is still reaches it.
+    Decimal(value) is the float's exact value; the float nearest the text is then >= value too."""
+    return str(Decimal(value).quantize(Decimal(1).scaleb(-places), rounding=ROUND_CEILING))
+
+
 def choose_at_tokens(runs, budget):
     """The first token count past budget / 5 at which every run has finite gradient spectra."""
     def grad_tokens(run):
@@ -120,14 +128,14 @@ def main(argv=None):
     dirs = [train(out, int(bs), args, extra) for bs in args.batch_sizes.split(",")]
     t_train = time.time() - t0
     runs = analyze.load_runs(dirs)
-    target = args.target_loss if args.target_loss is not None else choose_target(runs)
+    target = repr(args.target_loss) if args.target_loss is not None else threshold_text(choose_target(runs))
     at = args.at_tokens if args.at_tokens is not None else choose_at_tokens(runs, args.train_tokens)
     where = os.path.join(out, "analysis")
     print(f"\n$ python analyze.py compare {out}/bs* --out {where}/compare", flush=True)
     analyze.main(["compare", *dirs, "--out", os.path.join(where, "compare")])
-    print(f"\n$ python analyze.py forecast {out}/bs* --target-loss {target:.4f} --at-tokens {at:.0f} "
+    print(f"\n$ python analyze.py forecast {out}/bs* --target-loss {target} --at-tokens {at:.0f} "
           f"--out {where}/forecast", flush=True)
-    analyze.main(["forecast", *dirs, "--target-loss", f"{target:.6f}", "--at-tokens", f"{at:.0f}",
+    analyze.main(["forecast", *dirs, "--target-loss", target, "--at-tokens", f"{at:.0f}",
                   "--out", os.path.join(where, "forecast")])
     print(f"\nruns: {out}/bs*; compare: {where}/compare/; forecast: {where}/forecast/")
     print(f"wall time: {time.time() - t0:.0f}s (training and spectra {t_train:.0f}s)")

@@ -4,9 +4,14 @@
 #   muon_lr 0.01768, embed_lr 0.1061, head_lr 0.002828, scalar_lr 0.01414.
 # device_batch_size divides batch_size / 8, so 1, 2, 4 or 8 GPUs work (fits an 80 GB H100).
 # Budget: 2.5B tokens, evaluated every 50M tokens.
+# Spectra: activation spectra (embed, every block's mlp_resid, final; 128k probe tokens) at every
+# evaluation (every 50M tokens); per-example gradient and weight spectra (attn.c_proj of 5 layers,
+# 512 sequences) at every 10th evaluation (every 500M tokens) and the last. Together about 2.7% of
+# training time on GPUs (python train_gpt.py configs/d12_bs64.py --dry_run=1 prints the estimate).
 profile = "d12"
 batch_size = 64
 device_batch_size = 8
 train_tokens = 2_500_000_000
 eval_every_tokens = 50_000_000
 ckpt_every_tokens = 250_000_000
+grad_spectra_every = 10

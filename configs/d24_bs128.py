@@ -4,9 +4,14 @@
 #   muon_lr 0.025, embed_lr 0.15, head_lr 0.004, scalar_lr 0.02.
 # device_batch_size divides batch_size / 8, so 1, 2, 4 or 8 GPUs work (fits an 80 GB H100).
 # Budget: 5B tokens, evaluated every 100M tokens.
+# Spectra: activation spectra (embed, every block's mlp_resid, final; 128k probe tokens) at every
+# evaluation (every 100M tokens); per-example gradient and weight spectra (attn.c_proj of 5 layers,
+# 512 sequences) at every 5th evaluation (every 500M tokens) and the last. Together about 2.0% of
+# training time on GPUs (python train_gpt.py configs/d24_bs128.py --dry_run=1 prints the estimate).
 profile = "d24"
 batch_size = 128
 device_batch_size = 16
 train_tokens = 5_000_000_000
 eval_every_tokens = 100_000_000
 ckpt_every_tokens = 500_000_000
+grad_spectra_every = 5

@@ -3,6 +3,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -155,15 +156,40 @@ def expected_params(L, d, V=50304):
     return 12 * L * d * d + 4 * k + (2 + k) * V * d + L // 2
 
 
+def no_fineweb(tmp_path):
+    """Flags that point a FineWeb config at data that is certainly absent, and its output to tmp_path."""
+    return [f"--train_files={tmp_path}/fineweb_train_*.bin", f"--val_files={tmp_path}/fineweb_val_*.bin",
+            f"--out_dir={tmp_path}/runs"]
+
+
+def dry_run(args, fineweb):
+    """train_gpt.train on a dry run; a FineWeb config must report exactly its two missing data globs."""
+    cfg = load_config([*args, "--dry_run=1"])
+    if not fineweb:
+        return train_gpt.train(cfg)
+    with pytest.raises(ConfigError, match=r"dry run: 2 problem\(s\).*\n  - train data: no token shards match .*"
+                                          r"\n  - val data: no token shards match "):
+        train_gpt.train(cfg)
+
+
+def spectra_cost_line(out, device="CUDA"):
+    return float(re.search(rf"spectra cost on {device}.* = ([\d.]+)% of training time", out).group(1))
+
+
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))), ids=os.path.basename)
-def test_every_config_passes_dry_run(path, capsys):
+def test_every_config_passes_dry_run(path, capsys, tmp_path):
+    fineweb = path != DEMO
     cfg = load_config([path, "--dry_run=1"])
-    assert train_gpt.train(cfg) is None
+    dry_run([path, *(no_fineweb(tmp_path) if fineweb else [])], fineweb)
     out = capsys.readouterr().out
+    if fineweb:  # every size measures all its spectra in at most 3% of its training time (the estimate)
+        assert spectra_cost_line(out) <= 3.0
+    else:
+        assert "dry run: data, output folder and settings are ready" in out
     total = int(re.search(r"parameters: ([\d,]+) total", out).group(1).replace(",", ""))
     gcfg = train_gpt.model_config(cfg)
     assert total == expected_params(gcfg.n_layer, gcfg.n_embd)
-    assert f"grad_accum = {cfg.batch_size // cfg.device_batch_size}" in out
+    assert f"grad_accum = {train_gpt.batch_layout(cfg, 1)[1]}" in out
     # FineWeb configs divide over 1, 2, 4 or 8 GPUs; the demo runs on 1 or 2 processes
     for world in (1, 2) if path == DEMO else (1, 2, 4, 8):
         dbs, accum = train_gpt.batch_layout(load_config([path]), world)
@@ -171,16 +197,18 @@ def test_every_config_passes_dry_run(path, capsys):
 
 
 def test_d36_dry_run_command(tmp_path):
-    r = subprocess.run([sys.executable, "train_gpt.py", "configs/d36_bs512.py", "--dry_run=1"], capture_output=True,
-                       text=True, cwd=REPO)
-    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "train_gpt.py", "configs/d36_bs512.py", "--dry_run", *no_fineweb(tmp_path)],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "train data: no token shards match" in r.stderr  # FineWeb is not here
+    assert "python data/fineweb.py --train_shards" in r.stderr
+    assert not (tmp_path / "runs").exists()
     total = int(re.search(r"parameters: ([\d,]+) total", r.stdout).group(1).replace(",", ""))
     assert total == expected_params(36, 1280)
     assert "12*L*d^2 = 12*36*1280^2 = 707,788,800" in r.stdout
 
 
 @pytest.mark.parametrize("sweep", sorted(glob.glob(os.path.join(REPO, "configs", "sweeps", "*.yaml"))))
-def test_every_run_of_a_sweep_file_resolves_to_a_distinct_valid_config(sweep):
+def test_every_run_of_a_sweep_file_resolves_to_a_distinct_valid_config(sweep, tmp_path):
     """Expand the W&B grid as the agent does (${program} -> train_gpt.py, ${args} -> --key=value per
     parameter) and resolve each run's command line with a dry run: no key or value may be invalid."""
     import itertools
@@ -196,7 +224,75 @@ def test_every_run_of_a_sweep_file_resolves_to_a_distinct_valid_config(sweep):
     resolved = []
     for combo in itertools.product(*choices):
         args = [f"--{k}={v}" for k, v in zip(names, combo)]  # W&B writes Python values: True, 0.5, 64
-        cfg = load_config([config_file, *args, "--dry_run=1"])
-        assert train_gpt.train(cfg) is None
+        cfg = load_config([config_file, *args, *no_fineweb(tmp_path)])
+        dry_run([config_file, *args, *no_fineweb(tmp_path)], fineweb=True)
         resolved.append((cfg.batch_size, tuple(sorted(cfg.model.items()))))
     assert len(set(resolved)) == len(resolved) > 1
+
+
+def test_help_lists_every_key_with_type_default_and_meaning():
+    for flag in ("--help", "-h"):
+        r = subprocess.run([sys.executable, "train_gpt.py", "configs/cpu_demo.py", flag], capture_output=True,
+                           text=True, cwd=REPO)
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        lines = {m.group(1): m.group(2) for m in re.finditer(r"^  --(\w+) +(.*)$", r.stdout, re.M)}
+        assert set(lines) == set(train_gpt.TRAIN_KEYS) | set(train_gpt.MODEL_KEYS)
+        for key, rest in lines.items():
+            typ, default, meaning = re.match(r"(\S+) +(\S+) +(.*)", rest).groups()
+            assert meaning.strip(), f"--{key} has no meaning in --help: give its Config field a comment"
+            if key in train_gpt.TRAIN_KEYS:  # the default shown parses back, as typed, to the Config default
+                typed = "" if default == '""' else default
+                parsed = train_gpt.coerce(key, typed, train_gpt.TRAIN_KEYS[key], "--help", cli=True)
+                assert parsed == getattr(train_gpt.Config(), key), key
+    assert re.search(r"^  --seq_len +int +1024 +tokens per training sequence$", r.stdout, re.M)
+    assert re.search(r"^  --spectra_tail +int,int +30,150 ", r.stdout, re.M)
+    assert "\nmodel flags (GPTConfig" in r.stdout and re.search(r"^  --qk_norm +bool +True ", r.stdout, re.M)
+
+
+def test_key_value_pairs_parse_with_a_space_or_an_equals_sign():
+    cfg = load_config([DEMO, "--seed", "3", "--qk_norm", "0", "--spectra_tail", "10,100", "--resume", "--dry_run=1",
+                       "--run_name", "x"])
+    assert (cfg.seed, cfg.model["qk_norm"], cfg.spectra_tail, cfg.resume, cfg.dry_run, cfg.run_name) == \
+        (3, False, (10, 100), True, True, "x")
+    assert load_config([DEMO, "--tied"]).model["tied"] is True  # a bare bool flag at the end
+    assert load_config([DEMO, "--eval_every_tokens", "-1"]).eval_every_tokens == -1  # a negative value is a value
+    with pytest.raises(ConfigError, match=r"--seed needs a value: --seed=VALUE or --seed VALUE"):
+        load_config([DEMO, "--seed"])
+    with pytest.raises(ConfigError, match=r"--seed needs a value"):
+        load_config([DEMO, "--seed", "--resume"])
+    with pytest.raises(ConfigError, match=r"expected --key=value or --key value, got 'stray'"):
+        load_config([DEMO, "--seed", "3", "stray"])
+
+
+def test_dry_run_lists_every_problem_a_launch_would_stop_at(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    args = tiny_args(f"{blocker}/runs", train_files=f"{tmp_path}/none_train_*.bin", val_tokens=10 ** 7, dry_run=1)
+    with pytest.raises(ConfigError) as e:
+        train_gpt.train(load_config(args))
+    problems = str(e.value).splitlines()
+    assert problems[0] == "dry run: 3 problem(s) a launch would stop at:"
+    assert problems[1].startswith(f"  - train data: no token shards match '{tmp_path}/none_train_*.bin'")
+    assert problems[2].startswith("  - val data: val_tokens=") and "lower val_tokens to at most" in problems[2]
+    assert problems[3].startswith(f"  - output: cannot write the run directory {blocker}/runs/tiny")
+    assert "parameters:" in capsys.readouterr().out  # the config and the size are printed all the same
+    assert os.listdir(tmp_path) == ["a_file"]  # and nothing is written
+
+
+def test_spectra_cost_counts_the_evaluations_a_run_measures(tmp_path):
+    """The estimate's evaluation counts against the npz files a real run writes; its shares scale as
+    the counts do (halving the gradient cadence halves the gradient share)."""
+    args = tiny_args(tmp_path, max_steps=7, eval_every_tokens=256, grad_spectra_every=2)
+    cfg = load_config(args)
+    run_dir = train_gpt.train(cfg)
+    written = {f: len(glob.glob(os.path.join(run_dir, "spectra", f"{f}_*.npz"))) for f in ("act", "grad")}
+    gcfg, settings = train_gpt.model_config(cfg), train_gpt.spectral_settings(cfg)
+    points = settings.point_names(gcfg.n_layer)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    cost = train_gpt.spectra_cost(cfg, gcfg, settings, points, 7, tokens_per_step)
+    # evaluations at steps 0, 2, 4, 6 (every 256 tokens of 128 per step) and 7 (the last); gradients at 0, 4, 7
+    assert (cost["act_evals"], cost["grad_evals"]) == (written["act"], written["grad"]) == (5, 3)
+    every = train_gpt.spectra_cost(replace(cfg, grad_spectra_every=1), gcfg, settings, points, 7, tokens_per_step)
+    assert every["grad_evals"] == 5
+    assert every["cuda"]["grad"] == pytest.approx(cost["cuda"]["grad"] * 5 / 3)
+    assert every["cuda"]["act"] == cost["cuda"]["act"] == pytest.approx(cost["cpu"]["act"] * 10)
