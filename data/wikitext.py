@@ -26,7 +26,7 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.prepare import tokenize_documents, write_split  # noqa: E402
+from data.prepare import EncodingUnavailable, load_encoding, tokenize_documents, write_split  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ID = "Salesforce/wikitext"
@@ -197,6 +197,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.shard_tokens < 1:
         p.error("--shard_tokens must be positive")
+    try:
+        load_encoding(args.encoding)  # before any download: without the ranks nothing can be written
+    except EncodingUnavailable as e:
+        sys.exit(f"error: {e}")
     prepare(args.name, args.out, args.local, args.shard_tokens, args.encoding)
 
 

@@ -1,6 +1,8 @@
 import glob
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -199,3 +201,17 @@ def test_loader_resumes_inside_a_shorter_shard(tmp_path):
     resumed = torch.cat([x for x, _ in fresh.next_step(1)])
     assert torch.equal(resumed, following) and resumed.shape == (8, 16)
     assert resumed[0, 0] == 0  # shard 1 had no room for a third step: wrapped to shard 0
+
+
+def test_missing_tiktoken_ranks_name_the_cache_and_the_fix(tmp_path):
+    """No cache and no network (a proxy that refuses): one error line instead of a requests traceback,
+    and nothing written."""
+    (tmp_path / "a.txt").write_text("hello world")
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_cache"), "HTTPS_PROXY": "http://127.0.0.1:9",
+           "HTTP_PROXY": "http://127.0.0.1:9"}
+    r = subprocess.run([sys.executable, os.path.join(REPO, "data", "prepare.py"), "--input", str(tmp_path / "a.txt"),
+                        "--out", str(tmp_path / "out"), "--name", "t"], capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith(f"error: tiktoken's r50k_base ranks are not in its cache ({tmp_path}/empty_cache)")
+    assert "point TIKTOKEN_CACHE_DIR at it" in r.stderr
+    assert not (tmp_path / "out").exists()
