@@ -5,9 +5,10 @@ Comparing runs and forecasting token efficiency from spectra measured early in t
                       [--loss L] [--family act|grad] [--stat alpha_tail] [--allow-mixed]
     python analyze.py forecast RUN... --target-loss L --at-tokens T [--out DIR] [--allow-mixed]
 
-RUN is a run directory (config.json + metrics.jsonl, as train_gpt.py writes them) or a folder of
-run directories (a sweep's out_dir). Runs from W&B (`--wandb`) become the same `Run` structure,
-so everything after loading is one code path. Outputs go to --out (default analysis/).
+RUN is a run directory (config.json + metrics.jsonl, as train_gpt.py writes them) or a folder
+holding run directories at any depth (a sweep's out_dir, or runs/ with its sweeps). Runs from
+W&B (`--wandb`) become the same `Run` structure, so everything after loading is one code path.
+Outputs go to --out (default analysis/).
 
 Read top to bottom:
 
@@ -21,8 +22,10 @@ Read top to bottom:
    leave-one-out error, predictor ranking, forecast_ratio; and the in-run forecast's policy
    (load_forecast_reference: which target, how many reference runs, what spread of ratios).
 5. The forecast command: table, forecast.csv, predictors.csv, forecast.png.
-6. The compare command: alpha against layer at matched tokens and at matched loss, alpha against
-   tokens, loss against tokens, spectra overlaid at one layer; table and compare.csv.
+6. The compare command: alpha against layer at matched tokens (the most every run reached, values
+   interpolated between evaluations) and at matched loss, alpha against tokens, loss against
+   tokens, spectra overlaid at one layer; table and compare.csv. Runs in natural order of their
+   names (bs4, bs8, bs16), each in one colour in every figure of compare and forecast.
 7. Command line.
 
 From the trainer (a reference sweep of finished runs, the run's own metrics.jsonl records so far):
@@ -124,19 +127,54 @@ def load_run(path):
     return Run(os.path.basename(os.path.normpath(path)), record, records, truncated, path)
 
 
+def find_run_dirs(path, seen=None):
+    """The run directories under a folder that is not one, at any depth (runs/demo_sweep/bs4 from
+    runs/), in natural order (bs4 before bs16). A run's own folders (ckpt/, spectra/, wandb/) are
+    not searched; a folder reached twice through links is searched once."""
+    seen = set() if seen is None else seen
+    real = os.path.realpath(path)
+    if real in seen:
+        return []
+    seen.add(real)
+    try:
+        names = plots.run_order(os.listdir(path))
+    except OSError:  # an unreadable folder holds no run we can read
+        return []
+    found = []
+    for name in names:
+        sub = os.path.join(path, name)
+        if is_run_dir(sub):
+            found.append(sub)
+        elif os.path.isdir(sub):
+            found += find_run_dirs(sub, seen)
+    return found
+
+
 def run_dirs(path):
-    """[path] for a run directory; its run directories for a folder of runs (a sweep's out_dir)."""
+    """[path] for a run directory; the run directories it holds, at any depth, for a folder of runs."""
     if is_run_dir(path) or not os.path.isdir(path):
         return [path]
-    inside = sorted(os.path.join(path, d) for d in os.listdir(path) if is_run_dir(os.path.join(path, d)))
+    inside = find_run_dirs(path)
     if not inside:
-        raise AnalysisError(f"{path} is not a run directory (no config.json and metrics.jsonl) and holds none")
+        raise AnalysisError(f"{path} is not a run directory (no config.json and metrics.jsonl) and holds none, "
+                            "nor do its subfolders")
     return inside
 
 
+def distinct_runs(dirs):
+    """Run directories without repeats: one run reached twice (runs/cpu_demo_latest is a link to the
+    newest cpu_demo run) is read once, under its own folder's name rather than the link's."""
+    chosen = {}
+    for d in dirs:
+        real = os.path.realpath(d)
+        if real not in chosen or os.path.islink(os.path.normpath(chosen[real])):
+            chosen[real] = d
+    return list(chosen.values())
+
+
 def load_runs(paths):
-    """Runs of run directories and folders of runs, with unique names."""
-    return unique_names([load_run(d) for p in paths for d in run_dirs(p)])
+    """Runs of run directories and folders of runs, each once, with unique names."""
+    return unique_names([load_run(d) for d in distinct_runs(d for p in paths for d in run_dirs(p))])
 
 
 def unique_names(runs):
@@ -659,20 +697,33 @@ def print_forecast(table, rows, best, target_loss, at_tokens, families, top=15):
     print(text_table(list(PREDICTOR_COLUMNS), [predictor_cells(r) for r in rows[:top]]))
 
 
-def plot_forecast(path, table, best, target_loss, at_tokens):
+def forecast_title(target_loss, at_tokens, best):
+    """The forecast figure's title: the target loss, the tokens the predictors were read at
+    (--at-tokens) and, with a predictor, how well it ranks the runs."""
+    title = (f"token ratio to val_loss <= {target_loss:.4g}, predictors read at {plots.token_label(at_tokens)} tokens "
+             f"(--at-tokens {at_tokens:,.0f})")
+    return title + (f"\nSpearman {best.spearman:+.2f}, leave-one-out error {best.loo_error:.3g}" if best else "")
+
+
+def plot_forecast(path, table, best, target_loss, at_tokens, colors=None):
     """Best predictor against token ratio: reached runs with the fitted line, runs not yet at the
-    target at their forecast with the leave-one-out error as a bar."""
-    pending = [row for row in table if not row["reached"] and row["forecast_ratio"] is not None]
-    title = f"token ratio to val_loss {target_loss:.4g}, predictors at {at_tokens:,.0f} tokens"
+    target at their forecast with the leave-one-out error as a bar, each run in its colour
+    (plots.run_colors of the table's runs, as compare colours them). With no eligible predictor
+    there is nothing to draw: no file, an empty result."""
     if best is None:
-        return plots.forecast(path, ([], [], []), None, ([], [], [], 0.0), "no eligible predictor", title)
-    title += f"\nSpearman {best.spearman:+.2f}, leave-one-out error {best.loo_error:.3g}"
+        return plots.DrawnFigure(forecast_title(target_loss, at_tokens, best))
+    colors = colors or plots.run_colors([row["run"] for row in table])
+    pending = [row for row in table if not row["reached"] and row["forecast_ratio"] is not None]
     return plots.forecast(path, (best.runs, best.x, best.y), (best.slope, best.intercept),
                           ([r["run"] for r in pending], [r["predictor_value"] for r in pending],
-                           [r["forecast_ratio"] for r in pending], best.loo_error), best.predictor, title)
+                           [r["forecast_ratio"] for r in pending], best.loo_error), best.predictor,
+                          forecast_title(target_loss, at_tokens, best), colors)
 
 
 def forecast_command(runs, target_loss, at_tokens, out):
+    """The forecast table, forecast.csv, predictors.csv and forecast.png (runs in natural order of
+    their names, coloured as compare colours them); returns (table, predictor rows, best row)."""
+    runs = sorted(runs, key=lambda r: plots.natural_key(r.name))
     last = max((r["tokens"] for run in runs for r in run.records if finite(r.get("tokens"))), default=0)
     if at_tokens > last:
         warn(f"--at-tokens {at_tokens:,.0f} is past every run's last evaluation ({last:,} tokens): no run has "
@@ -682,8 +733,11 @@ def forecast_command(runs, target_loss, at_tokens, out):
     os.makedirs(out, exist_ok=True)
     write_csv(os.path.join(out, "forecast.csv"), FORECAST_COLUMNS, [[r[c] for c in FORECAST_COLUMNS] for r in table])
     write_csv(os.path.join(out, "predictors.csv"), PREDICTOR_COLUMNS, [predictor_cells(r) for r in rows])
-    plot_forecast(os.path.join(out, "forecast.png"), table, best, target_loss, at_tokens)
-    print(f"wrote {', '.join(os.path.join(out, f) for f in ('forecast.csv', 'predictors.csv', 'forecast.png'))}")
+    written = ["forecast.csv", "predictors.csv"]
+    if plot_forecast(os.path.join(out, "forecast.png"), table, best, target_loss, at_tokens,
+                     plots.run_colors([r.name for r in runs])):
+        written.append("forecast.png")
+    print(f"wrote {', '.join(os.path.join(out, f) for f in written)}")
     return table, rows, best
 
 
@@ -720,22 +774,23 @@ def eval_tokens(run, family, stat):
 
 
 def matched_tokens(runs, family, stat, tokens=None):
-    """The token count runs are compared at: `tokens` if given, else the largest evaluation all runs
-    share, else (evaluations at different batch sizes rarely coincide) the last evaluation of the
-    run that stopped first."""
-    sets = [set(eval_tokens(r, family, stat)) for r in runs]
-    sets = [s for s in sets if s]
-    if not sets:
+    """The token count runs are compared at: `tokens` if given, else the largest every run reached,
+    the last evaluation of the run that stopped first. Evaluations at different batch sizes rarely
+    fall on the same token counts, so a run's values there are interpolated between the two
+    evaluations around it (compare_rows), not taken from a shared evaluation, which may be the one
+    at 0 tokens only. A note says so when the runs are compared at 0 tokens."""
+    lasts = {r.name: max(eval_tokens(r, family, stat), default=None) for r in runs}
+    lasts = {name: last for name, last in lasts.items() if last is not None}
+    if not lasts:
         raise AnalysisError(f"no run has {family}/{stat} measurements")
     if tokens is not None:
-        first, last = min(min(s) for s in sets), max(max(s) for s in sets)
-        if not first <= tokens <= last:
-            warn(f"--tokens {tokens:,} is {'past every run' if tokens > last else 'before every run'}'s "
-                 f"{'last' if tokens > last else 'first'} evaluation ({last if tokens > last else first:,} tokens); "
-                 "each run is compared at its nearest evaluation")
         return tokens
-    common = set.intersection(*sets)
-    return max(common) if common else min(max(s) for s in sets)
+    chosen = min(lasts.values())
+    if chosen == 0:
+        at_zero = [name for name, last in lasts.items() if last == 0]
+        print(f"note: matched tokens 0, the runs at initialisation: {', '.join(at_zero)} measured {family}/{stat} "
+              "at 0 tokens only; pass --tokens T to compare the others later")
+    return chosen
 
 
 def nearest_record(run, family, stat, tokens):
@@ -745,20 +800,52 @@ def nearest_record(run, family, stat, tokens):
     return min(candidates, key=lambda r: (abs(r["tokens"] - tokens), r["tokens"])) if candidates else None
 
 
+def row_at_tokens(run, family, stat, points, tokens):
+    """(row, interpolated): [name, tokens, val_loss, value per point] at `tokens`, interpolated
+    linearly between the run's two evaluations around it; the run's nearest evaluation instead
+    (interpolated False) when its evaluations of this stat do not reach both sides of `tokens`."""
+    grid = eval_tokens(run, family, stat)
+    if grid and min(grid) <= tokens <= max(grid):
+        return [run.name, tokens, value_at(run.records, "val_loss", tokens)] + \
+            [value_at(run.records, f"{family}/{stat}/{p}", tokens) for p in points], True
+    rec = nearest_record(run, family, stat, tokens) or {}
+    return [run.name, rec.get("tokens"), rec.get("val_loss")] + [rec.get(f"{family}/{stat}/{p}") for p in points], \
+        False
+
+
 def compare_rows(runs, family, stat, points, tokens, loss):
-    """{'tokens': rows, 'loss': rows}, a row per run: [name, tokens, val_loss, value per point]. At
-    matched tokens: the run's nearest evaluation. At matched loss: the first crossing of val_loss <=
-    loss, values interpolated in tokens between the evaluations bracketing it."""
-    out = {"tokens": [], "loss": []}
+    """({'tokens': rows, 'loss': rows}, [names of runs at their nearest evaluation]), a row per run:
+    [name, tokens, val_loss, value per point]. At matched tokens: values interpolated in tokens
+    between the run's evaluations around them (row_at_tokens). At matched loss: the first crossing
+    of val_loss <= loss, values interpolated in tokens between the evaluations bracketing it."""
+    out, nearest = {"tokens": [], "loss": []}, []
     for run in runs:
-        rec = nearest_record(run, family, stat, tokens) or {}
-        out["tokens"].append([run.name, rec.get("tokens"), rec.get("val_loss")]
-                             + [rec.get(f"{family}/{stat}/{p}") for p in points])
+        row, interpolated = row_at_tokens(run, family, stat, points, tokens)
+        out["tokens"].append(row)
+        if not interpolated:
+            nearest.append(run.name)
         crossing = tokens_to_target(run.records, loss)
         values = [None if crossing is None else value_at(run.records, f"{family}/{stat}/{p}", crossing)
                   for p in points]
         out["loss"].append([run.name, crossing, loss if crossing is not None else final_loss(run.records)] + values)
-    return out
+    return out, nearest
+
+
+def warn_nearest(runs, nearest, family, stat, tokens):
+    """Say which runs are compared at their nearest evaluation, not at `tokens` itself."""
+    if not nearest:
+        return
+    grids = [eval_tokens(r, family, stat) for r in runs if r.name in nearest]
+    last, first = max(max(g, default=0) for g in grids), min(min(g, default=0) for g in grids)
+    if len(nearest) == len(runs) and tokens > last:
+        warn(f"--tokens {tokens:,.0f} is past every run's last evaluation ({last:,} tokens); each run is compared "
+             "at its nearest evaluation")
+    elif len(nearest) == len(runs) and tokens < first:
+        warn(f"--tokens {tokens:,.0f} is before every run's first evaluation ({first:,} tokens); each run is "
+             "compared at its nearest evaluation")
+    else:
+        warn(f"{', '.join(nearest)}: no {family}/{stat} evaluations on both sides of {tokens:,.0f} tokens; compared "
+             "at the nearest evaluation (its tokens in the table)")
 
 
 def short(point):
@@ -766,38 +853,41 @@ def short(point):
     return point.split(".", 1)[0]
 
 
-def print_compare(rows, family, stat, points, tokens, loss):
+def print_compare(rows, family, stat, points, tokens, loss, nearest=()):
     header = ["run", "tokens", "val_loss"] + [short(p) for p in points]
     kind = ", ".join(sorted({split_point(p)[1] for p in points if split_point(p)[0] is not None}))
-    print(f"{family}/{stat} of {kind or 'the points'} (L = layer), at matched tokens {tokens:,.0f} "
-          "(each run's nearest evaluation):")
+    how = "interpolated between each run's evaluations" + (f"; {', '.join(nearest)} at the nearest evaluation"
+                                                           if nearest else "")
+    print(f"{family}/{stat} of {kind or 'the points'} (L = layer), at matched tokens {tokens:,.0f} ({how}):")
     print(text_table(header, rows["tokens"]))
     print(f"{family}/{stat} at matched loss val_loss <= {loss:.4g} (first crossing, interpolated in tokens; "
           "tokens '-' = not reached, val_loss then its final one):")
     print(text_table(header, rows["loss"]))
 
 
-def plot_alpha_layers(path, rows, family, stat, points, n_layer, tokens, loss):
+def plot_alpha_layers(path, rows, family, stat, points, n_layer, tokens, loss, colors=None):
     xs = [x_position(p, n_layer) for p in points]
     panels = {title: {row[0]: (xs, row[3:]) for row in rows[which]}
               for which, title in (("tokens", f"at {tokens:,.0f} tokens"), ("loss", f"at val_loss {loss:.4g}"))}
-    return plots.alpha_by_layer(path, panels, f"{family}/{stat}", sharey=True,
-                                xlabel="layer (embed = -1, final = n_layer)")
+    names = {x_position(p, n_layer): p for p in ("embed", "final") if p in points}
+    return plots.alpha_by_layer(path, panels, f"{family}/{stat}", sharey=True, xlabel="layer", xnames=names,
+                                colors=colors)
 
 
-def plot_alpha_tokens(path, runs, family, stat, points):
+def plot_alpha_tokens(path, runs, family, stat, points, colors=None):
     panels = {p: {run.name: tuple(zip(*series(run.records, f"{family}/{stat}/{p}")))
                   for run in runs if series(run.records, f"{family}/{stat}/{p}")} for p in points}
-    return plots.alpha_by_tokens(path, panels, title=f"{family}/{stat} against tokens", ncols=min(4, len(points)))
+    return plots.alpha_by_tokens(path, panels, title=f"{family}/{stat} against tokens", ncols=min(4, len(points)),
+                                 colors=colors)
 
 
-def plot_loss(path, runs, tokens, loss):
+def plot_loss(path, runs, tokens, loss, colors=None):
     return plots.loss_by_tokens(path, {run.name: (series(run.records, "train_loss"), series(run.records, "val_loss"))
-                                       for run in runs}, tokens, loss)
+                                       for run in runs}, tokens, loss, colors)
 
 
 def spectrum_near(run, family, point, tokens):
-    """(file tokens, values up to the valid rank) of the run's saved spectrum nearest to tokens."""
+    """(file tokens, values, valid rank) of the run's saved spectrum nearest to tokens."""
     files = spectra.spectra_files(run.path, family) if run.path else []
     if not files or tokens is None:
         return None
@@ -806,20 +896,23 @@ def spectrum_near(run, family, point, tokens):
     if point not in saved:
         return None
     values = saved[point]
-    return t, values[:spectra.numerical_rank(values, limits.get(point, len(values)))]
+    return t, values, spectra.numerical_rank(values, limits.get(point, len(values)))
 
 
-def plot_spectra_overlay(path, runs, family, point, tokens, crossings, loss):
+def plot_spectra_overlay(path, runs, family, point, tokens, crossings, loss, colors=None):
     """Eigen- (act) or singular (grad) values against rank of one point for every run, at matched
-    tokens and at matched loss (the saved spectrum nearest to each run's crossing); {} when no run
-    has a saved spectrum there (nothing is drawn)."""
+    tokens and at matched loss (the saved spectrum nearest to each run's crossing), each run in its
+    colour; {} when no run has a saved spectrum there (nothing is drawn). Spectra with nothing to
+    draw (all zero at initialisation) are named in the panel's title."""
+    colors = colors or plots.run_colors([r.name for r in runs])
     panels = {}
     for title, where in ((f"at {tokens:,.0f} tokens", [tokens] * len(runs)), (f"at val_loss {loss:.4g}", crossings)):
         panels[title] = []
-        for k, (run, t) in enumerate(zip(runs, where)):
+        for run, t in zip(runs, where):
             found = spectrum_near(run, family, point, t)
             if found is not None and len(found[1]):
-                panels[title].append(plots.Curve(f"{run.name} ({found[0]:,} tok)", found[1], color=f"C{k % 10}"))
+                panels[title].append(plots.Curve(f"{run.name} ({plots.token_label(found[0])} tok)", found[1],
+                                                 color=colors[run.name], rank=found[2]))
     if not any(panels.values()):
         return {}
     return plots.spectra(path, panels, "eigenvalue" if family == "act" else "singular value",
@@ -836,7 +929,12 @@ def n_layers(runs):
 
 
 def compare_command(runs, out, family="act", stat="alpha_tail", layer=None, tokens=None, loss=None):
-    """Plots and tables comparing runs; returns {'tokens', 'loss', 'points', 'rows', 'files'}."""
+    """Plots and tables comparing runs, in natural order of their names (bs4, bs8, bs16), each run in
+    one colour in every figure (plots.run_colors of all the runs given, as the forecast command
+    colours them); returns {'tokens', 'loss', 'points', 'rows', 'files', 'figures'}, figures
+    {file name: what it drew}."""
+    runs = sorted(runs, key=lambda r: plots.natural_key(r.name))
+    colors = plots.run_colors([r.name for r in runs])
     for r in runs:
         if not series(r.records, "val_loss"):
             warn(f"{r.name}: no evaluation in its metrics, left out of the comparison")
@@ -859,31 +957,39 @@ def compare_command(runs, out, family="act", stat="alpha_tail", layer=None, toke
                      f"(spectra.METRIC_CHANGES); these runs mix versions {versions}, so its values are not comparable")
     tokens = matched_tokens(runs, family, stat, tokens)
     loss = max(final_loss(r.records) for r in runs) if loss is None else loss
-    rows = compare_rows(runs, family, stat, points, tokens, loss)
+    rows, nearest = compare_rows(runs, family, stat, points, tokens, loss)
+    warn_nearest(runs, nearest, family, stat, tokens)
     if all(v is None for which in ("tokens", "loss") for row in rows[which] for v in row[3:]):
         warn(f"every {family}/{stat} value is null at the compared evaluations (a fit window beyond the valid "
              "ranks, e.g. a tail window with fewer grad_samples than its start): try --stat alpha_head")
-    print_compare(rows, family, stat, points, tokens, loss)
+    print_compare(rows, family, stat, points, tokens, loss, nearest)
     n_layer = n_layers(runs)
     layer = n_layer // 2 if layer is None else layer
     os.makedirs(out, exist_ok=True)
     files = [os.path.join(out, f) for f in ("compare.csv", "alpha_layer.png", "alpha_tokens.png", "loss_tokens.png")]
     write_csv(files[0], ["match", "run", "tokens", "val_loss"] + points,
               [[which] + row for which in ("tokens", "loss") for row in rows[which]])
-    plot_alpha_layers(files[1], rows, family, stat, points, n_layer, tokens, loss)
-    plot_alpha_tokens(files[2], runs, family, stat, points)
-    plot_loss(files[3], runs, tokens, loss)
+    figures = {"alpha_layer.png": plot_alpha_layers(files[1], rows, family, stat, points, n_layer, tokens, loss,
+                                                    colors),
+               "alpha_tokens.png": plot_alpha_tokens(files[2], runs, family, stat, points, colors),
+               "loss_tokens.png": plot_loss(files[3], runs, tokens, loss, colors)}
+    files = files[:1] + [os.path.join(out, name) for name, drawn in figures.items() if drawn]
     point = layer_point(points, layer)
     if point is None:
         warn(f"layer {layer}: no {family} spectrum measured there; no spectra overlay")
     else:
-        path = os.path.join(out, f"spectra_{family}_{short(point)}.png")
-        if plot_spectra_overlay(path, runs, family, point, tokens, [r[1] for r in rows["loss"]], loss):
-            files.append(path)
+        name = f"spectra_{family}_{short(point)}.png"
+        drawn = plot_spectra_overlay(os.path.join(out, name), runs, family, point, tokens,
+                                     [r[1] for r in rows["loss"]], loss, colors)
+        if drawn:
+            files.append(os.path.join(out, name))
+            figures[name] = drawn
         else:
-            warn(f"no saved {family} spectra of {point} under RUN/spectra/ (runs from W&B have none); no overlay")
+            why = f" ({'; '.join(drawn.left_out)})" if getattr(drawn, "left_out", None) else \
+                " under RUN/spectra/ (runs from W&B have none)"
+            warn(f"no saved {family} spectra of {point} to draw{why}; no overlay")
     print("wrote " + ", ".join(files))
-    return dict(tokens=tokens, loss=loss, points=points, rows=rows, files=files)
+    return dict(tokens=tokens, loss=loss, points=points, rows=rows, files=files, figures=figures)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -913,7 +1019,8 @@ def parse_args(argv):
                        help="compare runs with different probe sets, fit windows or model profiles (warning)")
         if name == "compare":
             s.add_argument("--layer", type=int, help="layer of the spectra overlay (default n_layer // 2)")
-            s.add_argument("--tokens", type=count, help="matched tokens (default the largest evaluation all runs have)")
+            s.add_argument("--tokens", type=count, help="matched tokens (default the largest every run reached; "
+                                                        "values interpolated between each run's evaluations)")
             s.add_argument("--loss", type=float, help="matched val_loss (default the highest final val_loss)")
             s.add_argument("--family", choices=("act", "grad"), default="act")
             s.add_argument("--stat", default="alpha_tail", help="alpha_tail (default), alpha_head, rankme, ...")

@@ -48,9 +48,10 @@ def report(family, measured, settings, out_dir, step, tokens, n_layer, history=N
     with figures, out_dir/plots/<family>_*.png; with table, the console table; with scalars, the
     metrics as JSON beside the npz. `meta` adds to what the npz records of the measurement."""
     meta = dict(step=step, tokens=tokens, **settings.meta(family), **(meta or {}))
+    notes = notes or Notes()
     prev, first = history.references(family) if history is not None else ({}, {})
     metrics, found = spectra.summarise(measured, family, settings, prev, first, where)
-    (notes or Notes())(found)
+    notes(found)
     npz = npz or spectra.spectra_path(out_dir, family, tokens)
     spectra.save_spectra(npz, measured, meta)
     if history is not None:
@@ -58,7 +59,8 @@ def report(family, measured, settings, out_dir, step, tokens, n_layer, history=N
                     {p: s["limit"] for p, s in measured.items()}, meta,
                     {p: (metrics[f"{family}/alpha_head/{p}"], metrics[f"{family}/alpha_tail/{p}"]) for p in measured})
     if figures:
-        draw_figures(os.path.join(out_dir, "plots"), family, tokens, measured, metrics, settings, n_layer, history)
+        draw_figures(os.path.join(out_dir, "plots"), family, tokens, measured, metrics, settings, n_layer, history,
+                     notes)
     if scalars:
         text = json.dumps({"step": step, "tokens": tokens, **{k: None if isinstance(v, float) and not math.isfinite(v)
                                                               else v for k, v in metrics.items()}}, indent=1)
@@ -81,19 +83,41 @@ def spectrum_picks(names, max_curves=5):
     return list(dict.fromkeys(picks))[:max_curves]
 
 
-def draw_figures(plot_dir, family, tokens, measured, metrics, settings, n_layer, history=None):
+# Why a spectrum is left out of the figures, said once per run (the figure's title names which)
+NOT_DRAWN_WHY = {"all-zero": "zero-initialised weights before their first update, e.g. the modded preset's output "
+                             "projections at step 0, give all-zero activations, gradients and weights",
+                 "all-NaN": "the measurement gave no finite value",
+                 "non-finite": "the measurement gave non-finite values",
+                 "rank < 2": "a power law needs two valid ranks"}
+
+
+def spectrum_curve(point, spectrum, settings):
+    """The plots.Curve of one measured spectrum: its meaningful ranks with the fitted head and tail
+    (none when it has nothing to draw; plots.spectra then names it instead)."""
+    values = spectrum["values"]
+    rank = spectra.numerical_rank(values, spectrum["limit"])
+    fits = [] if plots.not_drawable(values, rank) else \
+        [(name, spectra.fit_power_law(values, window, rank)) for name, window in (("head", settings.head),
+                                                                                   ("tail", settings.tail))]
+    return plots.Curve(point, values, fits, rank=rank)
+
+
+def layer_names(points, n_layer):
+    """Tick labels of the layer axis for the points that exist: {-1: 'embed', n_layer: 'final'}."""
+    return {layer_of(p, n_layer): p for p in ("embed", "final") if p in points}
+
+
+def draw_figures(plot_dir, family, tokens, measured, metrics, settings, n_layer, history=None, notes=None):
     """The figures of one evaluation: a few spectra with their fitted head and tail, alpha against
     layer, and alpha against tokens over the history so far (this evaluation alone without one).
-    Returns what each drew, {"spectrum" | "alpha_layer" | "alpha_tokens": {panel: {label: (x, y)}}}."""
+    Spectra with nothing to draw (all zero, non-finite) are named in the figure's title and said
+    once per run through `notes` (a Notes); a figure with nothing left is not written.
+    Returns what each drew, {"spectrum" | "alpha_layer" | "alpha_tokens": plots.DrawnFigure}."""
     tag, label = f"{tokens:012d}", f"{family} spectra at {tokens:,} tokens"
-    curves = []
-    for p in spectrum_picks(list(measured)):
-        values = measured[p]["values"]
-        rank = spectra.numerical_rank(values, measured[p]["limit"])
-        if rank >= 2:
-            fits = [(name, spectra.fit_power_law(values, window, rank))
-                    for name, window in (("head", settings.head), ("tail", settings.tail))]
-            curves.append(plots.Curve(p, values[:rank], fits))
+    curves = [spectrum_curve(p, measured[p], settings) for p in spectrum_picks(list(measured))]
+    reasons = dict.fromkeys(plots.not_drawable(c.values, c.rank) for c in curves)  # in order, each once
+    (notes or Notes())([f"{family} spectra that are {why} are not drawn; each figure names those it leaves out "
+                        f"({NOT_DRAWN_WHY[why]})" for why in reasons if why])
     ylabel = "eigenvalue" if family == "act" else "singular value"
     drawn = {"spectrum": plots.spectra(os.path.join(plot_dir, f"{family}_spectrum_{tag}.png"), {label: curves}, ylabel)}
     kinds = {}
@@ -102,7 +126,7 @@ def draw_figures(plot_dir, family, tokens, measured, metrics, settings, n_layer,
     by_layer = {stat: {kind: ([layer_of(p, n_layer) for p in ps], [metrics.get(f"{family}/{stat}/{p}") for p in ps])
                        for kind, ps in kinds.items()} for stat in ("alpha_head", "alpha_tail")}
     drawn["alpha_layer"] = plots.alpha_by_layer(os.path.join(plot_dir, f"{family}_alpha_layer_{tag}.png"), by_layer,
-                                                "alpha", label)
+                                                "alpha", label, xnames=layer_names(measured, n_layer))
     series = history.series[family] if history is not None else \
         {p: {tokens: (metrics[f"{family}/alpha_head/{p}"], metrics[f"{family}/alpha_tail/{p}"])} for p in measured}
     if any(p.endswith(".mlp_resid") for p in series):  # activations: the block outputs, embed and final

@@ -997,7 +997,7 @@ def summarise(measured, family, settings, prev=None, first=None, where=""):
     evaluation and of each point's first evaluation with a spectrum (for js_prev / js_first; a point
     without a first is at its first, and js_first is 0). A point with non-finite values gets NaN
     metrics and a note naming it and `where`."""
-    metrics, notes = {}, []
+    metrics, notes, clipped = {}, [], {}
     head, tail = settings.head, settings.tail
     for p, s in measured.items():
         limit = s["limit"]
@@ -1016,9 +1016,12 @@ def summarise(measured, family, settings, prev=None, first=None, where=""):
             rank = values["valid_rank"]  # 0: an all-zero spectrum, said by format_table
             for name, (a, b) in (("head", head), ("tail", tail)):
                 if 0 < rank < b:
-                    notes.append(f"{family} spectrum of {p}: {name} window [{a}, {b}] clipped to the "
-                                 f"{rank} valid ranks")
+                    clipped.setdefault((name, a, b, rank), []).append(p)
         metrics.update({f"{family}/{k}/{p}": v for k, v in values.items()})
+    for (name, a, b, rank), points in clipped.items():  # one line for all the points a window is clipped at
+        which = f"every {family} spectrum" if len(points) == len(measured) > 1 else \
+            f"{family} spectra of {', '.join(points)}" if len(points) > 1 else f"{family} spectrum of {points[0]}"
+        notes.append(f"{which}: {name} window [{a}, {b}] clipped to the {rank} valid ranks")
     for p, s in measured.items():  # after every fit, as the keys have always been ordered
         if "noise_scale" in s:
             metrics[f"{family}/noise_scale/{p}"] = s["noise_scale"]
@@ -1029,10 +1032,24 @@ def summarise(measured, family, settings, prev=None, first=None, where=""):
     return metrics, notes
 
 
+# A log-log fit with R^2 below this is not read as a power law: its alpha is the slope of a line
+# through something bent, e.g. a weight tail fitted across the rank cliff at the width (R^2 0.55).
+# Clean power laws of sampled covariances stay above 0.97 over 10 or more ranks (sampling noise
+# bends only the last few), so 0.9 flags a bend, not noise. The table marks such alphas with '?',
+# the figures draw their lines dashed.
+LOW_R2 = 0.9
+
+
+def alpha_cell(alpha, r2):
+    """alpha under its 10-character header, then '?' when the fit's R^2 < LOW_R2 (else a space)."""
+    return f"{alpha:10.3f}{'?' if r2 < LOW_R2 else ' '}"
+
+
 def format_table(metrics, family, names):
-    """A compact console table, one row per point or matrix. Spectra that are all zero (every
-    gradient of a zero-initialised head at step 0, say) have no fits: one line names them instead
-    of rows of NaN."""
+    """A compact console table, one row per point or matrix; an alpha whose fit has R^2 < LOW_R2
+    is marked '?' (said once, at the end of the header). Spectra that are all zero (every gradient
+    of a zero-initialised head at step 0, say) have no fits: one line names them instead of rows
+    of NaN."""
     def get(stat, p):
         v = metrics.get(f"{family}/{stat}/{p}", math.nan)
         return math.nan if v is None else v
@@ -1041,9 +1058,12 @@ def format_table(metrics, family, names):
     lines = []
     if rows:
         width = max(len(p) for p in rows)
-        lines.append(f"  {'point':<{width}}  alpha_head  alpha_tail (+-noise)   R2_head  R2_tail  rankme")
+        poor = any(get(f"r2_{w}", p) < LOW_R2 for p in rows for w in ("head", "tail"))
+        lines.append(f"  {'point':<{width}}  alpha_head  alpha_tail (+-noise)   R2_head  R2_tail  rankme"
+                     + (f"   (? R2 < {LOW_R2:g}: not a power law)" if poor else ""))
         for p in rows:
-            lines.append(f"  {p:<{width}}  {get('alpha_head', p):10.3f}  {get('alpha_tail', p):10.3f} "
+            lines.append(f"  {p:<{width}}  {alpha_cell(get('alpha_head', p), get('r2_head', p))} "
+                         f"{alpha_cell(get('alpha_tail', p), get('r2_tail', p))}"
                          f"(+-{get('alpha_tail_noise', p):.3f})  {get('r2_head', p):8.3f} {get('r2_tail', p):8.3f} "
                          f"{get('rankme', p):7.1f}")
     if zero:

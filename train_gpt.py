@@ -78,7 +78,7 @@ class Config:
     target_val_loss: float = 0.0       # > 0: stop at the first evaluation with val_loss <= this
     val_tokens: int = 10_485_760       # fixed slice of the val split, the same at every evaluation
     eval_every_tokens: int = 0         # tokens between evaluations; 0: at the start and the end only; -1: never
-    log_every: int = 10                # steps between console/metrics lines
+    log_every: int = 10                # steps between console/metrics lines (and a line at every evaluation)
     # optimizer: Muon for hidden matrices + Adam for the rest, or AdamW everywhere
     optimizer: str = "muon"            # muon | adamw
     lr_ref_batch_size: int = 512       # the learning rates below are for this batch size ...
@@ -679,10 +679,34 @@ def set_schedule(opts, step, n_steps, cfg):
 # Run directory (rundir.py owns its files), metrics and W&B
 
 
+def config_stem(cfg):
+    """The config file's name without .py ("run" without one): automatic run names start with it."""
+    return os.path.splitext(os.path.basename(cfg.config_file))[0] if cfg.config_file else "run"
+
+
+def link_latest(cfg, run_dir):
+    """out_dir/<stem>_latest -> the run just started, when its name is the automatic one: a stable path
+    to the newest run of a config (runs/cpu_demo_latest/...). A relative link, replaced atomically; a
+    file or folder of that name that is not such a link is left alone, with a warning."""
+    name = os.path.basename(run_dir)
+    if not re.fullmatch(re.escape(config_stem(cfg)) + r"_\d{8}-\d{6}", name):
+        return
+    link = os.path.join(os.path.dirname(run_dir), f"{config_stem(cfg)}_latest")
+    if os.path.lexists(link) and not os.path.islink(link):
+        print(f"warning: {link} exists and is not a link; it does not follow the newest run", file=sys.stderr)
+        return
+    temporary = f"{link}.tmp{os.getpid()}"
+    try:
+        os.symlink(name, temporary)
+        os.replace(temporary, link)
+    except OSError as e:
+        print(f"warning: cannot link {link} -> {name} ({e.strerror or e})", file=sys.stderr)
+
+
 def choose_run_name(cfg):
     """The run's name, decided before anything is written: a fresh run needs a new (or empty)
     directory; --resume=1 needs one with a checkpoint (default: the newest run of this config)."""
-    stem = os.path.splitext(os.path.basename(cfg.config_file))[0] if cfg.config_file else "run"
+    stem = config_stem(cfg)
     name = cfg.run_name
     if cfg.resume and not name:  # the runs named by the clock below: STEM_YYYYmmdd-HHMMSS sorts by time
         stamped = re.compile(re.escape(stem) + r"_\d{8}-\d{6}")
@@ -1383,6 +1407,7 @@ def open_run(s, step, derived):
         rewind_spectra(s.run_dir, step * s.tokens_per_step)
     else:
         record.save(s.run_dir)
+        link_latest(cfg, s.run_dir)
     print(describe(cfg, gcfg, s.raw.param_counts(), derived, every_key=False))
     print(f"run directory: {s.run_dir}")
     s.log = MetricsLog(s.run_dir, cfg, dataclasses.asdict(record), s.wandb_id, wandb_sent_step, labels)
@@ -1546,11 +1571,12 @@ def train(cfg):
         step += 1
         tokens = step * tokens_per_step
 
-        if step % cfg.log_every == 0 or step == n_steps:
+        evaluating = cfg.eval_every_tokens >= 0 and (step == n_steps or crossed_multiple(cfg.eval_every_tokens, tokens,
+                                                                                           tokens_per_step))
+        if step % cfg.log_every == 0 or step == n_steps or evaluating:  # a train loss beside every val loss
             log_interval(s, interval, step, lr)
         interval.pause()  # evaluations and checkpoints are not training throughput
-        if cfg.eval_every_tokens >= 0 and (step == n_steps or crossed_multiple(cfg.eval_every_tokens, tokens,
-                                                                                 tokens_per_step)):
+        if evaluating:
             done = evaluate_and_log(s, step)
         if cfg.ckpt_every_tokens >= 0 and (step == n_steps or done or crossed_multiple(cfg.ckpt_every_tokens, tokens,
                                                                                          tokens_per_step)):

@@ -454,26 +454,37 @@ def test_compare_end_to_end_on_synthetic_runs(tmp_path, capsys):
     assert "matched tokens 6,144" in printed  # the largest evaluation all three runs have
 
     runs = analyze.load_runs(paths)
+    by_name = {run.name: run for run in runs}
     result = analyze.compare_command(runs, str(out), layer=1)
     loss = max(curve(t)(grid[-1]) for _, grid, t, _ in layouts.values())  # highest final val_loss: bs8's
     assert result["tokens"] == 6144 and result["loss"] == pytest.approx(loss)
     assert result["points"] == POINTS
-    for row, run, (tps, grid, t, a) in zip(result["rows"]["loss"], runs, layouts.values()):
-        crossing = hand_tokens_to_target(run.records, loss) if row[0] != "bs8" else grid[-1]
+    assert [row[0] for row in result["rows"]["loss"]] == ["bs4", "bs8", "bs12"]  # by their numbers
+    for row in result["rows"]["loss"]:
+        tps, grid, t, a = layouts[row[0]]
+        crossing = hand_tokens_to_target(by_name[row[0]].records, loss) if row[0] != "bs8" else grid[-1]
         assert row[1] == pytest.approx(crossing)
         # alphas at the crossing: interpolated in tokens between the evaluations around it
         assert row[3:] == pytest.approx([a + 0.1 * k + DRIFT * crossing for k in range(len(POINTS))])
         assert analyze.fmt(row[4]) in printed
-    for row, (tps, grid, t, a) in zip(result["rows"]["tokens"], layouts.values()):
+    for row in result["rows"]["tokens"]:
+        tps, grid, t, a = layouts[row[0]]
         assert row[1] == 6144 and row[2] == pytest.approx(curve(t)(6144))
     with open(out / "compare.csv") as f:
         assert len(list(csv.DictReader(f))) == 6
-    # --tokens picks each run's nearest evaluation
-    nearest = analyze.compare_command(runs, str(out), tokens=2200)["rows"]["tokens"]
-    assert [r[1] for r in nearest] == [2048, 2304, 2048]
+    # --tokens: every run at those tokens, its loss and alphas interpolated between the evaluations
+    # around them (bs4 and bs8 at 2048 and 3072, bs12 at 2304 and 3072)
+    at = analyze.compare_command(runs, str(out), tokens=2200)["rows"]["tokens"]
+    for row in at:
+        tps, grid, t, a = layouts[row[0]]
+        t0 = max(g for g in grid if g <= 2200)
+        t1 = min(g for g in grid if g >= 2200)
+        w = (2200 - t0) / (t1 - t0)
+        assert row[1] == 2200 and row[2] == pytest.approx((1 - w) * curve(t)(t0) + w * curve(t)(t1))
+        assert row[3] == pytest.approx(a + DRIFT * 2200)
     with pytest.warns(analyze.AnalysisWarning, match="--tokens 1,000,000,000 is past every run's last evaluation"):
         beyond = analyze.compare_command(runs, str(out), tokens=10 ** 9)["rows"]["tokens"]
-    assert [r[1] for r in beyond] == [grid[-1] for _, grid, _, _ in layouts.values()]
+    assert [r[1] for r in beyond] == [layouts[r[0]][1][-1] for r in beyond]  # each run's last evaluation
     with pytest.warns(analyze.AnalysisWarning, match=r"every grad/alpha_tail value is null .* try --stat alpha_head"):
         analyze.compare_command(runs, str(out), family="grad")  # 8 samples: no tail fits
     # gradient stable ranks of runs from before and after they were defined from sigma^2
@@ -493,6 +504,111 @@ def test_compare_end_to_end_on_synthetic_runs(tmp_path, capsys):
     # any logged statistic, not only the forecast's predictors
     pr = analyze.compare_command(runs, str(out), stat="pr")
     assert pr["points"] == POINTS and pr["rows"]["tokens"][0][3] == pytest.approx(0.5 + DRIFT * 6144)
+
+
+def alpha_records(evaluations):
+    """metrics.jsonl records of a run evaluated at {tokens: (val_loss, alpha)}: act alpha_tail of
+    every point = alpha (+ 0.1 per point), other act stats constant."""
+    records = []
+    for t, (loss, alpha) in sorted(evaluations.items()):
+        rec = dict(step=t // 128, tokens=t, val_loss=loss, **spectral("act", POINTS, 0, {}))
+        rec.update({f"act/alpha_tail/{p}": alpha + 0.1 * k for k, p in enumerate(POINTS)})
+        records.append(rec)
+    return records
+
+
+def test_matched_tokens_on_different_grids_is_the_most_every_run_reached_with_values_interpolated(tmp_path, capsys):
+    # alphas that are not linear in tokens, so the wrong bracketing evaluations would show
+    a = {0: (9.0, 1.0), 10_000: (7.0, 0.9), 20_000: (6.0, 0.7), 30_000: (5.5, 0.2)}
+    b = {0: (9.0, 1.1), 12_000: (6.8, 0.8), 25_000: (5.9, 0.6)}
+    runs = [analyze.Run(name, trainer_config(tmp_path, name), alpha_records(evals)) for name, evals in
+            (("A", a), ("B", b))]
+    assert analyze.matched_tokens(runs, "act", "alpha_tail") == 25_000  # B's last; the only shared one is 0
+    with pytest.warns(analyze.AnalysisWarning, match="no saved act spectra"):  # runs without files: no overlay
+        result = analyze.compare_command(runs, str(tmp_path / "out"))
+    rows = {row[0]: row for row in result["rows"]["tokens"]}
+    # by hand: 25k is halfway from A's evaluation at 20k to its one at 30k
+    assert rows["A"][1] == 25_000 and rows["A"][2] == pytest.approx((6.0 + 5.5) / 2)
+    assert rows["A"][3:] == pytest.approx([(0.7 + 0.2) / 2 + 0.1 * k for k in range(len(POINTS))])
+    assert rows["B"][1] == 25_000 and rows["B"][2] == 5.9 and rows["B"][3:] == pytest.approx(
+        [0.6 + 0.1 * k for k in range(len(POINTS))])
+    assert "matched tokens 25,000 (interpolated" in capsys.readouterr().out
+    panel = result["figures"]["alpha_layer.png"]["at 25,000 tokens"]
+    assert panel["A"][1] == pytest.approx(rows["A"][3:])
+    # a run evaluated at 0 tokens only: the runs are compared at initialisation, and it is said
+    c = analyze.Run("C", trainer_config(tmp_path, "C"), alpha_records({0: (9.0, 1.2)}))
+    assert analyze.matched_tokens(runs + [c], "act", "alpha_tail") == 0
+    assert "note: matched tokens 0, the runs at initialisation: C measured act/alpha_tail at 0 tokens only" in \
+        capsys.readouterr().out
+    assert analyze.matched_tokens(runs, "act", "alpha_tail") == 25_000 and "note" not in capsys.readouterr().out
+
+
+def test_compare_finds_run_folders_at_any_depth_but_not_inside_runs(tmp_path, capsys):
+    cfg, records = trainer_config(tmp_path, "x"), make_records(128, GRID[:3], curve(3000), {})
+    root = tmp_path / "runs"
+    expected = [write_run(root / "demo_sweep", name, records, cfg) for name in ("bs16", "bs4", "bs8")]
+    expected.append(write_run(root / "other" / "deeper", "solo", records, cfg))
+    (root / "notes").mkdir()                                                    # not a run, holds none
+    write_run(root / "demo_sweep" / "bs4" / "ckpt", "inner", records, cfg)     # inside a run: never searched
+    os.symlink("bs8", root / "demo_sweep" / "bs_latest")                       # a link to a run found already
+    found = analyze.run_dirs(str(root))
+    assert [f for f in found if not f.endswith("bs_latest")] == [expected[1], expected[2], expected[0], expected[3]]
+    assert [r.path for r in analyze.load_runs([str(root)])] == [expected[1], expected[2], expected[0], expected[3]]
+    analyze.main(["compare", str(root), "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in ("bs4", "bs8", "bs16", "solo")) and "inner" not in printed
+    assert "bs_latest" not in printed  # the run behind the link is read once, under its own name
+    with pytest.raises(analyze.AnalysisError, match="notes is not a run directory .* holds none"):
+        analyze.run_dirs(str(root / "notes"))
+
+
+def test_runs_are_drawn_in_numeric_order_each_in_one_colour_in_every_figure_of_both_commands(tmp_path, monkeypatch):
+    alphas = {4: 0.5, 8: 0.6, 16: 0.7, 32: 0.85}  # bs32 does not reach TARGET within its grid
+    for i, (bs, a) in enumerate(alphas.items()):
+        grid = GRID if bs < 32 else [t for t in GRID if t < t_target(a) - 500]
+        path = write_run(tmp_path / "sweep", f"bs{bs}", make_records(bs * 32, grid, curve(t_target(a)),
+                                                                      sweep_base(i, a)),
+                         trainer_config(tmp_path, f"bs{bs}", batch_size=bs, device_batch_size=bs))
+        for tokens in grid:
+            save_power_law_spectra(path, tokens, a)
+    order = ["bs4", "bs8", "bs16", "bs32"]
+    text_order = sorted(analyze.load_runs([str(tmp_path / "sweep")]), key=lambda r: r.name)
+    assert [r.name for r in text_order] == ["bs16", "bs32", "bs4", "bs8"]
+
+    def colours(result):
+        """{run: colour} of every figure, checking each run has one colour in all of them."""
+        figures = result["figures"]
+        found = {}
+        for file, drawn in figures.items():
+            for panel in drawn.values():
+                for label, s in panel.items():
+                    run = label.split(" ")[0]
+                    if run in order:
+                        found.setdefault(run, set()).add(s.color)
+        assert set(figures) == {"alpha_layer.png", "alpha_tokens.png", "loss_tokens.png", "spectra_act_L01.png"}
+        assert all(len(c) == 1 for c in found.values()), found
+        return {run: c.pop() for run, c in found.items()}
+
+    result = analyze.compare_command(text_order, str(tmp_path / "out"), layer=1)
+    for panel in result["figures"]["alpha_tokens.png"].values():
+        assert list(panel) == order
+    assert list(result["figures"]["alpha_layer.png"]["at val_loss %.4g" % result["loss"]]) == order
+    assert [label.split(" ")[0] for label in result["figures"]["spectra_act_L01.png"]
+            [f"at {result['tokens']:,.0f} tokens"]] == order
+    assert [row[0] for row in result["rows"]["tokens"]] == order
+    fixed = colours(result)
+    assert len(set(fixed.values())) == 4
+    again = analyze.compare_command(list(reversed(text_order)), str(tmp_path / "again"), layer=1)
+    assert colours(again) == fixed
+    # the forecast command draws each run in the colour compare gave it; its title names the target
+    # loss and the tokens the predictors were read at
+    drawn, plot_forecast = [], analyze.plot_forecast
+    monkeypatch.setattr(analyze, "plot_forecast", lambda *a, **k: drawn.append(plot_forecast(*a, **k)) or drawn[-1])
+    analyze.forecast_command(text_order, TARGET, 2500, str(tmp_path / "forecast"))
+    (panel,) = drawn[0].values()
+    assert {run: panel[run].color for run in order[:3]} == {run: fixed[run] for run in order[:3]}
+    assert panel["bs32 (forecast)"].color == fixed["bs32"]
+    assert "val_loss <= 5" in panel.title and "2.5k tokens" in panel.title and "--at-tokens 2,500" in panel.title
 
 
 def test_compare_and_forecast_on_real_tiny_runs(tmp_path, capsys):

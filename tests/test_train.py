@@ -2,6 +2,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -63,8 +64,8 @@ def test_validation_loss_is_an_independent_mean_over_the_fixed_slice(tmp_path):
 
 
 def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, monkeypatch):
-    # log lines every 4 steps, so the checkpoint at step 6 falls inside a log interval, whose loss
-    # sum and time the checkpoint carries over
+    # log lines every 4 steps and at the evaluations (every 5), so the checkpoint at step 6 falls inside
+    # a log interval (5 to 8), whose loss sum and time the checkpoint carries over
     args = tiny_args(tmp_path, max_steps=16, ckpt_every_tokens=768, eval_every_tokens=640, log_every=4, dropout=0.1)
     full = read_metrics(train(load_config(args + ["--run_name=full"])))
 
@@ -78,13 +79,20 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, monkeypatch)
     assert losses(resumed) == losses(full)  # bitwise, dropout included
     assert [r["step"] for r in resumed] == [r["step"] for r in full]
     discarded = [json.loads(line) for line in open(os.path.join(part_dir, "metrics.discarded.jsonl"))]
-    assert [r["step"] for r in discarded] == [8, 10]
+    assert [r["step"] for r in discarded] == [8, 10, 10]  # a train-loss line and the evaluation at step 10
 
 
 def test_resume_finds_the_newest_run_of_the_config(tmp_path):
     args = tiny_args(tmp_path, max_steps=4, run_name="")
     run_dir = train(load_config(args))
     assert os.path.basename(run_dir).startswith("cpu_demo_")
+    latest = os.path.join(tmp_path, "cpu_demo_latest")  # a stable path to the newest run of the config
+    assert os.readlink(latest) == os.path.basename(run_dir) and os.path.samefile(latest, run_dir)
+    cfg = load_config(args)
+    train_gpt.link_latest(cfg, os.path.join(tmp_path, "cpu_demo_20991231-235959"))  # a newer one moves it
+    assert os.readlink(latest) == "cpu_demo_20991231-235959" and glob.glob(f"{latest}.tmp*") == []
+    train_gpt.link_latest(cfg, os.path.join(tmp_path, "cpu_demo_wd01"))  # a name given by hand does not
+    assert os.readlink(latest) == "cpu_demo_20991231-235959"
     # runs named by hand, or of a config whose name extends this one's, are not "the newest of this config"
     for decoy in ("cpu_demo_wd01", "cpu_demo_big_20991231-235959"):
         shutil.copytree(os.path.join(run_dir, "ckpt"), os.path.join(tmp_path, decoy, "ckpt"))
@@ -133,8 +141,14 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
 
 def wandb_records(run_dir, newest=False):
     """The records of a W&B offline run file (leveldb-log framing of wandb's protobuf Records): the
-    run's only one, or with newest=True the last written (a resumed run has one per attempt)."""
+    run's only one, or with newest=True the last written (a resumed run has one per attempt).
+    run.finish() returns once wandb-core has the run's last records, but wandb-core writes and closes
+    the file in its own process, after that: read at once, under load, the tail of the file could be
+    missing (the last metrics line, or an artifact record). wandb.teardown() waits for wandb-core
+    to shut down, files closed, as the end of the trainer's process does."""
+    import wandb
     from wandb.proto import wandb_internal_pb2 as pb
+    wandb.teardown()
     paths = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "*.wandb"))
     if newest:
         paths = [max(paths, key=os.path.getmtime)]
@@ -321,7 +335,7 @@ def test_a_resumed_offline_run_holds_the_whole_history_in_its_newest_folder(tmp_
     wandb = pytest.importorskip("wandb")
     args = tiny_args(tmp_path, wandb_mode="offline", max_steps=8, ckpt_every_tokens=512, eval_every_tokens=512)
     crash_in_step(monkeypatch, args, 7)  # checkpoint at step 4, metrics to step 6
-    wandb.finish()  # as the crashed process's exit would; its offline folder stays as it was
+    wandb.teardown()  # as the crashed process's exit would; its offline folder stays as it was
     time.sleep(1.1)  # folders are named by the second they start in
     train(load_config(args + ["--resume=1"]))
     assert len(glob.glob(os.path.join(tmp_path, "tiny", "wandb", "offline-run-*"))) == 2
@@ -481,19 +495,34 @@ def poison_training_loss(monkeypatch, from_step, value=float("nan"), before=None
     monkeypatch.setattr(train_gpt.GPT, "forward", forward)
 
 
-@pytest.mark.parametrize("evaluate, what", [(False, "the weights or a step's loss are not finite"),
-                                            (True, "val_loss is nan")])
+def poison_validation_loss(monkeypatch, from_call):
+    """From the from_call-th validation on, the validation loss is nan; training is left alone."""
+    real_val_loss, calls = train_gpt.val_loss, [0]
+
+    def val_loss(*args):
+        calls[0] += 1
+        return float("nan") if calls[0] >= from_call else real_val_loss(*args)
+    monkeypatch.setattr(train_gpt, "val_loss", val_loss)
+
+
+@pytest.mark.parametrize("poisoned, evaluate, what", [
+    ("train", False, "the weights or a step's loss are not finite"),  # found at the checkpoint of step 6
+    ("train", True, r"train_loss is nan \(the mean of steps 5-6\)"),  # the log line beside the evaluation at 6
+    ("val", True, "val_loss is nan")])  # the evaluation at step 6 (the fourth: 0, 2, 4, 6)
 def test_divergence_stops_with_a_clear_error_and_never_checkpoints_non_finite_weights(tmp_path, monkeypatch, capsys,
-                                                                                      evaluate, what):
+                                                                                      poisoned, evaluate, what):
     # log lines every 4 steps, checkpoints every 2 (keep 2): the first non-finite step is 5, its log line at 8
     args = tiny_args(tmp_path, max_steps=12, log_every=4, ckpt_every_tokens=256, ckpt_keep=2,
                      eval_every_tokens=256 if evaluate else -1)
-    poison_training_loss(monkeypatch, 5)
+    if poisoned == "train":
+        poison_training_loss(monkeypatch, 5)
+    else:
+        poison_validation_loss(monkeypatch, 4)
     with pytest.raises(SystemExit) as e:
         train_gpt.main(args)
     err = capsys.readouterr().err
     assert e.value.code == 1 and "Traceback" not in err
-    assert f"error: training diverged at step 6: {what}; lower the learning rates (muon_lr, embed_lr" in err
+    assert re.search(f"error: training diverged at step 6: {what}; lower the learning rates \\(muon_lr, embed_lr", err)
     assert "step_00000004.pt, is from before it" in err
     saved = train_gpt.checkpoints(os.path.join(tmp_path, "tiny"))
     assert [os.path.basename(p) for p in saved] == ["step_00000002.pt", "step_00000004.pt"]  # the good ones kept
