@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,6 +23,23 @@ def tiny_args(out_dir, **overrides):
                 spectra_tokens=512, spectra_batch_size=4, spectra_plots=0, grad_samples=8, grad_batch_size=4)
     args.update(overrides)
     return [DEMO] + [f"--{k}={v}" for k, v in args.items()]
+
+
+def run_command(main, args, capsys):
+    """A command's main(args) in this process, ending as its `python X.py args` would: returncode,
+    stdout, stderr (sys.exit("message") prints the message to stderr and exits 1). The same code
+    as the subprocess without the interpreter's and torch's start, a few seconds each; one test per
+    command still runs it as a subprocess."""
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    out, err = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
 def crash_in_step(monkeypatch, args, n):

@@ -1,8 +1,6 @@
 import csv
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,7 +8,7 @@ import pytest
 import conditions
 import spectra
 import train_gpt
-from conftest import REPO, tiny_args
+from conftest import REPO, run_command, tiny_args
 
 SMALL = ["--seq_len", "32", "--act_tokens", "2048", "--grad_samples", "16", "--epochs", "0.001", "--batch_size", "8"]
 
@@ -79,12 +77,11 @@ def test_conditions_end_to_end_average_what_each_seed_measured(tiny_ckpt, tmp_pa
     assert "holds a fine-tuning of other settings" in capsys.readouterr().err
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "conditions.py", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+def test_conditions_bad_input_names_the_problem(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
 
-
-def test_conditions_bad_input_names_the_problem(tiny_ckpt, tmp_path):
+    def run_cli(*args):
+        return run_command(conditions.main, args, capsys)
     r = run_cli("--model", tiny_ckpt, "--data", "data/shakespeare", "--conditions", "pre_train,finetuned",
                 "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "unknown ['finetuned']" in r.stderr

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 import train_gpt
-from conftest import DEMO, REPO, tiny_args
+from conftest import DEMO, REPO, run_command, tiny_args
 from train_gpt import ConfigError, load_config
 
 
@@ -124,11 +124,10 @@ def test_batch_size_scales_learning_rates_by_the_stated_rule():
     assert train_gpt.lr_factor(base) == pytest.approx(0.25)
 
 
-def test_bad_command_fails_before_writing_anything(tmp_path):
+def test_bad_command_fails_before_writing_anything(tmp_path, capsys):
     out = tmp_path / "runs"
     for bad in ("--batch_szie=3", "--batch_size=6", "--train_files=nowhere/fineweb_train_*.bin"):
-        r = subprocess.run([sys.executable, "train_gpt.py", *tiny_args(out), bad], capture_output=True, text=True,
-                           cwd=REPO)
+        r = run_command(train_gpt.main, [*tiny_args(out), bad], capsys)
         assert r.returncode == 2, r.stderr
         assert r.stderr.startswith("error: ")
         assert not out.exists(), f"{bad} wrote {list(out.iterdir())}"
@@ -196,9 +195,8 @@ def test_every_config_passes_dry_run(path, capsys, tmp_path):
         assert dbs * world * accum == cfg.batch_size
 
 
-def test_d36_dry_run_command(tmp_path):
-    r = subprocess.run([sys.executable, "train_gpt.py", "configs/d36_bs512.py", "--dry_run", *no_fineweb(tmp_path)],
-                       capture_output=True, text=True, cwd=REPO)
+def test_d36_dry_run_command(tmp_path, capsys):
+    r = run_command(train_gpt.main, [f"{REPO}/configs/d36_bs512.py", "--dry_run", *no_fineweb(tmp_path)], capsys)
     assert r.returncode == 2 and "train data: no token shards match" in r.stderr  # FineWeb is not here
     assert "python data/fineweb.py --train_shards" in r.stderr
     assert not (tmp_path / "runs").exists()
@@ -230,9 +228,10 @@ def test_every_run_of_a_sweep_file_resolves_to_a_distinct_valid_config(sweep, tm
     assert len(set(resolved)) == len(resolved) > 1
 
 
-def test_help_lists_every_key_with_type_default_and_meaning():
-    for flag in ("--help", "-h"):
-        r = subprocess.run([sys.executable, "train_gpt.py", "configs/cpu_demo.py", flag], capture_output=True,
+def test_help_lists_every_key_with_type_default_and_meaning(capsys):
+    for flag in ("--help", "-h"):  # the command itself once, then its main in this process
+        r = run_command(train_gpt.main, [DEMO, flag], capsys) if flag == "-h" else \
+            subprocess.run([sys.executable, "train_gpt.py", "configs/cpu_demo.py", flag], capture_output=True,
                            text=True, cwd=REPO)
         assert r.returncode == 0 and r.stderr == "", r.stderr
         lines = {m.group(1): m.group(2) for m in re.finditer(r"^  --(\w+) +(.*)$", r.stdout, re.M)}

@@ -10,9 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import measure
 import spectra
 import train_gpt
-from conftest import FP32_ORDER_BOUND, REPO, losses, read_metrics, tiny_args, torchrun_worker, worker_threads
+from conftest import FP32_ORDER_BOUND, REPO, losses, read_metrics, run_command, tiny_args, torchrun_worker, \
+    worker_threads
 from test_spectra import in_three_orders, probe_tokens, random_model, rel
 from model import compiled_head_grad_rows
 from train_gpt import ConfigError, load_config, train
@@ -497,7 +499,7 @@ def test_the_thread_count_moves_singular_values_by_fp32_rounding_only(monkeypatc
         assert 0 < rel(split[name]["values"], one[name]["values"]) < FP32_ORDER_BOUND, name
 
 
-def test_checkpoint_command_measures_the_same_gradient_spectra_as_the_trainer(tmp_path):
+def test_checkpoint_command_measures_the_same_gradient_spectra_as_the_trainer(tmp_path, capsys):
     run_dir = train(load_config(tiny_args(tmp_path, max_steps=3, eval_every_tokens=0, ckpt_every_tokens=0)))
     ckpt, = train_gpt.checkpoints(run_dir)
     r = subprocess.run([sys.executable, "measure.py", "grad", "--ckpt", ckpt, "--no_plots"], cwd=REPO,
@@ -511,15 +513,13 @@ def test_checkpoint_command_measures_the_same_gradient_spectra_as_the_trainer(tm
         assert t2 == tokens == 3 * 4 * 32 and list(a) == list(b) == ["L00.attn.c_proj", "L01.attn.c_proj"]
         for name in a:
             np.testing.assert_array_equal(a[name], b[name])
-    r = subprocess.run([sys.executable, "measure.py", "grad", "--ckpt", ckpt, "--matrices", "attn.proj"], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
+    r = run_command(measure.main, ["grad", "--ckpt", ckpt, "--matrices", "attn.proj"], capsys)
     assert r.returncode == 2 and "'attn.proj' is not a matrix of a block; valid names are" in r.stderr
-    r = subprocess.run([sys.executable, "measure.py", "grad", "--ckpt", ckpt, "--method", "token_gram", "--max_gb",
-                        "1e-6"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = run_command(measure.main, ["grad", "--ckpt", ckpt, "--method", "token_gram", "--max_gb", "1e-6"], capsys)
     assert r.returncode == 2 and "raise grad_spectra_max_gb (--max_gb) to" in r.stderr
     out = str(tmp_path / "bf16")
-    r = subprocess.run([sys.executable, "measure.py", "grad", "--ckpt", ckpt, "--no_plots", "--precision", "bf16",
-                        "--out", out], cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = run_command(measure.main, ["grad", "--ckpt", ckpt, "--no_plots", "--precision", "bf16", "--out", out],
+                    capsys)
     assert r.returncode == 0, r.stderr[-3000:]
     (_, bf16), = spectra.spectra_files(out, "grad")
     assert spectra.load_spectra(bf16)[1]["precision"] == "bf16"

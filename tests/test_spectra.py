@@ -14,8 +14,8 @@ import torch.nn.functional as F
 import measure
 import spectra
 import train_gpt
-from conftest import (FP32_ORDER_BOUND, REPO, crash_in_step, losses, read_metrics, threads, tiny_args, torchrun_worker,
-                      worker_threads)
+from conftest import (FP32_ORDER_BOUND, REPO, crash_in_step, losses, read_metrics, run_command, threads, tiny_args,
+                      torchrun_worker, worker_threads)
 from data.shards import find_shards, load_prefix
 from model import GPT, make_config
 from train_gpt import ConfigError, load_config, train
@@ -510,16 +510,13 @@ def test_checkpoint_command_writes_the_same_spectra_as_the_trainer(tmp_path):
 
 
 def test_checkpoint_command_errors_name_the_problem(tmp_path, capsys):
-    r = subprocess.run([sys.executable, "measure.py", "act", "--ckpt", str(tmp_path / "nope.pt")], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
+    r = run_command(measure.main, ["act", "--ckpt", str(tmp_path / "nope.pt")], capsys)
     assert r.returncode == 2 and "nope.pt' not found" in r.stderr
-    r = subprocess.run([sys.executable, "measure.py", "act", "--ckpt", "x.pt", "--tail", "5"], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
+    r = run_command(measure.main, ["act", "--ckpt", "x.pt", "--tail", "5"], capsys)
     assert r.returncode == 2 and "is not a rank window" in r.stderr
     bogus = tmp_path / "bogus.pt"
     torch.save({"weights": torch.zeros(2)}, bogus)
-    r = subprocess.run([sys.executable, "measure.py", "act", "--ckpt", str(bogus)], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
+    r = run_command(measure.main, ["act", "--ckpt", str(bogus)], capsys)
     assert r.returncode == 2 and "is not a trainer checkpoint" in r.stderr
 
     def error_of(*argv):  # in process: measure.main exits 2 with one line on stderr
