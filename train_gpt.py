@@ -1468,7 +1468,10 @@ def preflight(cfg, gcfg, settings, n_steps, tokens_per_step):
             try:
                 check()
             except (ConfigError, ShardError, RunFileError, ValueError) as e:
-                problems.append(f"{what}: {e}")
+                budget = n_steps * tokens_per_step
+                need = f" (this run reads {human(budget)} tokens: --train_shards {math.ceil(budget / 1e8)})" \
+                    if what == "train data" and "fineweb" in cfg.train_files else ""
+                problems.append(f"{what}: {e}{need}")
         notes += [f"{what}: {w.message}" for w in caught]
     return problems, notes
 
