@@ -684,12 +684,17 @@ def config_stem(cfg):
     return os.path.splitext(os.path.basename(cfg.config_file))[0] if cfg.config_file else "run"
 
 
+def is_automatic_name(cfg, name):
+    """Is `name` one the trainer gives a run of this config, <stem>_YYYYmmdd-HHMMSS (sorting by time)?"""
+    return re.fullmatch(re.escape(config_stem(cfg)) + r"_\d{8}-\d{6}", name) is not None
+
+
 def link_latest(cfg, run_dir):
     """out_dir/<stem>_latest -> the run just started, when its name is the automatic one: a stable path
     to the newest run of a config (runs/cpu_demo_latest/...). A relative link, replaced atomically; a
     file or folder of that name that is not such a link is left alone, with a warning."""
     name = os.path.basename(run_dir)
-    if not re.fullmatch(re.escape(config_stem(cfg)) + r"_\d{8}-\d{6}", name):
+    if not is_automatic_name(cfg, name):
         return
     link = os.path.join(os.path.dirname(run_dir), f"{config_stem(cfg)}_latest")
     if os.path.lexists(link) and not os.path.islink(link):
@@ -709,8 +714,7 @@ def choose_run_name(cfg):
     stem = config_stem(cfg)
     name = cfg.run_name
     if cfg.resume and not name:  # the runs named by the clock below: STEM_YYYYmmdd-HHMMSS sorts by time
-        stamped = re.compile(re.escape(stem) + r"_\d{8}-\d{6}")
-        candidates = sorted((d for d in os.listdir(cfg.out_dir) if stamped.fullmatch(d)
+        candidates = sorted((d for d in os.listdir(cfg.out_dir) if is_automatic_name(cfg, d)
                              and checkpoints(os.path.join(cfg.out_dir, d))), reverse=True) \
             if os.path.isdir(cfg.out_dir) else []
         if not candidates:
