@@ -52,6 +52,7 @@ def gelu_tanh(h):
 
 
 ACTIVATIONS = {"relu2": relu2, "gelu": F.gelu, "gelu_tanh": gelu_tanh}
+ATTENTION_IMPLS = ("auto", "sdpa", "flex")
 
 
 @dataclass
@@ -74,6 +75,20 @@ class GPTConfig:
     bias: bool = False           # biases in Linear layers (and LayerNorm)
     dropout: float = 0.0         # dropout on embeddings, attention weights and sublayer outputs (training)
     rope_base: float = 10000.0   # rotary frequency base
+    # the rest of the modded-NanoGPT history (configs/stages/; record numbers are modded-nanogpt's)
+    ve_layers: str = "3"         # value-embedding layers: k -> first and last k; "depth" -> k = round(L/4) in [3, L/2];
+                                 # "all" -> every layer, layer i and L-1-i sharing a table (record #14)
+    value_residual: bool = False  # the first layer's values mixed into every layer's, learned weights (record #9)
+    x0_lambdas: bool = False     # the embedding output mixed into every block's input, learned weights (record #9)
+    rope_frac: float = 1.0       # < 1: rotary on this share of the frequency pairs, the rest unrotated (record #17)
+    doc_mask: bool = False       # no attention across documents (each starts at an eot_token) (record #12)
+    eot_token: int = 50256       # the token that opens a document (GPT-2's <|endoftext|>)
+    window: int = 0              # sliding attention window in tokens (at the end of training); 0: none (record #12)
+    window_start: int = 0        # > 0: the window grows linearly from this to `window` over training (record #13)
+    window_block: int = 0        # > 0: windows counted in blocks of this many tokens, e.g. 128 (record #16)
+    short_windows: bool = False  # alternate long and short (half) windows across layers (record #20)
+    fp8_head: bool = False       # the head's matmul in FP8 while training (emulated where not native) (record #19)
+    attention: str = "auto"      # auto (flex on CUDA when masked, else sdpa) | sdpa | flex: how, not what
 
     def __post_init__(self):
         choices = {"pos": ("learned", "rotary"), "norm": ("rms", "layer"), "act": tuple(ACTIVATIONS)}
@@ -92,6 +107,41 @@ class GPTConfig:
                              f"{self.n_embd}/{self.n_head} = {self.n_embd // self.n_head}")
         if self.softcap < 0 or self.attn_scale < 0 or not 0 <= self.dropout < 1:
             raise ValueError("model config: softcap and attn_scale must be >= 0 and dropout in [0, 1)")
+        self.check_history_flags()
+
+    def check_history_flags(self):
+        """The ladder's flags (configs/stages/): each error names the key and a value that works."""
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"model config: attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
+        if self.ve_layers not in ("all", "depth") and not (self.ve_layers.isdigit() and int(self.ve_layers) > 0):
+            raise ValueError(f"model config: ve_layers={self.ve_layers!r} must be 'all', 'depth' or a count of "
+                             f"layers at each end (at most n_layer/2 are used), e.g. ve_layers=3")
+        if not 0 < self.rope_frac <= 1:
+            raise ValueError(f"model config: rope_frac={self.rope_frac} must be in (0, 1], e.g. 0.5 (1: full rotary)")
+        if self.window < 0 or self.window > self.seq_len:
+            raise ValueError(f"model config: window={self.window} must be in [0, seq_len={self.seq_len}] "
+                             f"(0: no window), e.g. window={min(1024, self.seq_len)}")
+        if self.window_start < 0 or self.window_start > self.window or (self.window_start and not self.window):
+            raise ValueError(f"model config: window_start={self.window_start} must be in [0, window={self.window}] "
+                             f"and needs a window (0: a fixed window)")
+        if self.window_block < 0 or (self.window_block and self.seq_len % self.window_block):
+            raise ValueError(f"model config: window_block={self.window_block} must divide seq_len={self.seq_len}, "
+                             f"e.g. window_block=128 (0: token granularity)")
+        for key in ("window", "window_start"):
+            if self.window_block and getattr(self, key) % self.window_block:
+                raise ValueError(f"model config: {key}={getattr(self, key)} is not a whole number of "
+                                 f"window_block={self.window_block}-token blocks, e.g. {key}="
+                                 f"{max(1, getattr(self, key) // self.window_block) * self.window_block}")
+        if self.window_block and not self.window:
+            raise ValueError(f"model config: window_block={self.window_block} needs a window (window > 0)")
+        if self.short_windows and self.window < 2 * max(1, self.window_block):
+            raise ValueError(f"model config: short_windows=True needs a window of at least two blocks to halve, "
+                             f"got window={self.window}; e.g. window={max(2, 2 * self.window_block)}")
+        if self.doc_mask and not 0 <= self.eot_token < self.vocab_size:
+            raise ValueError(f"model config: eot_token={self.eot_token} is not a token of vocab_size={self.vocab_size}")
+        if self.fp8_head and not hasattr(torch, "float8_e4m3fn"):
+            raise ValueError(f"model config: fp8_head=True needs float8 dtypes, which torch {torch.__version__} "
+                             f"lacks (torch >= 2.1 has them); set fp8_head=False")
 
 
 PRESETS = {
@@ -151,9 +201,22 @@ class Norm(nn.Module):
         return F.layer_norm(x, (x.size(-1),), self.weight, self.bias, 1e-5)
 
 
-def rotary_tables(seq_len, head_dim, base):
+def rotary_frequencies(head_dim, base, frac=1.0):
+    """One angular frequency per pair of channels: base^(-2i/head_dim), i < head_dim/2. With frac < 1
+    (truncated rotary, record #17): n = round(frac * head_dim/2) pairs rotate, at frequencies from 1 down
+    to 1/base spaced geometrically (base^-(j/(n-1))), and the other pairs get frequency 0: unrotated, a
+    position-free channel for content. Record #17 uses frac 1/2 with base 1024."""
+    pairs = head_dim // 2
+    if frac >= 1:
+        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    n = max(1, round(frac * pairs))
+    rotated = (1.0 / base) ** torch.linspace(0, 1, n, dtype=torch.float32)
+    return torch.cat([rotated, torch.zeros(pairs - n)])
+
+
+def rotary_tables(seq_len, head_dim, base, frac=1.0):
     """cos, sin of shape (seq_len, 1, head_dim/2): one rotation frequency per pair of channels."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    inv_freq = rotary_frequencies(head_dim, base, frac)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
     return angles.cos()[:, None, :], angles.sin()[:, None, :]
 
@@ -166,8 +229,137 @@ def apply_rotary(x, cos, sin):
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
+# ---- attention masks: one definition, two executions -------------------------------------------
+#
+# Which keys a query may see is one rule, `mask_allows`: causal, within its document, within the
+# window. It is evaluated on broadcast index tensors for an explicit mask (SDPA, the reference and the
+# CPU path) and on FlexAttention's index tensors for its block masks (CUDA), so the two cannot drift.
+
+
+def window_now(cfg, progress):
+    """The long window at training progress p in [0, 1]: `window`, or with window_start the linear ramp
+    window_start + (window - window_start) p, rounded down to a whole unit (window_block tokens, else
+    64), as record #13's 64 * ((64 + 1728 p) // 64). Departs from the records in two ways, both to keep
+    one rule: #16-#18 round block windows to the nearest block, and the study ramps over a fixed number
+    of steps where the records (and this) ramp over the whole run."""
+    if not cfg.window_start:
+        return cfg.window
+    unit = cfg.window_block or 64
+    w = cfg.window_start + (cfg.window - cfg.window_start) * min(max(progress, 0.0), 1.0)
+    return int(max(unit, unit * math.floor(w / unit + 1e-9)))  # 1e-9: p = 1 lands on `window` exactly
+
+
+def layer_windows(cfg, window):
+    """Every layer's window given the long one: all long, or with short_windows (record #20) half of it
+    (whole blocks) except where a layer's distance to the nearer end of the stack is a multiple of 4.
+    At 12 layers that is L S S S L S S L S S S L: record #20's encoder motif L S S S L S, mirrored."""
+    if not cfg.short_windows:
+        return [window] * cfg.n_layer
+    unit = cfg.window_block or 1
+    short = max(unit, window // 2 // unit * unit)
+    return [window if min(i, cfg.n_layer - 1 - i) % 4 == 0 else short for i in range(cfg.n_layer)]
+
+
+def value_embed_tables(cfg):
+    """[table index or None] per layer. ve_layers=k (records #15-#17 with k = 3): table i feeds layer i
+    and layer L-k+i, none in the middle; "depth": the same with k = round(L/4) in [3, L/2], the study's
+    rule for deeper models; "all" (record #14): every layer its own table. Departs from #14 in the
+    mixing (v <- l0 v + l1 ve, l = (0.5, 0.5), where #14 has one l: (1 - l) v + l ve, equal at
+    initialisation) and from #17 in leaving middle layers' v unscaled (theirs is l0 v: a learned gain
+    of a learned projection)."""
+    L = cfg.n_layer
+    if not cfg.value_embeds:
+        return [None] * L
+    if cfg.ve_layers == "all":
+        return list(range(L))
+    k = min(max(3, round(L / 4)), L // 2) if cfg.ve_layers == "depth" else int(cfg.ve_layers)
+    k = min(k, L // 2)
+    return [i if i < k else i - (L - k) if i >= L - k else None for i in range(L)]
+
+
+def document_ids(idx, eot_token):
+    """(B, T) index of the document each position belongs to: a new one starts at every eot_token."""
+    return (idx == eot_token).cumsum(dim=1)
+
+
+def mask_allows(q, k, docs_q, docs_k, window, block):
+    """May query position q attend to key position k? Causal; within one document (docs_* None: no
+    document mask); within the window (0: none), counted in tokens, or with block > 0 in whole blocks:
+    query block i sees key blocks i - window/block + 1 .. i (record #16's block-granular window)."""
+    allowed = k <= q
+    if docs_q is not None:
+        allowed = allowed & (docs_q == docs_k)
+    if window:
+        allowed = allowed & ((q // block - k // block < window // block) if block else (q - k < window))
+    return allowed
+
+
+@dataclass
+class AttnMask:
+    """What one layer's attention may see in one forward (docs shared by every layer)."""
+    docs: torch.Tensor = None   # (B, T) document ids, or None: no document mask
+    window: int = 0             # tokens (0: the whole causal prefix)
+    block: int = 0              # window granularity (0: tokens)
+    flex: object = None         # the same rule as a FlexAttention BlockMask, when attention runs through flex
+
+    def first_key(self, q0):
+        """The first key any query from q0 on may see under the window (a bound, for chunking)."""
+        if not self.window:
+            return 0
+        if self.block:
+            return max(0, (q0 // self.block - self.window // self.block + 1) * self.block)
+        return max(0, q0 - self.window + 1)
+
+
+def masked_sdpa(q, k, v, mask, scale, dropout_p, chunk=512):
+    """Attention of q, k, v (B, H, T, D) under `mask` through SDPA with explicit boolean masks, one
+    chunk of queries at a time against only the keys its window and documents let it reach: memory
+    and work grow as T * (chunk + window), not T^2. No mask at all is plain causal SDPA. (On CPU the
+    masked kernel cannot skip the masked half of each chunk's diagonal block, as the causal one does:
+    bench/attention_masks.py measures what that costs.)"""
+    if mask is None or (mask.docs is None and not mask.window):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale)
+    T, out = q.size(2), []
+    starts = range(0, T, chunk)
+    if mask.docs is not None:  # keys before the document of a chunk's first query are masked for all of it
+        doc_starts = torch.searchsorted(mask.docs, mask.docs[:, ::chunk].contiguous()).amin(0).tolist()
+    for i, q0 in enumerate(starts):
+        q1, k0 = min(T, q0 + chunk), mask.first_key(q0)
+        if mask.docs is not None:
+            k0 = max(k0, doc_starts[i])
+        qi = torch.arange(q0, q1, device=q.device)[:, None]
+        ki = torch.arange(k0, q1, device=q.device)[None, :]
+        docs_q = docs_k = None
+        if mask.docs is not None:  # (B, 1, chunk, 1) against (B, 1, 1, keys): one mask per sequence
+            docs_q, docs_k = mask.docs[:, None, q0:q1, None], mask.docs[:, None, None, k0:q1]
+        allowed = mask_allows(qi, ki, docs_q, docs_k, mask.window, mask.block)
+        out.append(F.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, k0:q1], v[:, :, k0:q1], attn_mask=allowed,
+                                                  dropout_p=dropout_p, scale=scale))
+    return torch.cat(out, dim=2)
+
+
+def flex_block_mask(mask, B, T, device):
+    """`mask` as a FlexAttention BlockMask over 128-token blocks: fully masked blocks are skipped, so
+    work grows with the window; the rule inside partial blocks is mask_allows itself."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    docs, window, block = mask.docs, mask.window, mask.block
+
+    def mask_mod(b, h, q, k):
+        return mask_allows(q, k, docs[b, q] if docs is not None else None, docs[b, k] if docs is not None else None,
+                           window, block)
+    return create_block_mask(mask_mod, B if docs is not None else None, None, T, T, device=device)
+
+
+@functools.cache
+def flex_attention_for(device_type):
+    """FlexAttention: compiled once per process on CUDA; elsewhere eager, which materialises the scores
+    and has no backward on CPU (torch 2.13): a reference for tests, not a CPU path."""
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg, has_value_embed):
+    def __init__(self, cfg, has_value_embed, layer):
         super().__init__()
         d = cfg.n_embd
         self.n_head, self.head_dim = cfg.n_head, d // cfg.n_head
@@ -180,8 +372,11 @@ class Attention(nn.Module):
         self.scale = cfg.attn_scale or None  # None lets SDPA use 1/sqrt(head_dim)
         # modded-nanogpt mixes v with a per-token value embedding: v <- l0 * v + l1 * ve
         self.ve_lambdas = nn.Parameter(torch.tensor([0.5, 0.5])) if has_value_embed else None
+        # value residual (record #9): v <- (1 - l) v + l v_first, v_first the first layer's values
+        self.v_lambda = nn.Parameter(torch.tensor(0.5)) if cfg.value_residual and layer > 0 else None
 
-    def forward(self, x, ve, rotary):
+    def forward(self, x, ve, rotary, mask=None, v_first=None):
+        """Attention output (B, T, C), and this layer's values (B, T, H, D) for the value residual."""
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_head, self.head_dim)
@@ -190,12 +385,17 @@ class Attention(nn.Module):
             q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if self.v_lambda is not None:
+            v = (1 - self.v_lambda) * v + self.v_lambda * v_first
         if ve is not None:
             v = self.ve_lambdas[0] * v + self.ve_lambdas[1] * ve.view_as(v)
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-            dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        q, k, v_ = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        dropout_p = self.dropout if self.training else 0.0
+        if mask is not None and mask.flex is not None:
+            y = flex_attention_for(q.device.type)(q, k, v_, block_mask=mask.flex, scale=self.scale)
+        else:
+            y = masked_sdpa(q, k, v_, mask, self.scale, dropout_p)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C)), v
 
 
 class MLP(nn.Module):
@@ -212,21 +412,26 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, has_value_embed):
+    def __init__(self, cfg, has_value_embed, layer):
         super().__init__()
         self.ln_1 = Norm(cfg.n_embd, cfg.norm, cfg.bias)
-        self.attn = Attention(cfg, has_value_embed)
+        self.attn = Attention(cfg, has_value_embed, layer)
         self.ln_2 = Norm(cfg.n_embd, cfg.norm, cfg.bias)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         self.taps = nn.ModuleDict({name: nn.Identity() for name in BLOCK_POINTS})
+        # x0 lambdas (record #9): the block's input is l0 x + l1 x0, x0 the embedding output
+        self.x0_lambdas = nn.Parameter(torch.tensor([1.0, 0.0])) if cfg.x0_lambdas else None
 
-    def forward(self, x, ve, rotary):
+    def forward(self, x, ve, rotary, mask=None, x0=None, v_first=None):
+        """The block's output, and its attention's values (for the value residual)."""
         t = self.taps
-        a = t["attn"](self.attn(t["ln1"](self.ln_1(x)), ve, rotary))
-        x = t["attn_resid"](x + self.drop(a))
+        if self.x0_lambdas is not None:
+            x = self.x0_lambdas[0] * x + self.x0_lambdas[1] * x0
+        a, v = self.attn(t["ln1"](self.ln_1(x)), ve, rotary, mask, v_first)
+        x = t["attn_resid"](x + self.drop(t["attn"](a)))
         m = self.mlp(t["ln2"](self.ln_2(x)), t)
-        return t["mlp_resid"](x + self.drop(m))
+        return t["mlp_resid"](x + self.drop(m)), v
 
 
 def head_grad_rows(rows, W, targets, softcap):
@@ -246,6 +451,82 @@ def head_grad_rows(rows, W, targets, softcap):
     return p.to(W.dtype) @ W
 
 
+# ---- FP8 head (record #19) ---------------------------------------------------------------------
+
+FP8_X_SCALE, FP8_W_SCALE = 2.0, 32.0  # record #19: inputs and weights scaled up before the e4m3 cast
+FP8_GRAD_HEADROOM = 2 ** 13  # |dL/dlogit| <= 1/N for a mean over N tokens: scaled to <= 2^13 < e5m2's max 57344
+
+
+def fp8_grad_scale(n_tokens):
+    """The scale of the head's output gradient before its e5m2 cast, for a loss averaged over n_tokens.
+    Record #19 fixes 2^29 for its 65,536-token micro-batch, 2^13 * 65,536; this keeps the same headroom
+    at any size (a power of two, so the scaling itself is exact), where a fixed 2^29 overflows to inf
+    below about 9,400 tokens."""
+    return float(FP8_GRAD_HEADROOM * 2 ** math.floor(math.log2(max(1, n_tokens))))
+
+
+def fp8_native(x):
+    """Can this device run FP8 matmuls (torch._scaled_mm: CUDA compute capability 8.9 and up)?"""
+    return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9)
+
+
+class FP8Matmul(torch.autograd.Function):
+    """x (N, d) @ w (V, d)^T with both operands rounded to float8_e4m3fn (after scaling by FP8_X_SCALE,
+    FP8_W_SCALE) and the output gradient to float8_e5m2 (after grad_scale), as record #19's head:
+    natively through torch._scaled_mm (bf16 output, fp32 weight gradient) where the GPU has FP8
+    matmuls; elsewhere the same roundings by casting to the float8 dtypes and back, the products in
+    fp32 (exact for these few-bit operands up to the order of the sums) and the outputs rounded to
+    the same dtypes, so CPU spectra see the numerics the GPU trains with."""
+
+    @staticmethod
+    def forward(ctx, x, w, grad_scale):
+        x8 = (x * FP8_X_SCALE).to(torch.float8_e4m3fn)
+        w8 = (w * FP8_W_SCALE).to(torch.float8_e4m3fn)
+        ctx.save_for_backward(x8, w8)
+        ctx.grad_scale, ctx.dtypes = grad_scale, (x.dtype, w.dtype)
+        if fp8_native(x):
+            one = x.new_ones((), dtype=torch.float32)
+            return torch._scaled_mm(x8, w8.t(), out_dtype=torch.bfloat16, scale_a=one / FP8_X_SCALE,
+                                    scale_b=one / FP8_W_SCALE, use_fast_accum=True)
+        return (x8.float() @ w8.float().t()).div_(FP8_X_SCALE * FP8_W_SCALE).to(torch.bfloat16)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x8, w8 = ctx.saved_tensors
+        gs = ctx.grad_scale
+        g8 = (grad * gs).to(torch.float8_e5m2)
+        if fp8_native(grad):
+            one = grad.new_ones((), dtype=torch.float32)
+            grad_x = torch._scaled_mm(g8, w8.t().contiguous().t(), out_dtype=torch.bfloat16, scale_a=one / gs,
+                                      scale_b=one / FP8_W_SCALE, use_fast_accum=False)
+            grad_w = torch._scaled_mm(x8.t().contiguous(), g8.t().contiguous().t(), out_dtype=torch.float32,
+                                      scale_a=one / FP8_X_SCALE, scale_b=one / gs, use_fast_accum=False).t()
+        else:
+            grad_x = (g8.float() @ w8.float()).div_(gs * FP8_W_SCALE).to(torch.bfloat16)
+            grad_w = (g8.float().t() @ x8.float()).div_(gs * FP8_X_SCALE)
+        return grad_x.to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None
+
+
+def fp8_matmul(x, w, n_tokens=None):
+    """x (..., d) @ w^T through FP8Matmul; n_tokens: how many tokens the loss averages over (default:
+    all of x's rows), which sets the gradient's scale."""
+    rows = x.reshape(-1, x.size(-1))
+    out = FP8Matmul.apply(rows, w, fp8_grad_scale(n_tokens or len(rows)))
+    return out.view(*x.shape[:-1], w.size(0))
+
+
+def fp8_head_grad_rows(rows, W, targets, softcap, n_tokens):
+    """head_grad_rows through the FP8 head's own forward and backward (FP8Matmul), for a loss that
+    averages over n_tokens: the gradient of sum_r CE(softcap(fp8(rows W^T))_r, targets_r) / n_tokens."""
+    with torch.enable_grad():
+        r = rows.detach().requires_grad_()
+        z = fp8_matmul(r, W, n_tokens).float()
+        if softcap:
+            z = softcap * torch.tanh(z / softcap)
+        (grad,) = torch.autograd.grad(F.cross_entropy(z, targets, reduction="sum") / n_tokens, r)
+    return grad
+
+
 @functools.cache
 def compiled_head_grad_rows():
     """head_grad_rows through torch.compile, made once per process (compilation is lazy: at the first
@@ -260,12 +541,11 @@ class GPT(nn.Module):
         L, d = cfg.n_layer, cfg.n_embd
         self.wte = nn.Embedding(cfg.vocab_size, d)
         self.wpe = nn.Embedding(cfg.seq_len, d) if cfg.pos == "learned" else None
-        # Value embeddings: table i feeds layer i and layer L-k+i (modded uses k = 3 tables).
-        n_ve = min(3, L // 2) if cfg.value_embeds else 0
+        self.ve_index = value_embed_tables(cfg)  # layer -> its value-embedding table, or None
+        n_ve = 1 + max((i for i in self.ve_index if i is not None), default=-1)
         self.value_embeds = nn.ModuleList([nn.Embedding(cfg.vocab_size, d) for _ in range(n_ve)])
-        self.ve_index = [i if i < n_ve else i - (L - n_ve) if i >= L - n_ve else None for i in range(L)]
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList([Block(cfg, self.ve_index[i] is not None) for i in range(L)])
+        self.blocks = nn.ModuleList([Block(cfg, self.ve_index[i] is not None, i) for i in range(L)])
         # U-net: outputs of the first L//2 blocks are added, weighted, into the inputs of the last L//2.
         self.skip_weights = nn.Parameter(torch.ones(L // 2)) if cfg.unet_skips else None
         self.ln_f = Norm(d, cfg.norm, cfg.bias)
@@ -274,9 +554,12 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight
         self.taps = nn.ModuleDict({"embed": nn.Identity(), "final": nn.Identity()})
         if cfg.pos == "rotary":
-            cos, sin = rotary_tables(cfg.seq_len, d // cfg.n_head, cfg.rope_base)
+            cos, sin = rotary_tables(cfg.seq_len, d // cfg.n_head, cfg.rope_base, cfg.rope_frac)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+        # Training progress in [0, 1], which a growing window depends on: set by the trainer before each
+        # step and evaluation, and saved in checkpoints, so a checkpoint is measured with its own masks.
+        self.set_progress(0.0)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -293,8 +576,10 @@ class GPT(nn.Module):
                 nn.init.zeros_(p)
             elif name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight":
                 nn.init.ones_(p)
-            elif name.endswith("ve_lambdas"):
+            elif name.endswith("ve_lambdas") or name.endswith("v_lambda"):
                 p.fill_(0.5)
+            elif name.endswith("x0_lambdas"):
+                p.copy_(torch.tensor([1.0, 0.0]))
             elif name == "skip_weights":
                 nn.init.ones_(p)
             else:  # embeddings and the remaining Linear weights
@@ -308,23 +593,53 @@ class GPT(nn.Module):
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(T, device=idx.device))
-        x = self.taps["embed"](self.drop(x))
+        x = x0 = self.taps["embed"](self.drop(x))
         rotary = (self.rope_cos, self.rope_sin) if self.cfg.pos == "rotary" else None
+        masks = self.attention_masks(idx)
         ves = [table(idx) for table in self.value_embeds]
         n_skip = len(self.skip_weights) if self.skip_weights is not None else 0
-        skips = []
+        skips, v_first = [], None
         for i, block in enumerate(self.blocks):
             if i >= len(self.blocks) - n_skip:
                 x = x + self.skip_weights[i - (len(self.blocks) - n_skip)] * skips.pop()
             ve = ves[self.ve_index[i]] if self.ve_index[i] is not None else None
-            x = block(x, ve, rotary)
+            x, v = block(x, ve, rotary, masks[i], x0, v_first)
+            v_first = v if i == 0 else v_first
             if i < n_skip:
                 skips.append(x)
         return self.taps["final"](self.ln_f(x))
 
+    def set_progress(self, progress):
+        """Training progress (step / total steps) for the masks of the coming forwards. The windows are
+        resolved here, once, to plain ints: a compiled forward then recompiles only when a window
+        changes (at most (window - window_start) / unit + 1 times over a run), not at every step."""
+        self.progress = float(progress)
+        self.windows = tuple(layer_windows(self.cfg, window_now(self.cfg, self.progress)))
+
+    def attention_masks(self, idx):
+        """Every layer's AttnMask for a forward over idx (B, T) at the current progress (None: plain causal)."""
+        cfg = self.cfg
+        if not cfg.doc_mask and not cfg.window:
+            return [None] * cfg.n_layer
+        B, T = idx.shape
+        docs = document_ids(idx, cfg.eot_token) if cfg.doc_mask else None
+        windows = self.windows
+        flex = cfg.attention == "flex" or (cfg.attention == "auto" and idx.device.type == "cuda")
+        made = {}  # one mask (and one BlockMask) per distinct window
+        for w in windows:
+            if w not in made:
+                made[w] = AttnMask(docs, 0 if w >= T else w, cfg.window_block)  # >= T: no window at all
+                if flex:
+                    made[w].flex = flex_block_mask(made[w], B, T, idx.device)
+        return [made[w] for w in windows]
+
     def forward(self, idx, targets=None):
         """Logits (B, T, vocab) and, with targets, the mean cross-entropy (targets == -1 ignored)."""
-        logits = self.lm_head(self.features(idx)).float()
+        h = self.features(idx)
+        if self.cfg.fp8_head:  # record #19 (in training; the study's stage 16 in evaluation too, as here)
+            logits = fp8_matmul(h, self.lm_head.weight).float()
+        else:
+            logits = self.lm_head(h).float()
         if self.cfg.softcap:
             logits = self.cfg.softcap * torch.tanh(logits / self.cfg.softcap)
         if targets is None:
@@ -354,8 +669,13 @@ class GPT(nn.Module):
         # whole multiples of 8 rows: some BLAS kernels for a few odd rows round differently with the
         # thread count, and DDP workers must get the same numbers as one process
         step = max(8, chunk_elements // W.size(0) // 8 * 8)
-        grad_rows = compiled_head_grad_rows() if compiled else head_grad_rows
         out = torch.empty(B * T, d, dtype=torch.float32, device=h.device)
+        if self.cfg.fp8_head:  # the head trains in FP8: its per-example gradients go through the same roundings
+            for i in range(0, B * T, step):
+                out[i:i + step] = fp8_head_grad_rows(rows[i:i + step], self.lm_head.weight, flat_targets[i:i + step],
+                                                     self.cfg.softcap, T)
+            return out.view(B, T, d).to(h.dtype)
+        grad_rows = compiled_head_grad_rows() if compiled else head_grad_rows
         for i in range(0, B * T, step):
             out[i:i + step] = grad_rows(rows[i:i + step], W, flat_targets[i:i + step], self.cfg.softcap)
         return out.div_(T).view(B, T, d).to(h.dtype)
@@ -391,10 +711,13 @@ class GPT(nn.Module):
     def flops_per_token(self):
         """Training FLOPs per token (forward + backward = 3x forward): 6 per weight of every matmul
         (blocks and head; embedding lookups are free) plus causal attention, 6 * L * T * d
-        (QK^T and AV, each 2 * T * d per token forward, halved by the causal mask, times 3)."""
-        cfg = self.cfg
+        (QK^T and AV, each 2 * T * d per token forward, halved by the causal mask, times 3). Under a
+        sliding window w a query sees about w - w^2 / 2T keys instead of T/2 (each layer's final window;
+        document masks, which depend on the data, are not counted)."""
+        cfg, T = self.cfg, self.cfg.seq_len
         matmul_weights = 12 * cfg.n_layer * cfg.n_embd ** 2 + cfg.n_embd * cfg.vocab_size
-        return 6 * matmul_weights + 6 * cfg.n_layer * cfg.seq_len * cfg.n_embd
+        keys = sum(T / 2 if not w or w >= T else w - w * w / (2 * T) for w in layer_windows(cfg, cfg.window))
+        return 6 * matmul_weights + round(12 * cfg.n_embd * keys)
 
 
 # ---- pretrained GPT-2 weights ----------------------------------------------------------------

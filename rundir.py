@@ -127,6 +127,7 @@ class Checkpoint:
     elapsed_s: float = 0.0
     wandb_id: str = ""
     interval: dict = None            # the log interval in progress (train_gpt.LogInterval.state)
+    progress: float = 0.0            # step / total steps: what a growing attention window depends on
 
     def save(self, run_dir, keep):
         """Write ckpt/step_XXXXXXXX.pt atomically, then keep only the newest `keep`; returns the path."""
@@ -240,6 +241,7 @@ def load_model(spec, **overrides):
             state["wpe.weight"] = state["wpe.weight"][:cfg.seq_len]
         model = GPT(cfg)
         model.load_state_dict(state)
+        model.set_progress(ckpt.progress)  # the masks of the step it was saved at
     except (TypeError, ValueError, RuntimeError) as e:  # written by another version of model.py, or bad overrides
         raise RunFileError(f"{spec}: its model does not match this model.py with {overrides or 'its config'} "
                            f"({type(e).__name__}: {str(e)[:200]}); use the commit that trained it") from None

@@ -13,6 +13,7 @@ and checkpoint cadence are in tokens, so runs at different batch sizes line up.
 
 import dataclasses
 import difflib
+import fnmatch
 import functools
 import inspect
 import json
@@ -99,6 +100,9 @@ class Config:
     warmup_frac: float = 0.0           # LR schedule: linear warmup over this share of the steps,
     cooldown_frac: float = 0.4         # constant, then linear cooldown over the last share
     final_lr_frac: float = 0.0         # LR at the end of the cooldown, relative to the peak
+    lr_mults: str = ""                 # per-parameter LR multipliers on top of the above: "lm_head.weight=27.5,..."
+                                       # (parameter-name globs, first match wins; the later records' lr_mul)
+    wd_mults: str = ""                 # per-parameter multipliers of weight_decay, the same form (wd_mul)
     # spectral evaluation (spectra.SpectraSettings owns these defaults): activation covariance spectra
     spectra_every: int = 1             # evaluations: measure at every k-th evaluation (and the last); 0: off
     spectra_tokens: int = SPECTRA.act_tokens  # probe set: the first this-many val tokens, the same at every evaluation
@@ -352,7 +356,9 @@ def check_config(cfg):
         settings.check(act=act, grad=grad)
         gcfg = model_config(cfg)
         with torch.device("meta"):
-            linears = GPT(gcfg).linears()
+            meta = GPT(gcfg)
+            linears = meta.linears()
+        check_multipliers(cfg, [n for n, _ in meta.named_parameters()])
         settings.point_names(gcfg.n_layer)
         names = settings.matrix_names(linears, gcfg.n_layer)
         if grad:  # a forced token-Gram must fit grad_spectra_max_gb
@@ -620,17 +626,63 @@ class Muon(torch.optim.Optimizer):
                 p.add_(update.to(p.dtype), alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
 
 
+def parse_multipliers(text, key):
+    """'lm_head.weight=27.5,value_embeds.*=2' -> [('lm_head.weight', 27.5), ('value_embeds.*', 2.0)]."""
+    rules = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        glob, _, value = item.partition("=")
+        try:
+            rules.append((glob.strip(), float(value)))
+        except ValueError:
+            raise ConfigError(f"{key}={text!r}: {item!r} is not NAME_GLOB=NUMBER, e.g. {key}=lm_head.weight=27.5") \
+                from None
+        if not glob.strip() or not math.isfinite(rules[-1][1]) or rules[-1][1] < 0:
+            raise ConfigError(f"{key}={text!r}: {item!r} needs a parameter-name glob and a number >= 0, "
+                              f"e.g. {key}=lm_head.weight=27.5")
+    return rules
+
+
+def check_multipliers(cfg, names):
+    """Every glob of lr_mults and wd_mults must name at least one of the model's parameters."""
+    for key in ("lr_mults", "wd_mults"):
+        for glob, _ in parse_multipliers(getattr(cfg, key), key):
+            if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+                raise ConfigError(f"{key}: {glob!r} matches no parameter of this model; its parameters are named "
+                                  f"like {', '.join(names[:4])}, ..., blocks.0.attn.c_q.weight")
+
+
+def with_multipliers(groups, names, cfg):
+    """The optimizer groups split so every parameter gets its lr_mults / wd_mults multiplier (first
+    matching glob; 1 otherwise) times its group's LR and weight decay: record-style lr_mul / wd_mul."""
+    lr_rules, wd_rules = parse_multipliers(cfg.lr_mults, "lr_mults"), parse_multipliers(cfg.wd_mults, "wd_mults")
+    if not lr_rules and not wd_rules:
+        return groups
+
+    def mult(rules, p):
+        return next((m for glob, m in rules if fnmatch.fnmatchcase(names[id(p)], glob)), 1.0)
+    out = []
+    for g in groups:
+        split = {}
+        for p in g["params"]:
+            split.setdefault((mult(lr_rules, p), mult(wd_rules, p)), []).append(p)
+        for (lr_m, wd_m), ps in split.items():
+            out.append({**g, "params": ps, "lr": g["lr"] * lr_m, "weight_decay": g.get("weight_decay", 0.0) * wd_m})
+    return out
+
+
 def build_optimizers(raw, cfg, device, compile=False):
     """[optimizers]. Muon mode: Muon on the 2-D weights inside blocks; Adam on embeddings (embed_lr),
     the untied head (head_lr) and every other parameter (scalar_lr). AdamW mode: one LR, weight
-    decay on matrices only. LRs are scaled for the batch size (lr_factor) here, once."""
+    decay on matrices only. LRs are scaled for the batch size (lr_factor) here, once, and by the
+    per-parameter multipliers (lr_mults, wd_mults)."""
     f = lr_factor(cfg)
     betas, fused = (cfg.adam_beta1, cfg.adam_beta2), device.type == "cuda"
     params = list(raw.parameters())
+    names = {id(p): n for n, p in raw.named_parameters()}
     if cfg.optimizer == "adamw":
-        groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
-                  dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-        opts = [torch.optim.AdamW(groups, lr=cfg.adamw_lr * f, betas=betas, eps=cfg.adam_eps, fused=fused)]
+        groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay, lr=cfg.adamw_lr * f),
+                  dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0, lr=cfg.adamw_lr * f)]
+        opts = [torch.optim.AdamW(with_multipliers(groups, names, cfg), betas=betas, eps=cfg.adam_eps, fused=fused)]
     else:
         hidden = [p for p in raw.blocks.parameters() if p.dim() == 2]
         embeds = [m.weight for m in (raw.wte, raw.wpe, *raw.value_embeds) if m is not None]
@@ -639,9 +691,11 @@ def build_optimizers(raw, cfg, device, compile=False):
         scalars = [p for p in params if id(p) not in taken]
         adam_groups = [dict(params=ps, lr=lr * f) for ps, lr in
                        ((embeds, cfg.embed_lr), (head, cfg.head_lr), (scalars, cfg.scalar_lr)) if ps]
-        opts = [torch.optim.Adam(adam_groups, betas=betas, eps=cfg.adam_eps, fused=fused),
-                Muon(hidden, lr=cfg.muon_lr * f, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
-                     compile=compile)]
+        muon_groups = [dict(params=hidden, lr=cfg.muon_lr * f, weight_decay=cfg.weight_decay)]
+        opts = [torch.optim.Adam(with_multipliers(adam_groups, names, cfg), betas=betas, eps=cfg.adam_eps,
+                                 fused=fused),
+                Muon(with_multipliers(muon_groups, names, cfg), lr=cfg.muon_lr * f, momentum=cfg.muon_momentum,
+                     weight_decay=cfg.weight_decay, compile=compile)]
     assert sum(len(g["params"]) for o in opts for g in o.param_groups) == len(params)
     for o in opts:
         for g in o.param_groups:
@@ -1172,6 +1226,7 @@ def evaluate_and_log(s, step):
     and their report (measure.report: npz, figures, table), the in-run forecast, one metrics line.
     Diverged on a non-finite validation loss; True when target_val_loss is reached."""
     t0, tokens = time.time(), step * s.tokens_per_step
+    s.raw.set_progress(step / s.n_steps)  # the masks (window) of this step, for the loss and the spectra
     loss = val_loss(s.model, s.val, s.cfg, s.rank, s.world, s.device, s.autocast)
     if not math.isfinite(loss):
         raise diverged(s, step, f"val_loss is {loss}")
@@ -1338,7 +1393,7 @@ def save_checkpoint(s, step, interval):
     ckpt = Checkpoint(model=s.raw.state_dict(), model_config=asdict(s.gcfg), config=asdict(s.cfg), step=step,
                       tokens=step * s.tokens_per_step, optimizers=[o.state_dict() for o in s.opts],
                       data=s.loader.state_dict(), rng=gather_objects(rng_state(s.device)), elapsed_s=s.elapsed(),
-                      wandb_id=s.wandb_id, interval=interval.state())
+                      wandb_id=s.wandb_id, interval=interval.state(), progress=step / s.n_steps)
     if s.log:
         s.log.sync()
         ckpt.save(s.run_dir, s.cfg.ckpt_keep)
@@ -1529,6 +1584,9 @@ def train(cfg):
     run_dir = resolve_run_dir(cfg, rank)
     ckpt_path, ckpt = resume_checkpoint(run_dir) if cfg.resume else (None, None)
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    if use_compile and gcfg.window_start:  # a graph per window of the ramp (GPT.set_progress), not a fallback to eager
+        n_windows = (gcfg.window - gcfg.window_start) // (gcfg.window_block or 64) + 1
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, n_windows + 8)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -1564,6 +1622,7 @@ def train(cfg):
         interval.restore(resumed_interval, rank)
     while step < n_steps and not done:
         lr = set_schedule(opts, step, n_steps, cfg)
+        raw.set_progress(step / n_steps)  # a growing attention window follows training progress
         for m, (x, y) in enumerate(loader.next_step(grad_accum)):
             sync = m == grad_accum - 1  # DDP all-reduces gradients on the last micro-step only
             with (train_model.no_sync() if world > 1 and not sync else nullcontext()), autocast:

@@ -76,7 +76,7 @@ def test_attention_matches_naive_softmax():
     scores = (q @ k.transpose(-1, -2)) * 0.3
     scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
     expected = attn.c_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, T, cfg.n_embd))
-    torch.testing.assert_close(attn(x, None, None), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attn(x, None, None)[0], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_probe_points_capture_every_activation_with_the_right_width():
@@ -202,7 +202,7 @@ def test_unet_skips_pair_layers_last_in_first_out():
     inputs, outputs = {}, {}
     for i, block in enumerate(model.blocks):
         block.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
-        block.register_forward_hook(lambda m, args, out, i=i: outputs.__setitem__(i, out))
+        block.register_forward_hook(lambda m, args, out, i=i: outputs.__setitem__(i, out[0]))  # (x, v)
     model(torch.randint(0, V, (2, T)))
     for i, w in zip((3, 4, 5), (0.3, 0.5, 0.7)):
         torch.testing.assert_close(inputs[i], outputs[i - 1] + w * outputs[5 - i])
