@@ -234,11 +234,17 @@ def command_line_pairs(args):
 
 
 def load_config(argv):
-    """Config from [CONFIG.py] [--key=value | --key value ...]; raises ConfigError naming the key and the fix."""
+    """Config from [CONFIG.py | --config=CONFIG.py] [--key=value | --key value ...]; raises ConfigError naming
+    the key and the fix."""
     cfg = Config()
     args = list(argv)
     if args and not args[0].startswith("-"):
         cfg.config_file = args.pop(0)
+    elif any(a.startswith("--config=") for a in args):  # W&B sweeps pass every parameter as --key=value
+        named = next(a for a in args if a.startswith("--config="))
+        args.remove(named)
+        cfg.config_file = named.split("=", 1)[1]
+    if cfg.config_file:
         for key, value in read_config_file(cfg.config_file).items():
             set_key(cfg, key, value, cfg.config_file)
     for key, value in command_line_pairs(args):

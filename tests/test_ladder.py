@@ -138,7 +138,7 @@ def test_flex_attention_and_the_explicit_mask_agree(flags):
     idx = tokens_without_eot((2, 64))
     idx[0, [0, 13, 40]] = EOT
     idx[1, [0, 50]] = EOT
-    sdpa_model, flex_model = tiny(**flags), tiny(**flags, attention="flex")
+    sdpa_model, flex_model = tiny(**flags, attention="sdpa"), tiny(**flags, attention="flex")
     for m in (sdpa_model, flex_model):
         m.set_progress(0.6)
     with torch.no_grad():
@@ -427,3 +427,16 @@ def test_a_stage_trains_on_cpu_and_its_checkpoint_is_measured_with_its_own_masks
     assert model.windows == (32, 16, 16, 32) and model.progress == 1.0
     rows = read_metrics(run_dir)
     assert any("grad/alpha_tail/L00.attn.c_proj" in r or "grad/sigma_max/L00.attn.c_proj" in r for r in rows)
+
+
+def test_the_stages_sweep_runs_every_stage_file_through_the_trainers_command_line(tmp_path):
+    """configs/sweeps/stages.yaml names each stage file once; W&B's ${args} (every parameter as
+    --key=value, in any order) reaches load_config, which reads --config=PATH as the config file."""
+    import yaml  # W&B's own dependency, which reads these files
+    with open(os.path.join(REPO, "configs", "sweeps", "stages.yaml")) as f:
+        sweep = yaml.safe_load(f)
+    paths = sweep["parameters"]["config"]["values"]
+    assert sorted(os.path.join(REPO, p) for p in paths) == STAGES
+    assert sweep["command"][-2:] == ["${program}", "${args}"] and sweep["program"] == "train_gpt.py"
+    cfg = load_config([f"--out_dir={tmp_path}", "--wandb_mode=online", f"--config={STAGES[2]}"])
+    assert cfg.config_file == STAGES[2] and cfg.optimizer == "muon" and cfg.model["tied"] is True
