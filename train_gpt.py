@@ -438,6 +438,9 @@ def parse_milestones(text):
     return out
 
 
+WANDB_NAME_LIMIT = 128  # W&B refuses longer run names and groups
+
+
 def run_labels(cfg, gcfg):
     """(group, job_type, tags) for W&B, derived from the config so that sweeps group without manual
     naming: the group is the model family (preset, size, model settings changed from the preset,
@@ -457,6 +460,8 @@ def run_labels(cfg, gcfg):
                if f.name not in (*sizes, "seq_len") and getattr(gcfg, f.name) != getattr(base, f.name)]
     tier = f"bs{cfg.batch_size}"
     group = "-".join([preset, size, *changed, cfg.optimizer])
+    if len(group) > WANDB_NAME_LIMIT and cfg.config_file:  # a ladder stage changes a dozen flags: its file names it
+        group = "-".join([preset, size, config_stem(cfg), cfg.optimizer])[:WANDB_NAME_LIMIT]
     return group, tier, [preset, size, tier, cfg.optimizer, *changed]
 
 

@@ -378,8 +378,12 @@ def test_a_stage_read_with_a_profile_or_length_that_cannot_hold_it_names_the_key
         load_config([stage, "--seq_len=1024", f"--out_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=r"window_block=128 must divide seq_len=65000"):
         load_config([stage, "--seq_len=65000", f"--out_dir={tmp_path}"])
-    for profile in ("d24", "d36", "d48"):  # every profile holds every stage
-        load_config([stage, f"--profile={profile}", f"--out_dir={tmp_path}"])
+    for path in STAGES:  # every profile holds every stage, and each gets a W&B group W&B accepts
+        for profile in ("d12", "d48"):  # the smallest and the largest
+            cfg = load_config([path, f"--profile={profile}", f"--out_dir={tmp_path}"])
+            group, _, tags = train_gpt.run_labels(cfg, train_gpt.model_config(cfg))
+            assert len(group) <= 128 and all(len(t) <= 64 for t in tags), group
+    assert group == "modded-d48-19_sub_lr-muon"  # too many changed flags to spell out: the stage names it
     assert not os.listdir(tmp_path)
 
 
