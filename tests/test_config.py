@@ -215,16 +215,18 @@ def test_every_run_of_a_sweep_file_resolves_to_a_distinct_valid_config(sweep, tm
         spec = yaml.safe_load(f)
     assert spec["method"] == "grid" and spec["program"] == "train_gpt.py"
     command = spec["command"]
-    assert command[command.index("${program}") + 1].startswith("configs/") and command[-1] == "${args}"
-    config_file = os.path.join(REPO, command[command.index("${program}") + 1])
+    after = command[command.index("${program}") + 1]  # the config file, or ${args} holding --config=PATH
+    assert command[-1] == "${args}" and (after.startswith("configs/") or "config" in spec["parameters"])
+    fixed = [os.path.join(REPO, after)] if after != "${args}" else []
     names = list(spec["parameters"])
     choices = [p["values"] if "values" in p else [p["value"]] for p in spec["parameters"].values()]
     resolved = []
     for combo in itertools.product(*choices):
         args = [f"--{k}={v}" for k, v in zip(names, combo)]  # W&B writes Python values: True, 0.5, 64
-        cfg = load_config([config_file, *args, *no_fineweb(tmp_path)])
-        dry_run([config_file, *args, *no_fineweb(tmp_path)], fineweb=True)
-        resolved.append((cfg.batch_size, tuple(sorted(cfg.model.items()))))
+        argv = [*fixed, *args, *no_fineweb(tmp_path)]
+        cfg = load_config(argv)
+        dry_run(argv, fineweb=True)
+        resolved.append((cfg.config_file, cfg.batch_size, tuple(sorted(cfg.model.items()))))
     assert len(set(resolved)) == len(resolved) > 1
 
 
