@@ -77,7 +77,7 @@ class GPTConfig:
     rope_base: float = 10000.0   # rotary frequency base
     # the rest of the modded-NanoGPT history (configs/stages/; record numbers are modded-nanogpt's)
     ve_layers: str = "3"         # value-embedding layers: k -> first and last k; "depth" -> k = round(L/4) in [3, L/2];
-                                 # "all" -> every layer, layer i and L-1-i sharing a table (record #14)
+                                 # "all" -> every layer its own table (record #14)
     value_residual: bool = False  # the first layer's values mixed into every layer's, learned weights (record #9)
     x0_lambdas: bool = False     # the embedding output mixed into every block's input, learned weights (record #9)
     rope_frac: float = 1.0       # < 1: rotary on this share of the frequency pairs, the rest unrotated (record #17)
