@@ -332,17 +332,13 @@ def test_bad_history_flags_fail_before_anything_is_written(tmp_path, args, match
     assert not os.listdir(tmp_path)
 
 
-def stage_values(path):
-    return read_config_file(path)
-
-
 def test_each_stage_differs_from_the_one_before_by_the_keys_its_header_names():
     assert [os.path.basename(p)[:2] for p in STAGES] == [f"{i:02d}" for i in range(3, 20)]
     for before, after in zip(STAGES, STAGES[1:]):
         with open(after) as f:
             header = next(line for line in f if line.startswith("# changes:"))
         named = {k.strip() for k in header.removeprefix("# changes:").split(",")}
-        a, b = stage_values(before), stage_values(after)
+        a, b = read_config_file(before), read_config_file(after)
         assert set(a) == set(b), after  # every file holds every key: each reads alone
         changed = {k for k in b if a[k] != b[k]}
         assert changed == named, (os.path.basename(after), changed ^ named)
@@ -350,7 +346,7 @@ def test_each_stage_differs_from_the_one_before_by_the_keys_its_header_names():
 
 def tiny_stage(path, **extra):
     """A stage's config at a tiny size: every window key divided by 8 keeps the blocks whole."""
-    values = stage_values(path)
+    values = read_config_file(path)
     small = dict(n_layer=4, n_head=2, n_embd=32, vocab_size=V, eot_token=EOT, seq_len=min(values["seq_len"], 256))
     for key in ("window", "window_start", "window_block"):
         small[key] = values[key] // 8
