@@ -80,17 +80,23 @@ def train(out, bs, args, extra):
         check_reusable(run_dir, config_args)
         print(f"reusing {run_dir}")
         return run_dir
+    t0 = time.time()
+    print(f"training batch size {bs}: train_gpt.py {' '.join(config_args)}", flush=True)
+    code, stdout, stderr = run_trainer(config_args)
+    if code:
+        sys.exit(f"training bs{bs} failed:\n{stderr[-3000:]}")
+    last = [line for line in stdout.splitlines() if "val_loss" in line][-1]
+    print(f"  {time.time() - t0:.0f}s, {last.strip()}", flush=True)
+    return run_dir
+
+
+def run_trainer(config_args):
+    """`python train_gpt.py config_args` in a fresh process: (returncode, stdout, stderr)."""
     cmd = [sys.executable, os.path.join(REPO, "train_gpt.py"), *config_args]
     # large allocations on transparent huge pages: about twice as fast on CPU (see the Makefile)
     env = {**os.environ, "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")}
-    t0 = time.time()
-    print(f"training batch size {bs}: {' '.join(cmd[2:])}", flush=True)
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if result.returncode:
-        sys.exit(f"training bs{bs} failed:\n{result.stderr[-3000:]}")
-    last = [line for line in result.stdout.splitlines() if "val_loss" in line][-1]
-    print(f"  {time.time() - t0:.0f}s, {last.strip()}", flush=True)
-    return run_dir
+    return result.returncode, result.stdout, result.stderr
 
 
 def choose_target(runs):

@@ -19,7 +19,7 @@ def tiny_args(out_dir, **overrides):
     """Command-line arguments for a seconds-long run on the embedded corpus."""
     args = dict(out_dir=str(out_dir), wandb_mode="disabled", n_layer=2, n_head=2, n_embd=64, seq_len=32,
                 batch_size=4, device_batch_size=4, train_tokens=0, max_steps=12, log_every=2,
-                eval_every_tokens=512, val_tokens=1024, ckpt_every_tokens=0, run_name="tiny",
+                eval_every_tokens=512, val_tokens=512, ckpt_every_tokens=0, run_name="tiny",
                 spectra_tokens=512, spectra_batch_size=4, spectra_plots=0, grad_samples=8, grad_batch_size=4)
     args.update(overrides)
     return [DEMO] + [f"--{k}={v}" for k, v in args.items()]

@@ -1,13 +1,16 @@
 """bench/demo_sweep.py end to end on a reduced size: four batch sizes trained by the trainer's own
 command, then `analyze.py compare` and `analyze.py forecast` with the target and the reading point
-the script chooses itself."""
+the script chooses itself. The trainer runs in this process (run_command, the same main() as
+`python train_gpt.py`): four interpreter and torch starts would cost a third of the test; the
+launch itself, run_trainer, is checked once on its own."""
 import importlib.util
 import json
 import os
 import re
 from decimal import Decimal
 
-from conftest import REPO
+import train_gpt
+from conftest import DEMO, REPO, run_command
 
 
 def load_demo_sweep():
@@ -26,13 +29,29 @@ def test_threshold_text_never_rounds_below_the_value():
     assert demo_sweep.threshold_text(6.778432250022888) == "6.7785"
 
 
-def test_the_demo_sweep_chooses_a_target_every_qualifying_run_reaches_and_forecasts_the_rest(tmp_path, capsys):
+def test_run_trainer_launches_the_trainer_and_returns_its_error():
+    code, _, stderr = load_demo_sweep().run_trainer([DEMO, "--batch_size=-3"])
+    assert code == 2 and "batch_size" in stderr
+
+
+def test_the_demo_sweep_chooses_a_target_every_qualifying_run_reaches_and_forecasts_the_rest(
+        tmp_path, capsys, monkeypatch):
     demo_sweep = load_demo_sweep()
+    printed = []
+
+    def in_process(config_args):
+        before = capsys.readouterr().out  # the sweep's own lines so far, printed again after the run's
+        result = run_command(train_gpt.main, config_args, capsys)
+        print(before, end="")
+        printed.append(result.stdout)
+        return result.returncode, result.stdout, result.stderr
+    monkeypatch.setattr(demo_sweep, "run_trainer", in_process)
     out = tmp_path / "sweep"
     demo_sweep.main(["--out", str(out), "--batch_sizes", "1,2,4,8", "--train_tokens", "1024", "--eval_every_tokens",
                      "512", "--grad_samples", "8", "--seq_len=32", "--n_layer=2", "--n_head=2", "--n_embd=64",
                      "--val_tokens=512", "--spectra_tokens=512", "--grad_batch_size=8"])
     text = capsys.readouterr().out
+    assert len(printed) == 4 and all("val_loss" in p for p in printed)
     finals = {}
     for bs in (1, 2, 4, 8):
         lines = [json.loads(line) for line in open(out / f"bs{bs}" / "metrics.jsonl")]

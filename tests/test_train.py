@@ -81,6 +81,26 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, monkeypatch)
     discarded = [json.loads(line) for line in open(os.path.join(part_dir, "metrics.discarded.jsonl"))]
     assert [r["step"] for r in discarded] == [8, 10, 10]  # a train-loss line and the evaluation at step 10
 
+    # a run paused at stop_tokens (a sweep's rung: evaluate, checkpoint, exit) and resumed to the next
+    # pause and then to the end follows the same trajectory too; a pause already passed does nothing
+    paused = args + ["--run_name=paused"]
+    paused_dir = train(load_config(paused + ["--stop_tokens=640"]))
+    assert read_metrics(paused_dir)[-1]["step"] == 5 and "val_loss" in read_metrics(paused_dir)[-1]
+    assert [os.path.basename(p) for p in train_gpt.checkpoints(paused_dir)] == ["step_00000005.pt"]
+    train(load_config(paused + ["--stop_tokens=1280", "--resume=1"]))
+    train(load_config(paused + ["--stop_tokens=640", "--resume=1"]))  # at step 10 already: nothing to do
+    assert read_metrics(paused_dir)[-1]["step"] == 10
+    train(load_config(paused + ["--resume=1"]))
+    assert losses(read_metrics(paused_dir)) == losses(full)
+
+
+def test_stop_tokens_needs_an_evaluation_and_a_checkpoint_there(tmp_path):
+    for bad, named in ((["--stop_tokens=600"], "divisor"), (["--stop_tokens=-1"], ">= 0"),
+                       (["--stop_tokens=512", "--ckpt_every_tokens=-1"], "ckpt_every_tokens")):
+        with pytest.raises(train_gpt.ConfigError) as e:
+            load_config(tiny_args(tmp_path, max_steps=8) + bad)
+        assert "stop_tokens" in str(e.value) and named in str(e.value)
+
 
 def test_resume_finds_the_newest_run_of_the_config(tmp_path):
     args = tiny_args(tmp_path, max_steps=4, run_name="")
@@ -645,7 +665,7 @@ def test_evaluations_read_no_spectra_files_and_config_json_records_the_resolved_
     reads = []
     real_load = spectra.load_spectra
     monkeypatch.setattr(spectra, "load_spectra", lambda path: reads.append(path) or real_load(path))
-    args = tiny_args(tmp_path, max_steps=8, eval_every_tokens=256, spectra_plots=1, ckpt_every_tokens=768)
+    args = tiny_args(tmp_path, max_steps=4, eval_every_tokens=256, spectra_plots=1, ckpt_every_tokens=256)
     run_dir = train(load_config(args))
     assert reads == []  # references and the alpha-against-tokens plot come from memory
     record = json.load(open(os.path.join(run_dir, "config.json")))
