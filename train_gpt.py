@@ -77,6 +77,8 @@ class Config:
     train_tokens: int = 2_500_000_000  # stop after this many tokens (0: use max_steps alone)
     max_steps: int = 0                 # stop after this many steps (0: no step limit)
     target_val_loss: float = 0.0       # > 0: stop at the first evaluation with val_loss <= this
+    stop_tokens: int = 0               # > 0: pause here (evaluate, checkpoint, exit); the schedule still runs
+                                       # to the budget, --resume=1 continues (sweep rungs); eval_every_tokens divides it
     val_tokens: int = 10_485_760       # fixed slice of the val split, the same at every evaluation
     eval_every_tokens: int = 0         # tokens between evaluations; 0: at the start and the end only; -1: never
     log_every: int = 10                # steps between console/metrics lines (and a line at every evaluation)
@@ -338,6 +340,14 @@ def check_config(cfg):
             raise ConfigError(f"{key}={getattr(cfg, key)} must be >= 0 (0: no limit of this kind)")
     if cfg.train_tokens == 0 and cfg.max_steps == 0:
         raise ConfigError("set a budget: train_tokens > 0 or max_steps > 0")
+    if cfg.stop_tokens < 0:
+        raise ConfigError(f"stop_tokens={cfg.stop_tokens} must be >= 0 (0: train to the budget)")
+    if cfg.stop_tokens > 0 and (cfg.eval_every_tokens <= 0 or cfg.stop_tokens % cfg.eval_every_tokens):
+        raise ConfigError(f"stop_tokens={cfg.stop_tokens} needs an evaluation there: set eval_every_tokens > 0 to a "
+                          f"divisor of it (now {cfg.eval_every_tokens})")
+    if cfg.stop_tokens > 0 and cfg.ckpt_every_tokens < 0:
+        raise ConfigError("stop_tokens > 0 pauses a run to be resumed: it needs its checkpoint, so ckpt_every_tokens "
+                          "must be >= 0 (not -1)")
     if cfg.val_tokens < cfg.seq_len:
         raise ConfigError(f"val_tokens={cfg.val_tokens} is less than one sequence (seq_len={cfg.seq_len})")
     for key in ("muon_lr", "embed_lr", "head_lr", "scalar_lr", "adamw_lr", "adam_eps", "weight_decay", "grad_clip"):
@@ -1620,9 +1630,11 @@ def train(cfg):
     del ckpt  # weights and optimizer state are in place: no second copy in host memory for the run
     if ckpt_path and rank == 0:
         print(f"resuming {run_dir} from step {step} (checkpoint {ckpt_path})")
-    if step >= n_steps:  # nothing left: no new W&B folder, no files touched
+    stop_step = n_steps if cfg.stop_tokens == 0 else min(n_steps, math.ceil(cfg.stop_tokens / tokens_per_step))
+    if step >= stop_step:  # nothing left: no new W&B folder, no files touched
         if rank == 0:
-            print(f"{run_dir} is finished (step {step} of {n_steps}); nothing to do")
+            print(f"{run_dir} is finished (step {step} of {n_steps}); nothing to do" if step >= n_steps else
+                  f"{run_dir} is at step {step}, past stop_tokens={cfg.stop_tokens}; nothing to do")
         close_process_group()
         return run_dir
     open_run(s, step, derived)
@@ -1631,7 +1643,7 @@ def train(cfg):
     interval = LogInterval(step, device)  # throughput counts training time only: it starts after the first eval
     if resumed_interval:  # resumed within a log interval: continue it
         interval.restore(resumed_interval, rank)
-    while step < n_steps and not done:
+    while step < stop_step and not done:
         lr = set_schedule(opts, step, n_steps, cfg)
         raw.set_progress(step / n_steps)  # a growing attention window follows training progress
         for m, (x, y) in enumerate(loader.next_step(grad_accum)):
@@ -1648,15 +1660,15 @@ def train(cfg):
         step += 1
         tokens = step * tokens_per_step
 
-        evaluating = cfg.eval_every_tokens >= 0 and (step == n_steps or crossed_multiple(cfg.eval_every_tokens, tokens,
-                                                                                           tokens_per_step))
+        evaluating = cfg.eval_every_tokens >= 0 and (
+            step in (n_steps, stop_step) or crossed_multiple(cfg.eval_every_tokens, tokens, tokens_per_step))
         if step % cfg.log_every == 0 or step == n_steps or evaluating:  # a train loss beside every val loss
             log_interval(s, interval, step, lr)
         interval.pause()  # evaluations and checkpoints are not training throughput
         if evaluating:
             done = evaluate_and_log(s, step)
-        if cfg.ckpt_every_tokens >= 0 and (step == n_steps or done or crossed_multiple(cfg.ckpt_every_tokens, tokens,
-                                                                                         tokens_per_step)):
+        if cfg.ckpt_every_tokens >= 0 and (step in (n_steps, stop_step) or done
+                                           or crossed_multiple(cfg.ckpt_every_tokens, tokens, tokens_per_step)):
             save_checkpoint(s, step, interval)
         interval.resume()
 

@@ -9,7 +9,7 @@ from conftest import REPO
 
 # Bottom to top. A module may import modules of lower layers only (data/ modules also each other).
 LAYERS = [{"data", "model"}, {"rundir"}, {"spectra"}, {"plots"}, {"measure"}, {"analyze"}, {"train_gpt"},
-          {"conditions"}]
+          {"conditions", "sweep"}]
 
 
 def imports_of(path, ours):
