@@ -21,8 +21,9 @@ so far, extrapolated to the budget.
 The state is on disk: the same command continues an interrupted sweep, runs no finished trial again
 and resumes interrupted ones from their checkpoints. Outputs: SWEEP/sweep.csv (one row per trial and
 rung), SWEEP/sweep.png (val loss against learning rate per tier and rung), SWEEP/best_bs<B>.py (plain
-assignments: the config with the chosen rates), SWEEP/logs/<trial>.log. Extra --key=value arguments go
-to every trial. `target` trains each best config with --seeds seeds to target_val_loss into
+assignments: the config with the chosen lr_mult and lr_scaling = "none"), SWEEP/logs/<trial>.log.
+A pruned trial's checkpoints are deleted (it never continues); its metrics stay. Extra --key=value
+arguments go to every trial. `target` trains each best config with --seeds seeds to target_val_loss into
 SWEEP/target/bs<B>_seed<S>, the layout `analyze.py compare` and `forecast` read.
 """
 
@@ -32,6 +33,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -44,7 +46,7 @@ import train_gpt
 from data.shards import atomic_write
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-RATE_KEYS = ("muon_lr", "embed_lr", "head_lr", "scalar_lr", "adamw_lr")  # every optimizer group, scaled together
+RATE_KEYS = ("muon_lr", "embed_lr", "head_lr", "scalar_lr", "adamw_lr")  # scaled together by lr_mult
 SCALING_POWERS = {"sqrt": 0.5, "linear": 1.0}
 
 
@@ -98,8 +100,7 @@ def trial_name(batch_size, factor):
 
 def trial_args(spec, batch_size, factor, stop_tokens=0, resume=False):
     """The trainer's command-line arguments for one trial's segment (the config file first)."""
-    rates = [f"--{k}={spec['rates'][k] * factor!r}" for k in RATE_KEYS]
-    args = [spec["config"], f"--batch_size={batch_size}", "--lr_scaling=none", *rates,
+    args = [spec["config"], f"--batch_size={batch_size}", "--lr_scaling=none", f"--lr_mult={factor!r}",
             f"--train_tokens={spec['budget']}", f"--out_dir={os.path.join(spec['out'], 'trials')}",
             f"--run_name={trial_name(batch_size, factor)}", f"--wandb_group={spec['name']}", *spec["extra"]]
     if stop_tokens:
@@ -444,7 +445,6 @@ class Sweep:
 
     def launch(self, bs, trial):
         """Start the trial's next segment: to the next rung it has not reported, or to the budget."""
-        import shutil
         frozen = self.studies[bs]._storage.get_trial(trial._trial_id)
         k = len(frozen.intermediate_values)
         rungs = self.spec["rungs"]
@@ -489,6 +489,8 @@ class Sweep:
         if trial.should_prune():
             study._storage.set_trial_user_attr(trial._trial_id, "status", f"pruned at rung {k}")
             study.tell(trial, state=TrialState.PRUNED)
+            # it never continues: its checkpoints only take disk
+            shutil.rmtree(os.path.join(self.trial_dir(name), "ckpt"), ignore_errors=True)
             self.progress(bs, f"{name} pruned at {plots.token_label(target)} tokens (val_loss {loss:.4f})")
             return
         self.progress(bs, f"{name} promoted at {plots.token_label(target)} tokens (val_loss {loss:.4f})")
@@ -565,7 +567,7 @@ def write_best_config(spec, bs, trial, path):
     cfg = train_gpt.load_config(trial_args(spec, bs, trial.params["lr_factor"]))
     keys = list(train_gpt.read_config_file(spec["config"]))
     keys += [k for k, _ in train_gpt.command_line_pairs(spec["extra"]) if k not in keys]
-    keys += [k for k in ("batch_size", "lr_scaling", *RATE_KEYS, "train_tokens") if k not in keys]
+    keys += [k for k in ("batch_size", "lr_scaling", "lr_mult", "train_tokens") if k not in keys]
     factor = trial.params["lr_factor"]
     lines = [f"# Chosen by `python sweep.py lr` in {spec['out']}: batch {bs}, rates x{factor:.6g} of",
              f"# {os.path.basename(spec['config'])}'s (final val_loss {trial.value:.6g} at {spec['budget']} tokens).",

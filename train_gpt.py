@@ -86,6 +86,7 @@ class Config:
     optimizer: str = "muon"            # muon | adamw
     lr_ref_batch_size: int = 512       # the learning rates below are for this batch size ...
     lr_scaling: str = "sqrt"           # ... and scale by (batch_size / lr_ref_batch_size)^p, p = 0 | 1/2 | 1
+    lr_mult: float = 1.0               # ... and by this (every rate at once: a learning-rate sweep's one knob)
     muon_lr: float = 0.05              # Muon: hidden weight matrices
     muon_momentum: float = 0.95        # Muon: momentum after its warmup
     muon_momentum_start: float = 0.85  # momentum warms up linearly from this ...
@@ -350,6 +351,8 @@ def check_config(cfg):
                           "must be >= 0 (not -1)")
     if cfg.val_tokens < cfg.seq_len:
         raise ConfigError(f"val_tokens={cfg.val_tokens} is less than one sequence (seq_len={cfg.seq_len})")
+    if not cfg.lr_mult > 0:
+        raise ConfigError(f"lr_mult={cfg.lr_mult} must be > 0 (it multiplies every learning rate)")
     for key in ("muon_lr", "embed_lr", "head_lr", "scalar_lr", "adamw_lr", "adam_eps", "weight_decay", "grad_clip"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be >= 0")
@@ -505,9 +508,9 @@ def batch_layout(cfg, world_size):
 
 
 def lr_factor(cfg):
-    """LR multiplier for the batch size: (batch_size / lr_ref_batch_size) ** {none: 0, sqrt: 1/2, linear: 1}."""
+    """Multiplier of every rate: (batch_size / lr_ref_batch_size) ** {none: 0, sqrt: 1/2, linear: 1} * lr_mult."""
     power = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}[cfg.lr_scaling]
-    return (cfg.batch_size / cfg.lr_ref_batch_size) ** power
+    return (cfg.batch_size / cfg.lr_ref_batch_size) ** power * cfg.lr_mult
 
 
 def total_steps(cfg):

@@ -1,6 +1,7 @@
 """Stands in for train_gpt.py in the sweep tests: the same command line, no torch. Its validation
-loss follows a known curve, loss(t) = curve(lr, t) below, written at every eval_every_tokens up to
---stop_tokens (then a checkpoint) or the budget or the first loss <= --target_val_loss. It refuses
+loss follows a known curve, loss(t) = curve(lr, t) below (lr = muon_lr * lr_mult; muon_lr must be
+given), written at every eval_every_tokens up to --stop_tokens (then a checkpoint) or the budget or
+the first loss <= --target_val_loss. It refuses
 to start over a run directory without --resume=1, continues from its checkpoint with it, and appends
 each launch to $FAKE_LAUNCHES. Runs named in $FAKE_CRASH exit 3; in $FAKE_DIVERGE, report a
 divergence as the trainer does."""
@@ -21,7 +22,8 @@ def main(argv):
     args.update(a[2:].split("=", 1) for a in argv[2:])
     args = {k: str(v) for k, v in args.items()}
     name, out = args["run_name"], args["out_dir"]
-    lr, every, budget = float(args["muon_lr"]), int(args["eval_every_tokens"]), int(args["train_tokens"])
+    lr = float(args["muon_lr"]) * float(args.get("lr_mult", 1))  # (the sweeps pass lr_scaling=none)
+    every, budget = int(args["eval_every_tokens"]), int(args["train_tokens"])
     stop, target = int(args.get("stop_tokens", 0)) or budget, float(args.get("target_val_loss", 0))
     run_dir = os.path.join(out, name)
     ckpt_dir = os.path.join(run_dir, "ckpt")

@@ -226,7 +226,8 @@ def test_every_run_of_a_sweep_file_resolves_to_a_distinct_valid_config(sweep, tm
         argv = [*fixed, *args, *no_fineweb(tmp_path)]
         cfg = load_config(argv)
         dry_run(argv, fineweb=True)
-        resolved.append((cfg.config_file, cfg.batch_size, tuple(sorted(cfg.model.items()))))
+        resolved.append((cfg.config_file, cfg.batch_size, round(train_gpt.lr_factor(cfg), 9),
+                         tuple(sorted(cfg.model.items()))))
     assert len(set(resolved)) == len(resolved) > 1
 
 

@@ -30,7 +30,7 @@ def run_sweep(out, capsys, monkeypatch, *more, batch_sizes="8", multipliers="0.5
     return run_command(sweep.main, ["lr", DEMO, "--batch_sizes", batch_sizes, "--multipliers", multipliers,
                                     "--rungs", ",".join(map(str, RUNGS)), "--budget", str(BUDGET), "--eta", str(eta),
                                     "--out", str(out), "--trainer", FAKE, "--poll_s", "0.01",
-                                    f"--eval_every_tokens={EVERY}", *more], capsys)
+                                    f"--eval_every_tokens={EVERY}", "--muon_lr=0.05", *more], capsys)
 
 
 def launches(out):
@@ -79,7 +79,7 @@ def test_promotions_follow_successive_halving_by_hand_and_the_best_config_loads(
     result = run_sweep(out, capsys, monkeypatch)
     assert result.returncode == 0, result.stderr
     got, rows = states(out)
-    cfg = train_gpt.load_config([DEMO])
+    cfg = train_gpt.load_config([DEMO, "--muon_lr=0.05"])
     factors = [f for f, _, _ in sweep.candidate_factors(8, cfg.lr_ref_batch_size, ["sqrt", "linear"],
                                                         [0.5, 0.707, 1, 1.414, 2])]
     hand = hand_halving(factors, cfg.muon_lr, eta=3)
@@ -91,6 +91,10 @@ def test_promotions_follow_successive_halving_by_hand_and_the_best_config_loads(
         assert float(r["val_loss"]) == pytest.approx(curve(float(r["muon_lr"]), int(r["tokens"])), rel=1e-12)
         if r["fit_at_budget"] not in ("", "None") and int(r["tokens"]) == RUNGS[1]:
             assert float(r["fit_at_budget"]) == pytest.approx(curve(float(r["muon_lr"]), BUDGET), rel=1e-3)
+    # a pruned trial's checkpoints are gone (it never continues), its metrics stay
+    for name, state in got.items():
+        assert os.path.isdir(out / "trials" / name / "ckpt") == (state == "finished")
+        assert (out / "trials" / name / "metrics.jsonl").is_file()
     # a promoted trial continued from its own checkpoint, never from scratch
     for name in got:
         starts = [(x["start"], x["resume"]) for x in launches(out) if x["name"] == name]
@@ -98,9 +102,8 @@ def test_promotions_follow_successive_halving_by_hand_and_the_best_config_loads(
     finished = {f: curve(cfg.muon_lr * f, BUDGET) for f in factors if hand[f] == "finished"}
     best = min(finished, key=finished.get)
     chosen = train_gpt.load_config([str(out / "best_bs8.py")])
-    assert chosen.batch_size == 8 and chosen.lr_scaling == "none"
-    for key in sweep.RATE_KEYS:
-        assert getattr(chosen, key) == pytest.approx(getattr(cfg, key) * best, rel=1e-12)
+    assert chosen.batch_size == 8 and chosen.lr_scaling == "none" and chosen.lr_mult == best
+    assert train_gpt.lr_factor(chosen) == best and all(getattr(chosen, k) == getattr(cfg, k) for k in sweep.RATE_KEYS)
     assert "import" not in open(out / "best_bs8.py").read()
     assert (out / "sweep.png").is_file()
 
