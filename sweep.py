@@ -440,12 +440,18 @@ class Sweep:
         """Trials an interrupted driver left running: [(batch_size, trial)], to continue."""
         import optuna
         from optuna.trial import TrialState
+        # (Optuna has no public call that hands back a running trial: its Trial class, built as its own
+        # ask() builds it, from the study and the trial's id)
         return [(bs, optuna.trial.Trial(study, t._trial_id)) for bs, study in self.studies.items()
                 for t in study.get_trials(deepcopy=False, states=[TrialState.RUNNING])]
 
+    def frozen(self, bs, trial):
+        """The trial as stored now: its reports and attributes."""
+        return next(t for t in self.studies[bs].get_trials(deepcopy=False) if t.number == trial.number)
+
     def launch(self, bs, trial):
         """Start the trial's next segment: to the next rung it has not reported, or to the budget."""
-        frozen = self.studies[bs]._storage.get_trial(trial._trial_id)
+        frozen = self.frozen(bs, trial)
         k = len(frozen.intermediate_values)
         rungs = self.spec["rungs"]
         name, factor = frozen.user_attrs["name"], frozen.params["lr_factor"]
@@ -461,12 +467,12 @@ class Sweep:
     def segment_done(self, bs, trial, k, code, log):
         from optuna.trial import TrialState
         study, rungs = self.studies[bs], self.spec["rungs"]
-        name = study._storage.get_trial(trial._trial_id).user_attrs["name"]
+        name = trial.user_attrs["name"]
         curve = val_curve(self.trial_dir(name))
         if code != 0:
             diverged = "training diverged" in log_tail(log)
-            study._storage.set_trial_user_attr(trial._trial_id, "status", "diverged" if diverged else "crashed")
-            study._storage.set_trial_user_attr(trial._trial_id, "log", log)
+            trial.set_user_attr("status", "diverged" if diverged else "crashed")
+            trial.set_user_attr("log", log)
             study.tell(trial, state=TrialState.PRUNED if diverged else TrialState.FAIL)
             self.progress(bs, f"{name} {'diverged (pruned)' if diverged else 'crashed'}: see {log}")
             return
@@ -475,19 +481,19 @@ class Sweep:
         loss = loss_at(curve, target) if k < len(rungs) else (curve[-1][1] if curve else None)
         if loss is None or not math.isfinite(loss):
             status = "no evaluation at the rung" if loss is None else "diverged"
-            study._storage.set_trial_user_attr(trial._trial_id, "status", status)
+            trial.set_user_attr("status", status)
             study.tell(trial, state=TrialState.FAIL if loss is None else TrialState.PRUNED)
             self.progress(bs, f"{name}: {status}")
             return
         if k == len(rungs):
-            study._storage.set_trial_user_attr(trial._trial_id, "status", "finished")
+            trial.set_user_attr("status", "finished")
             study.tell(trial, loss)
             self.progress(bs, f"{name} finished: val_loss {loss:.4f}")
             return
-        study._storage.set_trial_user_attr(trial._trial_id, f"fit_{k}", extrapolate(curve, self.spec["budget"]))
+        trial.set_user_attr(f"fit_{k}", extrapolate(curve, self.spec["budget"]))
         trial.report(loss, step=self.spec["eta"] ** k)
         if trial.should_prune():
-            study._storage.set_trial_user_attr(trial._trial_id, "status", f"pruned at rung {k}")
+            trial.set_user_attr("status", f"pruned at rung {k}")
             study.tell(trial, state=TrialState.PRUNED)
             # it never continues: its checkpoints only take disk
             shutil.rmtree(os.path.join(self.trial_dir(name), "ckpt"), ignore_errors=True)

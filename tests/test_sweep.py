@@ -110,7 +110,7 @@ def test_promotions_follow_successive_halving_by_hand_and_the_best_config_loads(
 
 def test_an_interrupted_sweep_resumes_without_training_anything_twice(tmp_path, capsys, monkeypatch):
     whole = tmp_path / "whole"
-    run_sweep(whole, capsys, monkeypatch, batch_sizes="4,8")
+    run_sweep(whole, capsys, monkeypatch, batch_sizes="4,8", multipliers="0.5,1,2")
     part = tmp_path / "part"
     real, calls = sweep.Sweep.segment_done, []
 
@@ -121,10 +121,10 @@ def test_an_interrupted_sweep_resumes_without_training_anything_twice(tmp_path, 
         return real(self, *a)
     monkeypatch.setattr(sweep.Sweep, "segment_done", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(part, capsys, monkeypatch, batch_sizes="4,8")
+        run_sweep(part, capsys, monkeypatch, batch_sizes="4,8", multipliers="0.5,1,2")
     monkeypatch.setattr(sweep.Sweep, "segment_done", real)
     assert not (part / "driver.lock").exists()
-    result = run_sweep(part, capsys, monkeypatch, batch_sizes="4,8")
+    result = run_sweep(part, capsys, monkeypatch, batch_sizes="4,8", multipliers="0.5,1,2")
     assert result.returncode == 0 and "continuing interrupted trial" in result.stdout
     assert states(part)[0] == states(whole)[0]
     assert open(part / "best_bs4.py").read().replace("part", "whole") == open(whole / "best_bs4.py").read()
@@ -136,7 +136,7 @@ def test_an_interrupted_sweep_resumes_without_training_anything_twice(tmp_path, 
     n_whole = len(launches(whole))
     assert len(launches(part)) == n_whole + 1  # the interrupted segment relaunched once, with nothing left to train
     # the same command on a finished sweep launches nothing
-    run_sweep(part, capsys, monkeypatch, batch_sizes="4,8")
+    run_sweep(part, capsys, monkeypatch, batch_sizes="4,8", multipliers="0.5,1,2")
     assert len(launches(part)) == n_whole + 1
 
 
@@ -205,3 +205,17 @@ def test_target_trains_each_chosen_config_per_seed_until_the_target(tmp_path, ca
                                       "--trainer", FAKE, "--poll_s", "0.01"], capsys)
     assert result.stdout.count("reached 6.0 already") == 4 and len(launches(out)) == n
     assert math.isfinite(target)
+
+
+def test_the_submitit_path_runs_trials_as_jobs(tmp_path, capsys, monkeypatch):
+    """--launcher slurm's code on submitit's local executor (no SLURM here): each segment a job."""
+    out = tmp_path / "sw"
+    monkeypatch.setenv("FAKE_LAUNCHES", str(out) + ".launches.jsonl")
+    result = run_command(sweep.main, ["lr", DEMO, "--batch_sizes", "8", "--multipliers", "1", "--scalings", "sqrt",
+                                      "--rungs", "2000", "--budget", "6000", "--out", str(out), "--trainer", FAKE,
+                                      "--poll_s", "0.05", "--launcher", "submitit_local",
+                                      f"--eval_every_tokens={EVERY}", "--muon_lr=0.05"], capsys)
+    assert result.returncode == 0, result.stderr
+    assert [(x["start"], x["stop"]) for x in launches(out)] == [(0, 2000), (2000, 6000)]
+    assert len(list((out / "submitit").glob("*_result.pkl"))) == 2
+    assert train_gpt.load_config([str(out / "best_bs8.py")]).lr_mult == pytest.approx(0.125)
