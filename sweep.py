@@ -272,6 +272,13 @@ class ProcessLauncher:
             self.free_slots.append(handle["slot"])
         return code
 
+    def wait(self, handle, seconds):
+        """Return when the process ends or `seconds` pass: an end is seen at once, not at the next poll."""
+        try:
+            handle["proc"].wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            pass
+
     def stop(self, handle):
         handle["proc"].terminate()
         handle["proc"].wait()
@@ -306,6 +313,9 @@ class SubmititLauncher:
         except Exception:  # the job itself failed (node failure, timeout): its log says why
             return 1
 
+    def wait(self, handle, seconds):
+        time.sleep(seconds)
+
     def stop(self, handle):
         handle["job"].cancel()
 
@@ -319,7 +329,8 @@ def trainer_command(trainer, gpus_per_trial, args):
 
 class Pool:
     """Runs commands through a launcher, at most `parallel` at once; `on_done(code)` is called when
-    one ends (and may submit more). Polls every `poll_s` seconds."""
+    one ends (and may submit more). Checks every `poll_s` seconds, and for local processes waits on
+    the oldest, so that its end is seen at once."""
 
     def __init__(self, launcher, parallel, poll_s):
         self.launcher, self.parallel, self.poll_s, self.running = launcher, parallel, poll_s, []
@@ -339,7 +350,7 @@ class Pool:
                     self.running.remove(item)
                     item[1](code)
                     return
-            time.sleep(self.poll_s)
+            self.launcher.wait(self.running[0][0], self.poll_s)
 
     def stop_all(self):
         for handle, _ in self.running:
