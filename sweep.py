@@ -683,7 +683,11 @@ def sweep_target(args, extra):
 
         def done(name, log):
             def on_done(code):
-                print(f"{name}: " + ("done" if code == 0 else f"failed (exit {code}), see {log}"), flush=True)
+                if code == 0 and not reached(os.path.join(out, name), target):
+                    code = "budget"
+                print(f"{name}: " + {0: f"reached {target!r}", "budget": f"trained its whole budget without "
+                                     f"reaching {target!r}; raise train_tokens in its best_bs*.py"}.get(
+                                         code, f"failed (exit {code}), see {log}"), flush=True)
                 if code:
                     failed.append(name)
             return on_done

@@ -200,10 +200,14 @@ def test_target_trains_each_chosen_config_per_seed_until_the_target(tmp_path, ca
         for seed in (0, 1):
             curve = sweep.val_curve(out / "target" / f"bs{bs}_seed{seed}")
             assert curve[-1][1] <= target and all(loss > target for _, loss in curve[:-1])
+    assert result.stdout.count(f"reached {target!r}") == 4
     n = len(launches(out))
+    short = run_command(sweep.main, ["target", str(out), "--seeds", "3", "--target_val_loss", "1.0",
+                                     "--trainer", FAKE, "--poll_s", "0.01"], capsys)  # below the curves' floor of 3
+    assert short.returncode == 0 and short.stdout.count("trained its whole budget without reaching 1.0") == 6
     result = run_command(sweep.main, ["target", str(out), "--seeds", "2", "--target_val_loss", str(target),
                                       "--trainer", FAKE, "--poll_s", "0.01"], capsys)
-    assert result.stdout.count("reached 6.0 already") == 4 and len(launches(out)) == n
+    assert result.stdout.count("reached 6.0 already") == 4 and len(launches(out)) == n + 6
     assert math.isfinite(target)
 
 
