@@ -102,7 +102,8 @@ def trial_args(spec, batch_size, factor, stop_tokens=0, resume=False):
     """The trainer's command-line arguments for one trial's segment (the config file first)."""
     args = [spec["config"], f"--batch_size={batch_size}", "--lr_scaling=none", f"--lr_mult={factor!r}",
             f"--train_tokens={spec['budget']}", f"--out_dir={os.path.join(spec['out'], 'trials')}",
-            f"--run_name={trial_name(batch_size, factor)}", f"--wandb_group={spec['name']}", *spec["extra"]]
+            f"--run_name={trial_name(batch_size, factor)}", f"--wandb_group={spec['name']}", *spec["extra"],
+            "--target_val_loss=0"]  # a trial trains to its rungs and budget; the target is `sweep.py target`'s
     if stop_tokens:
         args.append(f"--stop_tokens={stop_tokens}")
     if resume:
@@ -582,9 +583,10 @@ def write_best_config(spec, bs, trial, path):
     """The config with the tier's chosen rates, as plain assignments that import nothing; it loads
     as a config (train_gpt.load_config([path]))."""
     cfg = train_gpt.load_config(trial_args(spec, bs, trial.params["lr_factor"]))
+    cfg.target_val_loss = train_gpt.load_config([spec["config"], *spec["extra"]]).target_val_loss  # the config's own
     keys = list(train_gpt.read_config_file(spec["config"]))
     keys += [k for k, _ in train_gpt.command_line_pairs(spec["extra"]) if k not in keys]
-    keys += [k for k in ("batch_size", "lr_scaling", "lr_mult", "train_tokens") if k not in keys]
+    keys += [k for k in ("batch_size", "lr_scaling", "lr_mult", "train_tokens", "target_val_loss") if k not in keys]
     factor = trial.params["lr_factor"]
     lines = [f"# Chosen by `python sweep.py lr` in {spec['out']}: batch {bs}, rates x{factor:.6g} of",
              f"# {os.path.basename(spec['config'])}'s (final val_loss {trial.value:.6g} at {spec['budget']} tokens).",

@@ -76,7 +76,7 @@ def test_the_power_law_fit_recovers_a_b_c():
 
 def test_promotions_follow_successive_halving_by_hand_and_the_best_config_loads(tmp_path, capsys, monkeypatch):
     out = tmp_path / "sw"
-    result = run_sweep(out, capsys, monkeypatch)
+    result = run_sweep(out, capsys, monkeypatch, "--target_val_loss=4.5")  # trials still train to the budget
     assert result.returncode == 0, result.stderr
     got, rows = states(out)
     cfg = train_gpt.load_config([DEMO, "--muon_lr=0.05"])
@@ -103,6 +103,7 @@ def test_promotions_follow_successive_halving_by_hand_and_the_best_config_loads(
     best = min(finished, key=finished.get)
     chosen = train_gpt.load_config([str(out / "best_bs8.py")])
     assert chosen.batch_size == 8 and chosen.lr_scaling == "none" and chosen.lr_mult == best
+    assert chosen.target_val_loss == 4.5  # the config's target, kept for `sweep.py target` (trials ignore it)
     assert train_gpt.lr_factor(chosen) == best and all(getattr(chosen, k) == getattr(cfg, k) for k in sweep.RATE_KEYS)
     assert "import" not in open(out / "best_bs8.py").read()
     assert (out / "sweep.png").is_file()
