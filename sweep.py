@@ -40,6 +40,7 @@ import time
 
 import numpy as np
 
+import analyze
 import plots
 import rundir
 import train_gpt
@@ -186,12 +187,9 @@ def open_sweep_folder(spec):
 
 
 def val_curve(run_dir):
-    """[(tokens, val_loss)] of a trial's evaluations so far."""
+    """[(tokens, val_loss)] of a trial's evaluations so far (finite ones, as analyze reads them)."""
     path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    records, _ = rundir.read_metrics(path)
-    return [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
+    return analyze.series(rundir.read_metrics(path)[0], "val_loss") if os.path.exists(path) else []
 
 
 def fit_power_law(tokens, loss, n_grid=400):
@@ -226,7 +224,7 @@ def fit_power_law(tokens, loss, n_grid=400):
 
 
 def extrapolate(curve, budget):
-    fit = fit_power_law(*zip(*curve)) if len(curve) >= 3 else None
+    fit = fit_power_law(*zip(*curve)) if curve else None
     return fit[0] * budget ** -fit[1] + fit[2] if fit else float("nan")
 
 
@@ -239,11 +237,17 @@ def loss_at(curve, tokens):
 # Launching trials: a subprocess on this machine, or a SLURM job through submitit
 
 
+def open_log(log_path, cmd):
+    """The trial's log, opened to append this command's output under a `$ command` line."""
+    log = open(log_path, "ab")
+    log.write(f"\n$ {' '.join(cmd)}\n".encode())
+    log.flush()
+    return log
+
+
 def run_logged(cmd, env, log_path):
     """Run cmd with its output appended to log_path; its return code. (What a SLURM job runs.)"""
-    with open(log_path, "ab") as log:
-        log.write(f"\n$ {' '.join(cmd)}\n".encode())
-        log.flush()
+    with open_log(log_path, cmd) as log:
         return subprocess.run(cmd, cwd=REPO, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT).returncode
 
 
@@ -260,9 +264,7 @@ class ProcessLauncher:
         if self.gpus_per_trial:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(slot * self.gpus_per_trial + g)
                                                    for g in range(self.gpus_per_trial))
-        log = open(log_path, "ab")
-        log.write(f"\n$ {' '.join(cmd)}\n".encode())
-        log.flush()
+        log = open_log(log_path, cmd)
         proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
         return dict(proc=proc, slot=slot, log=log)
 
