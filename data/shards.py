@@ -24,6 +24,7 @@ FETCH_HINTS = (
     ("fineweb", "python data/fineweb.py --train_shards N  (100M tokens each: train_tokens / 1e8, e.g. 26 for "
                 "d12's 2.5B)"),
     ("shakespeare", "git checkout -- data/shakespeare  (the embedded corpus is part of the repository)"),
+    ("modarith", "python data/modarith.py  (the toy task's sequences, generated in seconds)"),
     ("wikitext103", "python data/wikitext.py --name wikitext-103"),  # before "wikitext", which it contains
     ("wikitext", "python data/wikitext.py --name wikitext-2"),
 )

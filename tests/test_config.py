@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 
 import train_gpt
+from data import modarith
 from conftest import DEMO, REPO, run_command, tiny_args
 from train_gpt import ConfigError, load_config
 
@@ -177,9 +178,16 @@ def spectra_cost_line(out, device="CUDA"):
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))), ids=os.path.basename)
 def test_every_config_passes_dry_run(path, capsys, tmp_path):
-    fineweb = path != DEMO
-    cfg = load_config([path, "--dry_run=1"])
-    dry_run([path, *(no_fineweb(tmp_path) if fineweb else [])], fineweb)
+    toy = os.path.basename(path).startswith("toy_")
+    fineweb = path != DEMO and not toy
+    data = []
+    if toy:  # the toy's data, generated small (the config's own folder may not exist yet)
+        modarith.write_dataset(modarith.ToyOptions(train_sequences=64, val_sequences=1024, test_sequences=0,
+                                                   band_sequences=8), str(tmp_path / "toy"))
+        data = [f"--train_files={tmp_path}/toy/modarith_train_*.bin", f"--val_files={tmp_path}/toy/modarith_val_*.bin",
+                f"--out_dir={tmp_path}/runs"]
+    cfg = load_config([path, "--dry_run=1", *data])
+    dry_run([path, *(no_fineweb(tmp_path) if fineweb else data)], fineweb)
     out = capsys.readouterr().out
     if fineweb:  # every size measures all its spectra in at most 3% of its training time (the estimate)
         assert spectra_cost_line(out) <= 3.0
@@ -187,10 +195,10 @@ def test_every_config_passes_dry_run(path, capsys, tmp_path):
         assert "dry run: data, output folder and settings are ready" in out
     total = int(re.search(r"parameters: ([\d,]+) total", out).group(1).replace(",", ""))
     gcfg = train_gpt.model_config(cfg)
-    assert total == expected_params(gcfg.n_layer, gcfg.n_embd)
+    assert total == expected_params(gcfg.n_layer, gcfg.n_embd, gcfg.vocab_size)
     assert f"grad_accum = {train_gpt.batch_layout(cfg, 1)[1]}" in out
-    # FineWeb configs divide over 1, 2, 4 or 8 GPUs; the demo runs on 1 or 2 processes
-    for world in (1, 2) if path == DEMO else (1, 2, 4, 8):
+    # FineWeb configs divide over 1, 2, 4 or 8 GPUs; the demo and the toy run on 1 or 2 processes
+    for world in (1, 2) if not fineweb else (1, 2, 4, 8):
         dbs, accum = train_gpt.batch_layout(load_config([path]), world)
         assert dbs * world * accum == cfg.batch_size
 
