@@ -5,6 +5,7 @@ figures and the console table. And the command that measures a saved checkpoint:
 
     python measure.py act --ckpt runs/RUN/ckpt/step_00000157.pt [--data 'VAL_GLOB'] [--tail 10,100] [--out DIR]
     python measure.py grad --ckpt runs/RUN/ckpt/step_00000157.pt [--matrices attn.c_proj,mlp.c_proj] [--layers all]
+    python measure.py probe --ckpt runs/RUN/ckpt/step_00000157.pt [--band BAND_SHARD] [--point final]
 
 Settings default to the run's own (its checkpoint records them); outputs go to RUN/measured/ (or
 --out), never over the trainer's own files.
@@ -18,10 +19,11 @@ import sys
 
 import torch
 
+import features
 import plots
 import spectra
 from data.shards import ShardError, WriteError, atomic_write, find_shards, load_prefix
-from rundir import Checkpoint, RunFileError, load_model
+from rundir import Checkpoint, RunFileError, load_model, read_metrics
 
 # ----------------------------------------------------------------------------------------------
 # The report of one family of measured spectra
@@ -193,7 +195,54 @@ def parse_args(argv):
                       help="torch.compile the head's gradient, a GPU speedup (default: the run's grad_spectra_compile)")
     grad.add_argument("--density_rule", choices=spectra.DENSITY_RULES,
                       help="x_min rule of weight/alpha_density (default: the run's, else weightwatcher)")
+    probe = sub.add_parser("probe", help="feature probes of a toy-task checkpoint (features.py) on its band")
+    probe.add_argument("--ckpt", required=True, help="trainer checkpoint, runs/RUN/ckpt/step_*.pt")
+    probe.add_argument("--band", help="band shard with latents (default: the one beside the run's val_files)")
+    probe.add_argument("--point", default="final", help="probe point of the conditional-mean table")
+    probe.add_argument("--out", help="directory for probe_<tokens>.json and plots/ (default: RUN/measured/)")
+    probe.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    probe.add_argument("--no_plots", action="store_true")
     return ap.parse_args(argv)
+
+
+def probe_checkpoint(args):
+    """measure.py probe: the probe metrics of a checkpoint, printed and written as JSON, and the
+    run's probe figure (its evaluations from metrics.jsonl, then this checkpoint)."""
+    try:
+        device = pick_device(args.device)
+        ckpt = Checkpoint.load(args.ckpt, mmap=True)
+        model = load_model(args.ckpt).to(device)
+        band = args.band or (features.find_band(ckpt.config["val_files"]) if ckpt.config.get("val_files") else None)
+        if not band:
+            raise ValueError("no band: the run's val shards have no <name>_band_*.bin beside them (the toy task's, "
+                             "python data/modarith.py); give --band BAND_SHARD")
+        tokens, latents = features.load_band(band, model.cfg.seq_len, model.cfg.vocab_size)
+        metrics = features.measure_band(model, tokens, latents, point=args.point, seed=ckpt.config.get("seed", 0))
+    except (ValueError, ShardError, RunFileError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt)))
+    out = args.out or os.path.join(run_dir, "measured")
+    record = dict(step=ckpt.step, tokens=ckpt.tokens, **metrics)
+    for key, value in metrics.items():
+        print(f"  {key:<20} {value:.4g}" if isinstance(value, float) else f"  {key:<20} {value}")
+    path = os.path.join(out, f"probe_{ckpt.tokens:012d}.json")
+    try:
+        os.makedirs(out, exist_ok=True)
+        atomic_write(path, lambda f: f.write(json.dumps(dict(record, band=os.path.abspath(band), point=args.point,
+                                                             source=os.path.abspath(args.ckpt)), indent=1).encode()))
+        print(f"wrote {path}")
+        if not args.no_plots:
+            metrics_file = os.path.join(run_dir, "metrics.jsonl")
+            records = [r for r in (read_metrics(metrics_file)[0] if os.path.exists(metrics_file) else [])
+                       if r.get("tokens", -1) < ckpt.tokens or "probe/fourier_peak" not in r]
+            drawn = plots.feature_probes(os.path.join(out, "plots", "probe.png"), records + [record], args.point,
+                                         title=f"feature probes of {os.path.basename(run_dir)} (band c="
+                                               f"{int(latents['c'][0, 0])}, point {args.point})")
+            print(f"wrote {drawn.path}")
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 # the flag of each setting, for errors that name what the user typed
@@ -218,6 +267,8 @@ def command_settings(args, config, model_seq_len):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.command == "probe":
+        return probe_checkpoint(args)
     try:
         device = pick_device(args.device)
         ckpt = Checkpoint.load(args.ckpt, mmap=True)

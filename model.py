@@ -633,15 +633,19 @@ class GPT(nn.Module):
                     made[w].flex = flex_block_mask(made[w], B, T, idx.device)
         return [made[w] for w in windows]
 
-    def forward(self, idx, targets=None):
-        """Logits (B, T, vocab) and, with targets, the mean cross-entropy (targets == -1 ignored)."""
-        h = self.features(idx)
+    def head_logits(self, h):
+        """The fp32 logits of final hidden states h (..., d): the head, then the softcap."""
         if self.cfg.fp8_head:  # record #19 (in training; the study's stage 16 in evaluation too, as here)
             logits = fp8_matmul(h, self.lm_head.weight).float()
         else:
             logits = self.lm_head(h).float()
         if self.cfg.softcap:
             logits = self.cfg.softcap * torch.tanh(logits / self.cfg.softcap)
+        return logits
+
+    def forward(self, idx, targets=None):
+        """Logits (B, T, vocab) and, with targets, the mean cross-entropy (targets == -1 ignored)."""
+        logits = self.head_logits(self.features(idx))
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)

@@ -180,6 +180,13 @@ def draw(path, panels, title="", ncols=2, panel_size=(4.6, 3.6), sharey=False, l
             x, y = list(s.x), [math.nan if v is None else v for v in s.y]
             label = (s.legend or s.label) if s.in_legend else None
             face = dict(mfc="none") if s.hollow else {}
+            if s.style == "bar":  # bars side by side: the panel's bar series share each x, in order
+                bars = [b for b in drawable if b.style == "bar"]
+                width = 0.8 / len(bars)
+                shift = (bars.index(s) - (len(bars) - 1) / 2) * width
+                patches = ax.bar([xi + shift for xi in x], y, width, color=color, label=label, alpha=s.alpha)
+                out[s.label] = DrawnSeries(x, y, to_hex(patches.patches[0].get_facecolor()), "None", "bar", label)
+                continue
             if s.yerr is not None:
                 line = ax.errorbar(x, y, yerr=s.yerr, fmt=s.style, color=color, ms=s.ms, lw=s.lw, capsize=2,
                                    label=label, **face).lines[0]
@@ -404,3 +411,26 @@ def forecast(path, reached, line, pending, xlabel, title, colors=None):
                              hollow=True, names=[f"{name} (forecast)"],
                              legend=f"{name} forecast +- leave-one-out error"))
     return draw(path, [Panel(title, series, xlabel, "token ratio (1 = family best)")], ncols=1, panel_size=(6.4, 4.6))
+
+
+def feature_probes(path, records, point, title=""):
+    """The toy task's feature probes of one run from its evaluation records (metrics.jsonl lines
+    with probe/ keys): the Fourier peak and the activation alphas of `point` against tokens, and
+    the causal drops (key mode against a random subspace) at each evaluation as bars."""
+    rows = [r for r in records if "probe/fourier_peak" in r]
+    tokens = [r["tokens"] for r in rows]
+    alpha = [r for r in records if f"act/alpha_tail/{point}" in r]
+    panels = [
+        Panel("Fourier features", [Series("fourier_peak", tokens, [r["probe/fourier_peak"] for r in rows]),
+                                   Series("fourier_gini", tokens, [r["probe/fourier_gini"] for r in rows])],
+              "tokens", "share / concentration", xticks="tokens"),
+        Panel(f"activation alpha ({point})",
+              [Series(f"alpha_{w}", [r["tokens"] for r in alpha], [r[f"act/alpha_{w}/{point}"] for r in alpha])
+               for w in ("head", "tail")], "tokens", "alpha", xticks="tokens"),
+        Panel("causal drop: band loss increase", [
+            Series("key-frequency subspace", list(range(len(rows))), [r["probe/drop_key"] for r in rows], style="bar"),
+            Series("random subspace (same dim.)", list(range(len(rows))), [r["probe/drop_random"] for r in rows],
+                   style="bar")], "tokens", "loss increase (nats)", xticks="layer",
+              xnames={k: token_label(t) for k, t in enumerate(tokens)}),
+    ]
+    return draw(path, panels, title, ncols=3)

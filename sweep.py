@@ -33,6 +33,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -402,6 +403,15 @@ class DriverLock:
 # sweep.py lr: successive halving with Optuna
 
 
+def start_order(batch_size, candidates):
+    """The order in which a tier's candidates start: shuffled, by a fixed seed per tier. Successive
+    halving compares each trial with those that reached its rung before it, so in grid order (rates
+    rising towards the best) every trial would beat its predecessors and be promoted."""
+    order = list(candidates)
+    random.Random(batch_size).shuffle(order)
+    return order
+
+
 def open_studies(spec):
     """{batch_size: optuna study} sharing SWEEP/optuna.journal, each tier's candidates enqueued once."""
     import optuna
@@ -417,7 +427,8 @@ def open_studies(spec):
                                                         min_early_stopping_rate=0, bootstrap_count=0)
         study = optuna.create_study(study_name=f"bs{bs}", storage=storage, direction="minimize", pruner=pruner,
                                     load_if_exists=True)
-        for f, scaling, m in candidate_factors(bs, spec["ref_batch_size"], spec["scalings"], spec["multipliers"]):
+        for f, scaling, m in start_order(bs, candidate_factors(bs, spec["ref_batch_size"], spec["scalings"],
+                                                                 spec["multipliers"])):
             study.enqueue_trial({"lr_factor": f}, user_attrs=dict(name=trial_name(bs, f), scaling=scaling,
                                                                   multiplier=m), skip_if_exists=True)
         studies[bs] = study
@@ -431,13 +442,16 @@ class Sweep:
     def __init__(self, spec, studies, pool, trainer, gpus_per_trial):
         self.spec, self.studies, self.pool, self.trainer, self.gpus = spec, studies, pool, trainer, gpus_per_trial
         self.t0, self.tokens_done = time.time(), 0
+        self.pending, self.promoted = [], []
 
     def trial_dir(self, name):
         return os.path.join(self.spec["out"], "trials", name)
 
     def next_trial(self):
         """(batch_size, optuna trial): an interrupted trial first, then the next waiting candidate,
-        tiers in order; None when none is left."""
+        tiers in order, then the promoted trials, first promoted first; None when none is left.
+        Breadth first: a promoted trial continues once every candidate has started, so that the
+        later decisions at each rung compare more trials (as many workers at once would)."""
         from optuna.trial import TrialState
         if self.pending:
             return self.pending.pop(0)
@@ -448,7 +462,7 @@ class Sweep:
                                                               self.spec["multipliers"])]
                 trial.suggest_categorical("lr_factor", choices)
                 return bs, trial
-        return None
+        return self.promoted.pop(0) if self.promoted else None
 
     def interrupted(self):
         """Trials an interrupted driver left running: [(batch_size, trial)], to continue."""
@@ -514,7 +528,7 @@ class Sweep:
             self.progress(bs, f"{name} pruned at {plots.token_label(target)} tokens (val_loss {loss:.4f})")
             return
         self.progress(bs, f"{name} promoted at {plots.token_label(target)} tokens (val_loss {loss:.4f})")
-        self.launch(bs, trial)  # continues from its own checkpoint
+        self.promoted.append((bs, trial))  # to continue from its own checkpoint (next_trial)
 
     def progress(self, bs, event):
         from optuna.trial import TrialState

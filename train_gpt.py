@@ -35,8 +35,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import analyze
+import features
 import measure
 import spectra
+from data import modarith
 from data.shards import ShardError, WriteError, atomic_write, check_vocab, find_shards, load_prefix, load_tokens, \
     read_header
 from model import GPT, PRESETS, GPTConfig, make_config, probe_point_width
@@ -127,6 +129,10 @@ class Config:
     grad_spectra_precision: str = SPECTRA.precision  # fp32 (exact) | tf32 | bf16: faster, approximate passes on a GPU
     grad_spectra_compile: bool = SPECTRA.compile  # torch.compile the head's gradient in those passes (a GPU speedup)
     weight_density_rule: str = SPECTRA.density_rule  # weight/alpha_density: weightwatcher (its x_min rule) | exact
+    # feature probes of the toy task (features.py) on its probe band, at every evaluation
+    probe_band: str = "auto"           # band shard with latents; auto: <name>_band_*.bin beside the val shards, if any;
+                                       # "": off
+    probe_point: str = "final"         # the probe point whose hidden state makes the conditional-mean table
     # checkpoints
     ckpt_every_tokens: int = 0         # tokens between checkpoints; 0: only at the end; -1: never
     ckpt_keep: int = 2                 # most recent checkpoints kept
@@ -550,6 +556,23 @@ def load_val_and_probe(cfg, gcfg, settings):
     n_probe = max(settings.probe_tokens("act"), settings.probe_tokens("grad") if cfg.grad_spectra_every else 0)
     probe = load_prefix(val_files, n_probe, gcfg.vocab_size, key="spectra_tokens / grad_samples x seq_len")
     return val, torch.from_numpy(probe)
+
+
+def load_band(cfg, gcfg):
+    """(tokens (n, seq_len), latents) of the feature probes' band, or None when there is none: with
+    probe_band="auto", the band beside the val shards (data/modarith.py writes one), if present."""
+    path = features.find_band(cfg.val_files) if cfg.probe_band == "auto" else cfg.probe_band
+    if not path:
+        return None
+    with torch.device("meta"):
+        points = list(GPT(gcfg).probe_points())
+    if cfg.probe_point not in points:
+        raise ConfigError(f"probe_point={cfg.probe_point!r} is not a probe point of this model; choose one of "
+                          f"{', '.join(points)}")
+    try:
+        return features.load_band(path, cfg.seq_len, gcfg.vocab_size)
+    except modarith.ToyError as e:
+        raise ConfigError(f"probe_band={cfg.probe_band!r}: {e}; or set probe_band='' to turn the probes off") from None
 
 
 class TrainLoader:
@@ -1217,6 +1240,7 @@ class Session:
     points: list                     # probe points of the activation spectra
     matrices: list                   # Linear layers of the gradient and weight spectra
     reference: object = None         # analyze.ForecastReference of the in-run forecast
+    band: object = None              # (tokens, latents) of the feature probes (None: no band)
     wandb_id: str = ""
     elapsed_before: float = 0.0      # wall clock of earlier attempts
     t_start: float = field(default_factory=time.time)
@@ -1262,6 +1286,12 @@ def evaluate_and_log(s, step):
         for family, spec in measured.items():
             record.update(measure.report(family, spec, s.settings, s.run_dir, step, tokens, s.gcfg.n_layer, s.history,
                                          s.notes, where=f"at step {step}", figures=s.cfg.spectra_plots))
+        if s.band is not None:
+            record.update(features.measure_band(s.raw, *s.band, point=s.cfg.probe_point, seed=s.cfg.seed))
+            print(f"probe ({s.cfg.probe_point}): fourier_peak {record['probe/fourier_peak']:.3f} at frequency "
+                  f"{record['probe/key_frequency']}, gini {record['probe/fourier_gini']:.3f}; dropping that "
+                  f"mode raises the band loss {record['probe/band_loss']:.3f} by {record['probe/drop_key']:+.3f} "
+                  f"(a random subspace: {record['probe/drop_random']:+.3f})")
         record["elapsed_s"] = s.elapsed()
         if s.reference:
             s.own_records.append(json_safe(record))
@@ -1543,6 +1573,7 @@ def preflight(cfg, gcfg, settings, n_steps, tokens_per_step):
     checks = [("train data", lambda: open_train_shards(cfg.train_files, tokens_per_step, n_steps * tokens_per_step,
                                                        rank=0)),
               ("val data", lambda: load_val_and_probe(cfg, gcfg, settings)),
+              ("probe band", lambda: load_band(cfg, gcfg)),
               ("output", lambda: check_writable(os.path.join(cfg.out_dir, choose_run_name(cfg)))),
               ("forecast reference", lambda: load_forecast_reference(cfg, gcfg))]
     for what, check in checks:
@@ -1604,6 +1635,7 @@ def train(cfg):
     train_files = open_train_shards(cfg.train_files, tokens_per_step, n_steps * tokens_per_step, rank)
     loader = TrainLoader(train_files, cfg, rank, world, device, gcfg.vocab_size)
     val, probe = load_val_and_probe(cfg, gcfg, settings)
+    band = load_band(cfg, gcfg)
     reference = load_forecast_reference(cfg, gcfg)  # every rank: a bad one fails on all alike
     run_dir = resolve_run_dir(cfg, rank)
     ckpt_path, ckpt = resume_checkpoint(run_dir) if cfg.resume else (None, None)
@@ -1627,7 +1659,7 @@ def train(cfg):
             if cfg.spectra_every and cfg.grad_spectra_every else []
     # a W&B sweep agent names the run it launched in WANDB_RUN_ID; otherwise a fresh id
     s = Session(cfg, gcfg, settings, rank, world, device, autocast, run_dir, n_steps, tokens_per_step, raw, model,
-                opts, loader, val, probe, points, matrices, reference,
+                opts, loader, val, probe, points, matrices, reference, band,
                 wandb_id=os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4))
     step, resumed_interval = resume(s, ckpt) if ckpt else (0, None)
     del ckpt  # weights and optimizer state are in place: no second copy in host memory for the run

@@ -8,7 +8,7 @@ import re
 from conftest import REPO
 
 # Bottom to top. A module may import modules of lower layers only (data/ modules also each other).
-LAYERS = [{"data", "model"}, {"rundir"}, {"spectra"}, {"plots"}, {"measure"}, {"analyze"}, {"train_gpt"},
+LAYERS = [{"data", "model"}, {"rundir"}, {"spectra"}, {"features"}, {"plots"}, {"measure"}, {"analyze"}, {"train_gpt"},
           {"conditions", "sweep"}]
 
 

@@ -43,19 +43,29 @@ def states(out):
 
 
 def hand_halving(factors, rates, eta):
-    """Asynchronous successive halving run one trial at a time, by hand: at rung k a trial goes on iff
-    its loss is <= the (n // eta)-th smallest (at least the smallest) of the n losses seen at rung k."""
+    """Asynchronous successive halving run one trial at a time, by hand: the candidates start in the
+    order given, and a promoted trial continues after all of them have started and after the trials
+    promoted before it. At rung k a trial goes on iff its loss is <= the (n // eta)-th smallest (at
+    least the smallest) of the n losses seen at rung k so far."""
     curve, seen, outcome = fake_curve(), [[] for _ in RUNGS], {}
-    for f in factors:
-        outcome[f] = "finished"
-        for k, rung in enumerate(RUNGS):
-            loss = curve(rates * f, rung)
-            seen[k].append(loss)
-            keep = sorted(seen[k])[max(len(seen[k]) // eta - 1, 0)]
-            if loss > keep:
-                outcome[f] = f"pruned at rung {k}"
-                break
+    queue = [(f, 0) for f in factors]
+    while queue:
+        f, k = queue.pop(0)
+        loss = curve(rates * f, RUNGS[k])
+        seen[k].append(loss)
+        if loss > sorted(seen[k])[max(len(seen[k]) // eta - 1, 0)]:
+            outcome[f] = f"pruned at rung {k}"
+        elif k + 1 < len(RUNGS):
+            queue.append((f, k + 1))
+        else:
+            outcome[f] = "finished"
     return outcome
+
+
+def test_candidates_start_in_a_fixed_shuffled_order():
+    grid = sweep.candidate_factors(8, 512, ["sqrt", "linear"], [0.5, 0.707, 1, 1.414, 2])
+    order = sweep.start_order(8, grid)
+    assert sorted(order) == sorted(grid) and order != grid and order == sweep.start_order(8, grid)
 
 
 def test_candidates_scale_every_rate_by_sqrt_and_linear_batch_ratios_without_duplicates():
@@ -80,8 +90,8 @@ def test_promotions_follow_successive_halving_by_hand_and_the_best_config_loads(
     assert result.returncode == 0, result.stderr
     got, rows = states(out)
     cfg = train_gpt.load_config([DEMO, "--muon_lr=0.05"])
-    factors = [f for f, _, _ in sweep.candidate_factors(8, cfg.lr_ref_batch_size, ["sqrt", "linear"],
-                                                        [0.5, 0.707, 1, 1.414, 2])]
+    grid = sweep.candidate_factors(8, cfg.lr_ref_batch_size, ["sqrt", "linear"], [0.5, 0.707, 1, 1.414, 2])
+    factors = [f for f, _, _ in sweep.start_order(8, grid)]
     hand = hand_halving(factors, cfg.muon_lr, eta=3)
     assert got == {sweep.trial_name(8, f): hand[f] for f in factors}
     assert "pruned at rung 0" in got.values() and "finished" in got.values()
