@@ -119,8 +119,10 @@ def project_out(h, Q):
 
 @torch.no_grad()
 def measure_band(model, tokens, latents, point="final", seed=0, batch_size=64):
-    """The probe metrics {'probe/<name>': value} of `model` on the band: tokens (n, seq_len), the
-    band's latents. The hidden state of `point` makes H; the causal test acts on the final one."""
+    """The probe metrics {'probe/<stat>/<point>': value} of `model` on the band: tokens (n, seq_len),
+    the band's latents. The hidden state of `point` makes H (fourier_peak, fourier_gini,
+    key_frequency, pc_frequency); the causal test acts on the final one (band_loss, drop_key,
+    drop_random, under /final)."""
     n, T = tokens.shape
     c = int(latents["c"][0, 0])
     states = band_states(latents, T)
@@ -143,7 +145,7 @@ def measure_band(model, tokens, latents, point="final", seed=0, batch_size=64):
     if (counts == 0).any():
         raise ValueError(f"the band visits only {int((counts > 0).sum())} of its {c} states; generate more band "
                          "sequences (python data/modarith.py --band_sequences N)")
-    out = {f"probe/{k}": v for k, v in fourier_summary(H).items()}
+    out = {f"probe/{k}/{point}": v for k, v in fourier_summary(H).items()}
 
     h = torch.cat(finals)[:, first:T - 1]
     targets = tokens[:, first + 1:T].to(h.device)
@@ -154,6 +156,14 @@ def measure_band(model, tokens, latents, point="final", seed=0, batch_size=64):
     def loss(x):
         return float(F.cross_entropy(model.head_logits(x).flatten(0, 1), targets.flatten()))
     base = loss(h)
-    out.update({"probe/band_loss": base, "probe/drop_key": loss(project_out(h, key)) - base,
-                "probe/drop_random": loss(project_out(h, rand)) - base})
+    out.update({"probe/band_loss/final": base, "probe/drop_key/final": loss(project_out(h, key)) - base,
+                "probe/drop_random/final": loss(project_out(h, rand)) - base})
     return out
+
+
+def summary_line(probes, point):
+    """One console line of measure_band's metrics."""
+    p = {k.split("/")[1]: v for k, v in probes.items()}
+    return (f"probe ({point}): fourier_peak {p['fourier_peak']:.3f} at frequency {p['key_frequency']}, gini "
+            f"{p['fourier_gini']:.3f}; dropping that mode from the final state raises the band loss "
+            f"{p['band_loss']:.3f} by {p['drop_key']:+.3f} (a random subspace: {p['drop_random']:+.3f})")

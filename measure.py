@@ -224,8 +224,8 @@ def probe_checkpoint(args):
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt)))
     out = args.out or os.path.join(run_dir, "measured")
     record = dict(step=ckpt.step, tokens=ckpt.tokens, **metrics)
-    for key, value in metrics.items():
-        print(f"  {key:<20} {value:.4g}" if isinstance(value, float) else f"  {key:<20} {value}")
+    print(f"feature probes of {args.ckpt} (step {ckpt.step}, {ckpt.tokens:,} tokens) on {len(tokens)} band sequences")
+    print(features.summary_line(metrics, args.point))
     path = os.path.join(out, f"probe_{ckpt.tokens:012d}.json")
     try:
         os.makedirs(out, exist_ok=True)
@@ -235,7 +235,7 @@ def probe_checkpoint(args):
         if not args.no_plots:
             metrics_file = os.path.join(run_dir, "metrics.jsonl")
             records = [r for r in (read_metrics(metrics_file)[0] if os.path.exists(metrics_file) else [])
-                       if r.get("tokens", -1) < ckpt.tokens or "probe/fourier_peak" not in r]
+                       if r.get("tokens", -1) < ckpt.tokens or f"probe/fourier_peak/{args.point}" not in r]
             drawn = plots.feature_probes(os.path.join(out, "plots", "probe.png"), records + [record], args.point,
                                          title=f"feature probes of {os.path.basename(run_dir)} (band c="
                                                f"{int(latents['c'][0, 0])}, point {args.point})")

@@ -417,19 +417,20 @@ def feature_probes(path, records, point, title=""):
     """The toy task's feature probes of one run from its evaluation records (metrics.jsonl lines
     with probe/ keys): the Fourier peak and the activation alphas of `point` against tokens, and
     the causal drops (key mode against a random subspace) at each evaluation as bars."""
-    rows = [r for r in records if "probe/fourier_peak" in r]
+    rows = [r for r in records if f"probe/fourier_peak/{point}" in r]
     tokens = [r["tokens"] for r in rows]
     alpha = [r for r in records if f"act/alpha_tail/{point}" in r]
     panels = [
-        Panel("Fourier features", [Series("fourier_peak", tokens, [r["probe/fourier_peak"] for r in rows]),
-                                   Series("fourier_gini", tokens, [r["probe/fourier_gini"] for r in rows])],
-              "tokens", "share / concentration", xticks="tokens"),
+        Panel(f"Fourier features ({point})",
+              [Series(stat, tokens, [r[f"probe/{stat}/{point}"] for r in rows])
+               for stat in ("fourier_peak", "fourier_gini")], "tokens", "share / concentration", xticks="tokens"),
         Panel(f"activation alpha ({point})",
               [Series(f"alpha_{w}", [r["tokens"] for r in alpha], [r[f"act/alpha_{w}/{point}"] for r in alpha])
                for w in ("head", "tail")], "tokens", "alpha", xticks="tokens"),
-        Panel("causal drop: band loss increase", [
-            Series("key-frequency subspace", list(range(len(rows))), [r["probe/drop_key"] for r in rows], style="bar"),
-            Series("random subspace (same dim.)", list(range(len(rows))), [r["probe/drop_random"] for r in rows],
+        Panel("causal drop from the final state: band loss increase", [
+            Series("key-frequency subspace", list(range(len(rows))), [r["probe/drop_key/final"] for r in rows],
+                   style="bar"),
+            Series("random subspace (same dim.)", list(range(len(rows))), [r["probe/drop_random/final"] for r in rows],
                    style="bar")], "tokens", "loss increase (nats)", xticks="layer",
               xnames={k: token_label(t) for k, t in enumerate(tokens)}),
     ]

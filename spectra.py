@@ -315,6 +315,19 @@ def eigenvalues(s):
         return np.full(width, np.nan)
 
 
+# The probe size that keeps the bias of a fitted alpha under 0.02 (bench/estimator_bias.py): Gaussian
+# samples of power-law covariances (alpha 0.6-1.0) need n >= PROBE_RATIO x width in both default
+# windows, and tokens of a probe sequence are correlated, so it takes PROBE_TOKEN_FACTOR of them to
+# be worth one independent sample (measured on the toy's activations).
+PROBE_RATIO = 32
+PROBE_TOKEN_FACTOR = 2.0
+
+
+def min_probe_tokens(width):
+    """Probe tokens for |alpha bias| < 0.02 at this width (the dry run warns below it)."""
+    return int(math.ceil(PROBE_RATIO * width * PROBE_TOKEN_FACTOR))
+
+
 def numerical_rank(values, limit):
     """How many leading values are meaningful: at most `limit` (the rank the sample allows) and
     above the round-off floor FLOOR * lambda_1 of the fp32 products. Values are descending, so these

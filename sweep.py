@@ -5,7 +5,7 @@ then the chosen rates trained to a target loss.
     python sweep.py lr CONFIG.py --batch_sizes 128,256,512 [--rungs 50M,150M,500M] [--eta 3]
                     [--scalings sqrt,linear] [--multipliers 0.5,0.707,1,1.414,2] [--budget 1B]
                     [--out runs/sweeps/NAME] [--gpus_per_trial 1] [--parallel N]
-                    [--launcher process|slurm|submitit_local] [--key=value ...]
+                    [--launcher process|inline|slurm|submitit_local] [--key=value ...]
     python sweep.py target SWEEP [--seeds 3] [--target_val_loss L] [--key=value ...]
 
 Candidates per tier: the config's rates (every optimizer group scaled together) times
@@ -28,16 +28,19 @@ SWEEP/target/bs<B>_seed<S>, the layout `analyze.py compare` and `forecast` read.
 """
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import json
 import math
 import os
 import random
+import runpy
 import shutil
 import subprocess
 import sys
 import time
+import traceback
 
 import numpy as np
 
@@ -289,6 +292,44 @@ class ProcessLauncher:
         self.poll(handle)
 
 
+class InlineLauncher:
+    """Trials in this process, one at a time: the trainer script run as __main__ on the command's
+    arguments, its output appended to the trial's log. No interpreter or torch start-up per segment
+    (seconds each, which weigh on small CPU sweeps); one trial at a time, on this process's device."""
+
+    def __init__(self, spec, gpus_per_trial, parallel):
+        if parallel != 1 or gpus_per_trial > 1:
+            raise SweepError("--launcher inline runs one trial at a time in this process: use --parallel 1 and "
+                             "--gpus_per_trial 0 or 1")
+
+    def start(self, cmd, log_path):
+        open_log(log_path, cmd).close()
+        argv, code = sys.argv, 0
+        with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            try:
+                sys.argv = list(cmd[1:])
+                runpy.run_path(cmd[1], run_name="__main__")
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+            except Exception:  # a crash, as a subprocess's would end: its traceback in the log, exit 1
+                traceback.print_exc()
+                code = 1
+            finally:
+                sys.argv = argv
+        return dict(code=code)
+
+    def poll(self, handle):
+        return handle["code"]
+
+    def wait(self, handle, seconds):
+        pass
+
+    def stop(self, handle):
+        pass
+
+
 class SubmititLauncher:
     """Trials as SLURM jobs (or submitit's local executor, the same path on one machine)."""
 
@@ -365,6 +406,8 @@ class Pool:
 def make_launcher(args, spec):
     if args.launcher == "process":
         return ProcessLauncher(spec, args.gpus_per_trial, args.parallel)
+    if args.launcher == "inline":
+        return InlineLauncher(spec, args.gpus_per_trial, args.parallel)
     cluster = "slurm" if args.launcher == "slurm" else "local"
     return SubmititLauncher(spec, args.gpus_per_trial, args.parallel, cluster=cluster, slurm=args.slurm)
 
@@ -527,8 +570,8 @@ class Sweep:
             shutil.rmtree(os.path.join(self.trial_dir(name), "ckpt"), ignore_errors=True)
             self.progress(bs, f"{name} pruned at {plots.token_label(target)} tokens (val_loss {loss:.4f})")
             return
-        self.progress(bs, f"{name} promoted at {plots.token_label(target)} tokens (val_loss {loss:.4f})")
         self.promoted.append((bs, trial))  # to continue from its own checkpoint (next_trial)
+        self.progress(bs, f"{name} promoted at {plots.token_label(target)} tokens (val_loss {loss:.4f})")
 
     def progress(self, bs, event):
         from optuna.trial import TrialState
@@ -538,9 +581,16 @@ class Sweep:
         best = min(done, key=lambda t: t.value) if done else None
         best_text = f"best lr x{best.params['lr_factor']:.4g} val {best.value:.4f}" if best else "best: none finished"
         waiting = sum(len(s.get_trials(deepcopy=False, states=[TrialState.WAITING])) for s in self.studies.values())
+        # a lower bound on the time left: the first rung of every waiting candidate and the next segment of
+        # every promoted trial, at the token rate so far (running segments and later promotions not counted)
+        marks = [0, *self.spec["rungs"], self.spec["budget"]]
+        left = waiting * marks[1] + sum(marks[len(t.intermediate_values) + 1] - marks[len(t.intermediate_values)]
+                                        for b, t in self.promoted for t in [self.frozen(b, t)])
         rate = self.tokens_done / max(time.time() - self.t0, 1e-9)
-        eta = f"eta >= {train_gpt.duration(waiting * self.spec['rungs'][0] / rate)}" if rate > 0 else "eta ?"
-        print(f"[bs{bs}] {event} | running {count[TrialState.RUNNING]}, pruned {count[TrialState.PRUNED]}, finished "
+        eta = f"eta >= {train_gpt.duration(left / rate)}" if rate > 0 else "eta ?"
+        queued = sum(b == bs for b, _ in self.promoted)  # promoted, to continue once every candidate has started
+        print(f"[bs{bs}] {event} | running {count[TrialState.RUNNING] - queued}, promoted {queued}, pruned "
+              f"{count[TrialState.PRUNED]}, finished "
               f"{count[TrialState.COMPLETE]}, failed {count[TrialState.FAIL]}, waiting {count[TrialState.WAITING]} | "
               f"{best_text} | {eta}", flush=True)
 
@@ -740,7 +790,9 @@ def parse_args(argv):
     for q in (lr, target):
         q.add_argument("--gpus_per_trial", type=int, default=0, help="0: CPU or one device without torchrun")
         q.add_argument("--parallel", type=int, default=1, help="trials side by side (GPUs / gpus_per_trial)")
-        q.add_argument("--launcher", default="process", choices=["process", "slurm", "submitit_local"])
+        q.add_argument("--launcher", default="process", choices=["process", "inline", "slurm", "submitit_local"],
+                       help="process: a subprocess per segment; inline: in this process, one at a time (small CPU "
+                            "sweeps); slurm: a job per segment through submitit")
         q.add_argument("--slurm", action="append", default=[], help="a SLURM setting, e.g. partition=gpu (repeatable)")
         q.add_argument("--poll_s", type=float, default=1.0, help="seconds between checks on running trials")
         q.add_argument("--trainer", default=os.path.join(REPO, "train_gpt.py"), help=argparse.SUPPRESS)
@@ -753,9 +805,8 @@ def main(argv=None):
         if args.parallel < 1 or args.gpus_per_trial < 0:
             raise SweepError("--parallel must be >= 1 and --gpus_per_trial >= 0")
         if args.command == "lr":
-            sweep_lr(args, extra)
-        else:
-            sweep_target(args, extra)
+            return sweep_lr(args, extra)
+        return sweep_target(args, extra)
     except (SweepError, train_gpt.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

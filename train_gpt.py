@@ -1287,11 +1287,9 @@ def evaluate_and_log(s, step):
             record.update(measure.report(family, spec, s.settings, s.run_dir, step, tokens, s.gcfg.n_layer, s.history,
                                          s.notes, where=f"at step {step}", figures=s.cfg.spectra_plots))
         if s.band is not None:
-            record.update(features.measure_band(s.raw, *s.band, point=s.cfg.probe_point, seed=s.cfg.seed))
-            print(f"probe ({s.cfg.probe_point}): fourier_peak {record['probe/fourier_peak']:.3f} at frequency "
-                  f"{record['probe/key_frequency']}, gini {record['probe/fourier_gini']:.3f}; dropping that "
-                  f"mode raises the band loss {record['probe/band_loss']:.3f} by {record['probe/drop_key']:+.3f} "
-                  f"(a random subspace: {record['probe/drop_random']:+.3f})")
+            probes = features.measure_band(s.raw, *s.band, point=s.cfg.probe_point, seed=s.cfg.seed)
+            record.update(probes)
+            print(features.summary_line(probes, s.cfg.probe_point))
         record["elapsed_s"] = s.elapsed()
         if s.reference:
             s.own_records.append(json_safe(record))
@@ -1605,6 +1603,11 @@ def dry_run(cfg, gcfg, settings, points, derived, rank):
               f"{share['act']:.1%} + gradient and weight spectra at {cost['grad_evals']} {share['grad']:.1%} = "
               f"{share['act'] + share['grad']:.1%} of training time")
     problems, notes = preflight(cfg, gcfg, settings, derived["total_steps"], derived["tokens_per_step"])
+    need = spectra.min_probe_tokens(gcfg.n_embd)
+    if cfg.spectra_every and settings.probe_tokens("act") < need:
+        notes.append(f"spectra_tokens={cfg.spectra_tokens:,} is below the {need:,} tokens that keep the bias of "
+                     f"alpha under 0.02 at width {gcfg.n_embd} (bench/estimator_bias.py); raise spectra_tokens, or "
+                     "compare alphas only between runs of the same probe size")
     for note in notes:
         print(f"warning: {note}")
     if problems:

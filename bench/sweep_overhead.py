@@ -1,6 +1,6 @@
 """
 The learning-rate sweep's own cost, as ratios measured in one run of the CPU toy sweep (the
-README's: configs/toy_modarith.py, 3 tiers x 5 rates, rungs at 256K and 768K tokens, budget 1.5M):
+README's: configs/toy_modarith.py, 3 tiers x 5 rates, rungs at 131K and 393K tokens, budget 786K):
 
 1. the driver (Optuna bookkeeping, launching, polling, reading metrics, the report): the sweep's
    wall time minus the time its trainer processes ran, over the time they ran (target < 2%);
@@ -30,7 +30,7 @@ from data import modarith  # noqa: E402
 
 CONFIG = os.path.join(REPO, "configs", "toy_modarith.py")
 SWEEP = ["--batch_sizes", "16,32,64", "--scalings", "sqrt", "--multipliers", "0.25,0.5,1,2,4", "--rungs",
-         "262144,786432", "--budget", "1572864", "--eta", "3", "--wandb_mode=disabled", "--spectra_plots=0"]
+         "131072,393216", "--budget", "786432", "--eta", "3", "--wandb_mode=disabled", "--spectra_plots=0"]
 QUICK = ["--batch_sizes", "32", "--scalings", "sqrt", "--multipliers", "1,2", "--rungs", "131072,262144",
          "--budget", "393216", "--eta", "2", "--wandb_mode=disabled", "--spectra_plots=0"]
 

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+import spectra
 import train_gpt
 from data import modarith
 from conftest import DEMO, REPO, run_command, tiny_args
@@ -287,6 +288,16 @@ def test_dry_run_lists_every_problem_a_launch_would_stop_at(tmp_path, capsys):
     assert problems[3].startswith(f"  - output: cannot write the run directory {blocker}/runs/tiny")
     assert "parameters:" in capsys.readouterr().out  # the config and the size are printed all the same
     assert os.listdir(tmp_path) == ["a_file"]  # and nothing is written
+
+
+def test_dry_run_warns_when_the_probe_set_is_too_small_for_an_unbiased_alpha(tmp_path, capsys):
+    need = spectra.min_probe_tokens(64)  # the tiny model's width
+    assert need == spectra.PROBE_RATIO * 64 * spectra.PROBE_TOKEN_FACTOR
+    for tokens, warned in ((need - 32, True), (need, False)):  # whole sequences of 32 tokens
+        train_gpt.train(load_config(tiny_args(tmp_path, spectra_tokens=tokens, dry_run=1)))
+        out = capsys.readouterr().out
+        assert (f"warning: spectra_tokens={tokens:,} is below the {need:,} tokens that keep the bias of alpha under "
+                f"0.02 at width 64" in out) == warned
 
 
 def test_spectra_cost_counts_the_evaluations_a_run_measures(tmp_path):

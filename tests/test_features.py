@@ -94,14 +94,15 @@ def test_band_probe_on_a_model_reads_the_band_and_leaves_the_model_as_it_was(tmp
     out = features.measure_band(model, torch.from_numpy(tokens), lat, point="L00.mlp_resid", seed=0, batch_size=16)
     assert model.training and torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert set(out) == {f"probe/{k}" for k in ("fourier_peak", "fourier_gini", "key_frequency", "pc_frequency",
-                                               "band_loss", "drop_key", "drop_random")}
-    assert 1 <= out["probe/key_frequency"] <= 3 and 1 / 3 <= out["probe/fourier_peak"] <= 1
+    point = "L00.mlp_resid"
+    assert set(out) == {f"probe/{k}/{point}" for k in ("fourier_peak", "fourier_gini", "key_frequency", "pc_frequency")
+                        } | {f"probe/{k}/final" for k in ("band_loss", "drop_key", "drop_random")}
+    assert 1 <= out[f"probe/key_frequency/{point}"] <= 3 and 1 / 3 <= out[f"probe/fourier_peak/{point}"] <= 1
     with torch.no_grad():  # the band loss: the head on positions 8 .. 14
         h = model.features(torch.from_numpy(tokens))[:, 8:15]
         want = torch.nn.functional.cross_entropy(model.head_logits(h).flatten(0, 1),
                                                  torch.from_numpy(tokens[:, 9:16]).flatten())
-    assert out["probe/band_loss"] == pytest.approx(float(want), rel=1e-6)
+    assert out["probe/band_loss/final"] == pytest.approx(float(want), rel=1e-6)
     with pytest.raises(ValueError, match="probe point 'L09.mlp_resid' is not one of the model's"):
         features.measure_band(model, torch.from_numpy(tokens), lat, point="L09.mlp_resid")
 
@@ -130,7 +131,7 @@ def test_the_trainer_logs_the_probes_beside_the_val_band_and_they_change_no_loss
     loss = [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in on]
     assert loss == [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in off]  # bitwise
     evals = [r for r in on if "val_loss" in r]
-    assert len(evals) == 4 and all(1 <= r["probe/key_frequency"] <= 8 for r in evals)
+    assert len(evals) == 4 and all(1 <= r["probe/key_frequency/final"] <= 8 for r in evals)
     assert not any(k.startswith("probe/") for r in off for k in r)
     assert "probe (final): fourier_peak" in capsys.readouterr().out
 
@@ -149,7 +150,7 @@ def test_probe_settings_that_cannot_work_are_refused_before_training(tmp_path, t
 
 def test_the_checkpoint_command_measures_what_the_trainer_logged_and_draws_the_run(tmp_path, toy_data, capsys):
     run_dir = train(load_config(toy_args(tmp_path, toy_data, run_name="ck", ckpt_every_tokens=0)))
-    last = [r for r in read_metrics(run_dir) if "probe/fourier_peak" in r][-1]
+    last = [r for r in read_metrics(run_dir) if "probe/fourier_peak/final" in r][-1]
     ckpt, = train_gpt.checkpoints(run_dir)
     r = run_command(measure.main, ["probe", "--ckpt", ckpt], capsys)
     assert r.returncode == 0, r.stderr

@@ -151,14 +151,15 @@ def test_an_interrupted_sweep_resumes_without_training_anything_twice(tmp_path, 
     assert len(launches(part)) == n_whole + 1
 
 
-def test_a_crashed_trial_is_recorded_with_its_log_and_a_diverged_one_is_pruned(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("launcher", ["process", "inline"])
+def test_a_crashed_trial_is_recorded_with_its_log_and_a_diverged_one_is_pruned(tmp_path, capsys, monkeypatch, launcher):
     out = tmp_path / "sw"
     ref = train_gpt.load_config([DEMO]).lr_ref_batch_size
     low, middle, high = (sweep.trial_name(8, f) for f, _, _ in sweep.candidate_factors(8, ref, ["sqrt"], [0.5, 1, 2]))
     crash, diverge = high, low
     monkeypatch.setenv("FAKE_CRASH", crash)
     monkeypatch.setenv("FAKE_DIVERGE", diverge)
-    result = run_sweep(out, capsys, monkeypatch, "--scalings=sqrt", multipliers="0.5,1,2")
+    result = run_sweep(out, capsys, monkeypatch, "--scalings=sqrt", "--launcher", launcher, multipliers="0.5,1,2")
     assert result.returncode == 0
     assert f"{crash} crashed: see {out / 'logs' / crash}.log" in result.stdout
     assert f"{diverge} diverged (pruned)" in result.stdout

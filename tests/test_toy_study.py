@@ -1,0 +1,50 @@
+"""bench/toy_study.py --quick: the toy's stages from the ladder's files, swept and trained to target
+in the layout analyze.py reads."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+import analyze
+import train_gpt
+from conftest import REPO, read_metrics, run_command
+
+
+def load_study():
+    spec = importlib.util.spec_from_file_location("toy_study", os.path.join(REPO, "bench", "toy_study.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_toy_stages_add_the_ladders_changes_in_order():
+    study = load_study()
+    base, muon, window = (study.stage_flags(s, 64) for s in ("baseline", "muon", "window"))
+    assert base["optimizer"] == "adamw" and base["pos"] == "learned" and base["tied"] is True
+    assert not study.TOY_KEEPS & set(base)  # the toy keeps its size, data and cadences
+    assert muon["optimizer"] == "muon" and muon["pos"] == "rotary" and muon["qk_norm"] is True  # rope's, kept
+    assert window["window"] == 16 and window["unet_skips"] is True and "doc_mask" not in window
+    with pytest.raises(ValueError, match="unknown stage 'fp8'"):
+        study.stage_flags("fp8", 64)
+
+
+def test_the_quick_study_trains_each_stage_and_tier_to_its_target(tmp_path, capsys):
+    study = load_study()
+    out = str(tmp_path / "study")
+    r = run_command(study.main, ["--quick", "--out", out], capsys)
+    assert r.returncode == 0, r.stderr
+    for stage in ("baseline", "muon"):
+        cfg = train_gpt.load_config([os.path.join(out, "configs", f"{stage}.py")])
+        assert cfg.optimizer == ("adamw" if stage == "baseline" else "muon") and cfg.seq_len == 64
+        for bs in (8, 16):
+            chosen = train_gpt.load_config([os.path.join(out, stage, f"best_bs{bs}.py")])
+            assert chosen.batch_size == bs and chosen.optimizer == cfg.optimizer
+            run = os.path.join(out, stage, "target", f"bs{bs}_seed0")
+            evals = [x for x in read_metrics(run) if "val_loss" in x]
+            assert evals[-1]["val_loss"] <= study.QUICK["target"] < evals[-2]["val_loss"]  # stopped at the target
+    # analyze reads the study's runs
+    r = run_command(analyze.main, ["compare", os.path.join(out, "muon", "target"), "--out", str(tmp_path / "cmp")],
+                    capsys)
+    assert r.returncode == 0, r.stderr
+    assert json.load(open(os.path.join(out, "muon", "sweep.json")))["batch_sizes"] == [8, 16]
