@@ -17,6 +17,7 @@ Pure functions over tensors, and measure_band, which runs the model in eval mode
 gradients and draws its random subspace from its own generator: training is untouched.
 """
 
+import glob
 import math
 import os
 
@@ -30,8 +31,11 @@ from spectra import Probe
 
 def find_band(val_files):
     """The band shard beside the val shards (<name>_band_000000.bin, which data/modarith.py writes
-    with its latents), or None."""
-    folder, name = os.path.split(find_shards(val_files)[0])
+    with its latents), or None (missing val shards are the val data's error, not the band's)."""
+    found = sorted(glob.glob(val_files))
+    if not found:
+        return None
+    folder, name = os.path.split(found[0])
     path = os.path.join(folder, name.replace("_val_", "_band_")) if "_val_" in name else ""
     return path if path and os.path.exists(path) and os.path.exists(modarith.latents_path(path)) else None
 

@@ -50,6 +50,7 @@ class Panel:
     xlabel: str = ""
     ylabel: str = ""
     loglog: bool = False
+    logx: bool = False               # a log x axis only (e.g. learning rates on a multiplicative grid)
     hlines: list = field(default_factory=list)   # [(y, label)]
     vlines: list = field(default_factory=list)   # [(x, label)]
     spans: list = field(default_factory=list)    # [(x0, x1, label)]: shaded x ranges, e.g. fit windows
@@ -182,8 +183,9 @@ def draw(path, panels, title="", ncols=2, panel_size=(4.6, 3.6), sharey=False, l
             face = dict(mfc="none") if s.hollow else {}
             if s.style == "bar":  # bars side by side: the panel's bar series share each x, in order
                 bars = [b for b in drawable if b.style == "bar"]
-                width = 0.8 / len(bars)
-                shift = (bars.index(s) - (len(bars) - 1) / 2) * width
+                xs = sorted(set(x))
+                width = 0.8 * min((b - a for a, b in zip(xs, xs[1:])), default=1) / len(bars)
+                shift = (bars.index(s) - (len(bars) - 1) / 2) * width  # side by side around each x
                 patches = ax.bar([xi + shift for xi in x], y, width, color=color, label=label, alpha=s.alpha)
                 out[s.label] = DrawnSeries(x, y, to_hex(patches.patches[0].get_facecolor()), "None", "bar", label)
                 continue
@@ -204,8 +206,9 @@ def draw(path, panels, title="", ncols=2, panel_size=(4.6, 3.6), sharey=False, l
             ax.axhline(y, color="k", ls=":", lw=1, label=label)
         for x, label in panel.vlines:
             ax.axvline(x, color="k", ls="--", lw=1, label=label)
-        if panel.loglog:
+        if panel.loglog or panel.logx:
             ax.set_xscale("log")
+        if panel.loglog:
             ax.set_yscale("log")
         if panel.xticks == "tokens":
             ax.xaxis.set_major_formatter(FuncFormatter(token_label))
@@ -428,10 +431,8 @@ def feature_probes(path, records, point, title=""):
               [Series(f"alpha_{w}", [r["tokens"] for r in alpha], [r[f"act/alpha_{w}/{point}"] for r in alpha])
                for w in ("head", "tail")], "tokens", "alpha", xticks="tokens"),
         Panel("causal drop from the final state: band loss increase", [
-            Series("key-frequency subspace", list(range(len(rows))), [r["probe/drop_key/final"] for r in rows],
-                   style="bar"),
-            Series("random subspace (same dim.)", list(range(len(rows))), [r["probe/drop_random/final"] for r in rows],
-                   style="bar")], "tokens", "loss increase (nats)", xticks="layer",
-              xnames={k: token_label(t) for k, t in enumerate(tokens)}),
+            Series("key-frequency subspace", tokens, [r["probe/drop_key/final"] for r in rows], style="bar"),
+            Series("random subspace (same dim.)", tokens, [r["probe/drop_random/final"] for r in rows], style="bar")],
+              "tokens", "loss increase (nats)", xticks="tokens"),
     ]
     return draw(path, panels, title, ncols=3)

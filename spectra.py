@@ -316,11 +316,13 @@ def eigenvalues(s):
 
 
 # The probe size that keeps the bias of a fitted alpha under 0.02 (bench/estimator_bias.py): Gaussian
-# samples of power-law covariances (alpha 0.6-1.0) need n >= PROBE_RATIO x width in both default
-# windows, and tokens of a probe sequence are correlated, so it takes PROBE_TOKEN_FACTOR of them to
-# be worth one independent sample (measured on the toy's activations).
-PROBE_RATIO = 32
-PROBE_TOKEN_FACTOR = 2.0
+# samples of power-law covariances (alpha 0.6-1.0) at widths 768-1600 need n >= 16 x width in the
+# tail window (30-150) and 2-4 x width in the head (1-10). Tokens of a probe sequence are correlated,
+# so it takes PROBE_TOKEN_FACTOR of them to be worth one independent sample: 1 is the lower bound
+# (independent tokens), which is what the dry run warns below; on the toy task a sequence of 64
+# tokens was worth about one sample (factor 64), and text lies between, not yet measured.
+PROBE_RATIO = 16
+PROBE_TOKEN_FACTOR = 1
 
 
 def min_probe_tokens(width):

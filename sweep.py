@@ -689,7 +689,7 @@ def report(spec, studies):
                          if r["batch_size"] == bs and r["tokens"] == tokens)
             if pts:
                 series.append(plots.Series(f"{plots.token_label(tokens)} tokens", *zip(*pts)))
-        panels.append(plots.Panel(f"batch {bs}", series, "learning rate (x the config's rates)", "val loss"))
+        panels.append(plots.Panel(f"batch {bs}", series, "learning rate (x the config's rates)", "val loss", logx=True))
     plots.draw(os.path.join(spec["out"], "sweep.png"), panels, title=f"sweep {spec['name']}: val loss by rung")
     for bs, trial in best_trials(studies).items():
         path = os.path.join(spec["out"], f"best_bs{bs}.py")

@@ -1606,8 +1606,9 @@ def dry_run(cfg, gcfg, settings, points, derived, rank):
     need = spectra.min_probe_tokens(gcfg.n_embd)
     if cfg.spectra_every and settings.probe_tokens("act") < need:
         notes.append(f"spectra_tokens={cfg.spectra_tokens:,} is below the {need:,} tokens that keep the bias of "
-                     f"alpha under 0.02 at width {gcfg.n_embd} (bench/estimator_bias.py); raise spectra_tokens, or "
-                     "compare alphas only between runs of the same probe size")
+                     f"alpha under 0.02 at width {gcfg.n_embd} even if every token were an independent sample "
+                     "(bench/estimator_bias.py); raise spectra_tokens, or compare alphas only between runs of the "
+                     "same probe size")
     for note in notes:
         print(f"warning: {note}")
     if problems:

@@ -88,7 +88,7 @@ def real_drift(ckpt_path, seed):
         stats = spectra.activation_stats(model, tokens[:k * T], settings, points)
         fits = {}
         for p, (h0, h1) in stats.items():
-            values = spectra.eigenvalues(spectra.merge_stats(h0, h1)).numpy()
+            values = spectra.eigenvalues(spectra.merge_stats(h0, h1))
             fits[p] = fitted(values, min(len(values), k * T - 1))
         rows.append((k * T, fits))
         if k * T >= len(tokens) - T:

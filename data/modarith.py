@@ -30,7 +30,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.shards import atomic_write, write_shard  # noqa: E402
+from data.shards import atomic_write, read_header, write_shard  # noqa: E402
 
 SPLITS = ("train", "val", "test", "band")
 
@@ -234,7 +234,7 @@ def main(argv=None):
     except ToyError as e:
         sys.exit(f"error: {e}")
     for path in written:
-        print(f"wrote {path} ({(os.path.getsize(path) - 1024) // 2:,} tokens)")
+        print(f"wrote {path} ({read_header(path):,} tokens)")
 
 
 if __name__ == "__main__":

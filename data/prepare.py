@@ -23,7 +23,7 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.shards import write_shard  # noqa: E402
+from data.shards import read_header, write_shard  # noqa: E402
 
 
 def read_documents(paths, doc_sep=None):
@@ -136,7 +136,7 @@ def main(argv=None):
     except EncodingUnavailable as e:
         sys.exit(f"error: {e}")
     for path in written:
-        print(f"wrote {path} ({(os.path.getsize(path) - 1024) // 2:,} tokens)")
+        print(f"wrote {path} ({read_header(path):,} tokens)")
 
 
 if __name__ == "__main__":

@@ -127,3 +127,12 @@ def _wandb_dirs_of_this_session(tmp_path_factory):
 def _in_repo(monkeypatch):
     # Config paths in configs/ are relative to the repository root, as for a user.
     monkeypatch.chdir(REPO)
+
+
+def load_bench(name):
+    """bench/<name>.py as a module (bench/ is scripts, not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

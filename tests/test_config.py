@@ -297,7 +297,7 @@ def test_dry_run_warns_when_the_probe_set_is_too_small_for_an_unbiased_alpha(tmp
         train_gpt.train(load_config(tiny_args(tmp_path, spectra_tokens=tokens, dry_run=1)))
         out = capsys.readouterr().out
         assert (f"warning: spectra_tokens={tokens:,} is below the {need:,} tokens that keep the bias of alpha under "
-                f"0.02 at width 64" in out) == warned
+                f"0.02 at width 64 even if every token were an independent sample" in out) == warned
 
 
 def test_spectra_cost_counts_the_evaluations_a_run_measures(tmp_path):

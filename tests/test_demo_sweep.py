@@ -3,21 +3,16 @@ command, then `analyze.py compare` and `analyze.py forecast` with the target and
 the script chooses itself. The trainer runs in this process (run_command, the same main() as
 `python train_gpt.py`): four interpreter and torch starts would cost a third of the test; the
 launch itself, run_trainer, is checked once on its own."""
-import importlib.util
 import json
-import os
 import re
 from decimal import Decimal
 
 import train_gpt
-from conftest import DEMO, REPO, run_command
+from conftest import DEMO, load_bench, run_command
 
 
 def load_demo_sweep():
-    spec = importlib.util.spec_from_file_location("demo_sweep", os.path.join(REPO, "bench", "demo_sweep.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("demo_sweep")
 
 
 def test_threshold_text_never_rounds_below_the_value():

@@ -1,6 +1,5 @@
 """bench/toy_study.py --quick: the toy's stages from the ladder's files, swept and trained to target
 in the layout analyze.py reads."""
-import importlib.util
 import json
 import os
 
@@ -8,14 +7,11 @@ import pytest
 
 import analyze
 import train_gpt
-from conftest import REPO, read_metrics, run_command
+from conftest import load_bench, read_metrics, run_command
 
 
 def load_study():
-    spec = importlib.util.spec_from_file_location("toy_study", os.path.join(REPO, "bench", "toy_study.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("toy_study")
 
 
 def test_toy_stages_add_the_ladders_changes_in_order():
