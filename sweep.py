@@ -743,6 +743,8 @@ def sweep_target(args, extra):
                 print(f"{name} reached {target} already")
                 continue
             resume = os.path.isdir(run_dir) and bool(rundir.checkpoints(run_dir))
+            if os.path.isdir(run_dir) and not resume:  # stopped before its first checkpoint: nothing to keep
+                shutil.rmtree(run_dir)
             jobs.append((name, [best, f"--seed={cfg.seed + i}", f"--target_val_loss={target!r}", f"--out_dir={out}",
                                 f"--run_name={name}", f"--wandb_group={spec['name']}-target",
                                 *(["--resume=1"] if resume else []), *extra]))

@@ -205,9 +205,13 @@ def test_target_trains_each_chosen_config_per_seed_until_the_target(tmp_path, ca
     out = tmp_path / "sw"
     run_sweep(out, capsys, monkeypatch, multipliers="0.5,1", batch_sizes="4,8")
     target = 6.0
+    stray = out / "target" / "bs4_seed0"  # a run stopped before its first checkpoint: started afresh
+    stray.mkdir(parents=True)
+    (stray / "metrics.jsonl").write_text('{"step": 1, "tokens": 64, "val_loss": 9.5}\n')
     result = run_command(sweep.main, ["target", str(out), "--seeds", "2", "--target_val_loss", str(target),
                                       "--trainer", FAKE, "--poll_s", "0.01"], capsys)
     assert result.returncode == 0, result.stderr
+    assert '"val_loss": 9.5}' not in (stray / "metrics.jsonl").read_text()
     for bs in (4, 8):
         for seed in (0, 1):
             curve = sweep.val_curve(out / "target" / f"bs{bs}_seed{seed}")
