@@ -59,6 +59,8 @@ class Config:
     run_name: str = ""                 # "" -> <config file name>_<date-time>
     out_dir: str = "runs"              # run directories go to out_dir/run_name
     seed: int = 1337                   # initial weights and dropout streams
+    stage: str = ""                    # ladder stage, e.g. 05_muon (analyze.py stages groups runs by it); "" -> the
+                                       # config file's name when the file sits in a folder named stages/
     resume: bool = False               # continue runs/<run_name> (default: newest run of this config)
     dry_run: bool = False              # check data, output folder and budgets; print config, size, spectra cost; exit
     device: str = "auto"               # auto | cpu | cuda
@@ -258,6 +260,8 @@ def load_config(argv):
             set_key(cfg, key, value, cfg.config_file)
     for key, value in command_line_pairs(args):
         set_key(cfg, key, value, "command line", cli=True)
+    if not cfg.stage and os.path.basename(os.path.dirname(os.path.abspath(cfg.config_file))) == "stages":
+        cfg.stage = config_stem(cfg)  # configs/stages/05_muon.py is stage 05_muon
     check_config(cfg)
     return cfg
 

@@ -344,6 +344,14 @@ def test_each_stage_differs_from_the_one_before_by_the_keys_its_header_names():
         assert changed == named, (os.path.basename(after), changed ^ named)
 
 
+def test_a_stage_file_names_its_runs_stage(tmp_path):
+    assert load_config([STAGES[2]]).stage == "05_muon"  # configs/stages/05_muon.py
+    assert load_config([STAGES[2], "--stage=mine"]).stage == "mine"
+    other = tmp_path / "05_muon.py"  # the same file outside a stages/ folder: no stage unless it sets one
+    other.write_text(open(STAGES[2]).read())
+    assert load_config([str(other)]).stage == ""
+
+
 def tiny_stage(path, **extra):
     """A stage's config at a tiny size: every window key divided by 8 keeps the blocks whole."""
     values = read_config_file(path)

@@ -21,6 +21,7 @@ def test_toy_stages_add_the_ladders_changes_in_order():
     assert not study.TOY_KEEPS & set(base)  # the toy keeps its size, data and cadences
     assert muon["optimizer"] == "muon" and muon["pos"] == "rotary" and muon["qk_norm"] is True  # rope's, kept
     assert window["window"] == 16 and window["unet_skips"] is True and "doc_mask" not in window
+    assert base["window"] == 0 and muon["window"] == 0  # full attention until the window stage
     with pytest.raises(ValueError, match="unknown stage 'fp8'"):
         study.stage_flags("fp8", 64)
 
@@ -33,6 +34,7 @@ def test_the_quick_study_trains_each_stage_and_tier_to_its_target(tmp_path, caps
     for stage in ("baseline", "muon"):
         cfg = train_gpt.load_config([os.path.join(out, "configs", f"{stage}.py")])
         assert cfg.optimizer == ("adamw" if stage == "baseline" else "muon") and cfg.seq_len == 64
+        assert cfg.stage == study.STAGES[stage]  # the ladder file's name: analyze.py stages groups by it
         for bs in (8, 16):
             chosen = train_gpt.load_config([os.path.join(out, stage, f"best_bs{bs}.py")])
             assert chosen.batch_size == bs and chosen.optimizer == cfg.optimizer
