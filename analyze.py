@@ -4,6 +4,7 @@ Comparing runs and forecasting token efficiency from spectra measured early in t
     python analyze.py compare RUN... [--wandb ENTITY/PROJECT[/GROUP]] [--out DIR] [--layer L] [--tokens T]
                       [--loss L] [--family act|grad] [--stat alpha_tail] [--allow-mixed]
     python analyze.py forecast RUN... --target-loss L --at-tokens T [--out DIR] [--allow-mixed]
+    python analyze.py stages RUN... [--wandb ENTITY/PROJECT[/GROUP]] [--out DIR] [--loss L]
 
 RUN is a run directory (config.json + metrics.jsonl, as train_gpt.py writes them) or a folder
 holding run directories at any depth (a sweep's out_dir, or runs/ with its sweeps). Runs from
@@ -292,6 +293,12 @@ def finite(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def mean(values):
+    """Mean of the finite values; NaN when there is none."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(values) / len(values) if values else math.nan
+
+
 def series(records, key):
     """[(tokens, value)] of one metric, by tokens, where it is a finite number (the trainer writes
     null for NaN, e.g. a fit window beyond the valid rank)."""
@@ -462,10 +469,12 @@ def loo_error(x, y):
 
 
 def family_key(record):
-    """Runs whose token ratios are taken against each other: same preset, profile, resolved model
-    (every architecture flag) and seed; batch size and learning rates are free."""
+    """Runs whose token ratios are taken against each other: same ladder stage, preset, profile,
+    optimizer, resolved model (every architecture flag) and seed; batch size and learning rates are
+    free."""
     arch = tuple(sorted((k, freeze(v)) for k, v in record.model.items()))
-    return setting(record, "preset"), setting(record, "profile"), arch, setting(record, "seed")
+    return (setting(record, "stage"), setting(record, "preset"), setting(record, "profile"),
+            setting(record, "optimizer"), arch, setting(record, "seed"))
 
 
 def token_ratios(runs, target_loss):
@@ -603,6 +612,123 @@ def load_forecast_reference(paths, this_run, target_loss=0.0):
     return ForecastReference(runs, target)
 
 
+# Validation across stages (the study's statistic): does a predictor rank a stage's batch tiers, and
+# does a line fitted on the other stages forecast a stage it has not seen better than a constant?
+
+
+@dataclass
+class Validation:
+    predictor: str
+    spearman: dict                   # {stage: Spearman of the predictor with the token ratio over its runs}
+    loso_error: float                # leave-one-stage-out mean absolute error of the line, token-ratio units
+    constant_error: float            # the same for a constant: the mean token ratio of the other stages
+    forecasts: list                  # [(run name, stage, held-out forecast, token ratio)]
+    eligible: bool                   # measured in every run at the target: may be chosen
+
+    @property
+    def mean_spearman(self):
+        return mean(list(self.spearman.values()))
+
+    @property
+    def spearman_sd(self):
+        values = [v for v in self.spearman.values() if math.isfinite(v)]
+        m = mean(values)
+        return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else math.nan
+
+    @property
+    def better_than_constant(self):
+        return self.eligible and self.loso_error < self.constant_error
+
+
+def stage_groups(runs):
+    """{stage: [runs]} by the recorded `stage`, runs without one grouped by their family (F1, F2...)."""
+    labels, groups = family_labels(runs), {}
+    for r in runs:
+        groups.setdefault(setting(r.record, "stage") or labels[r.name], []).append(r)
+    return groups
+
+
+def held_out_forecasts(points):
+    """points: [(stage, run, x, y)]. For each point, the forecast of the line fitted to the other
+    stages' points and of their mean: [(run, stage, line forecast, constant forecast, y)]."""
+    out = []
+    for stage in dict.fromkeys(p[0] for p in points):
+        rest = [p for p in points if p[0] != stage]
+        slope, intercept = fit_line([p[2] for p in rest], [p[3] for p in rest])
+        constant = sum(p[3] for p in rest) / len(rest)
+        out += [(run, stage, slope * x + intercept, constant, y) for s, run, x, y in points if s == stage]
+    return out
+
+
+def validate_predictors(runs, target_loss, at_tokens):
+    """[Validation] of every predictor at at_tokens, over runs grouped by stage (stage_groups), best
+    first: eligible, then the lowest leave-one-stage-out error. Needs two stages or more."""
+    groups = stage_groups(runs)
+    ratios = token_ratios(runs, target_loss)
+    stage_of = {r.name: g for g, rs in groups.items() for r in rs}
+    reached = [r for r in runs if ratios[r.name][1] is not None]
+    values = {r.name: predictor_values(r.records, at_tokens) for r in reached}
+    rows = []
+    for name in sorted(set().union(*values.values()) if values else ()):
+        points = [(stage_of[r.name], r.name, values[r.name][name], ratios[r.name][1]) for r in reached
+                  if name in values[r.name]]
+        stages = list(dict.fromkeys(p[0] for p in points))
+        if len(stages) < 2:
+            continue
+        rho = {g: spearman([p[2] for p in points if p[0] == g], [p[3] for p in points if p[0] == g])
+               for g in stages if sum(p[0] == g for p in points) >= 3}
+        held = held_out_forecasts(points)
+        rows.append(Validation(name, rho, mean([abs(f - y) for _, _, f, _, y in held]),
+                               mean([abs(c - y) for _, _, _, c, y in held]),
+                               [(run, g, f, y) for run, g, f, _, y in held],
+                               name != BASELINE and len(points) == len(reached)))
+    return sorted(rows, key=lambda v: (not v.eligible, v.loso_error if math.isfinite(v.loso_error) else math.inf,
+                                       v.predictor))
+
+
+VALIDATION_COLUMNS = ("predictor", "stages", "mean_spearman", "spearman_sd", "loso_error", "constant_error",
+                      "better_than_constant")
+
+
+def validation_cells(v):
+    return [v.predictor, len(v.spearman), v.mean_spearman, v.spearman_sd, v.loso_error, v.constant_error,
+            v.better_than_constant]
+
+
+def print_validation(rows, top=10):
+    best = rows[0] if rows and rows[0].eligible else None
+    n_stages = len(best.spearman) if best else 0
+    print(f"forecast validation across stages: Spearman of each predictor with the token ratio within each stage "
+          f"(pooled: mean and sd over stages), and the leave-one-stage-out error of its line against a constant "
+          f"(the other stages' mean ratio); {n_stages} stage(s) with 3 runs or more")
+    print(text_table(list(VALIDATION_COLUMNS), [validation_cells(v) for v in rows[:top]]))
+    if best is None:
+        print("no validation: no predictor is measured in every run at the target of two stages or more")
+    elif best.better_than_constant:
+        print(f"validated: {best.predictor} forecasts a stage it was not fitted on with mean absolute error "
+              f"{best.loso_error:.3g} against {best.constant_error:.3g} for a constant (Spearman within stages "
+              f"{best.mean_spearman:+.2f} +- {best.spearman_sd:.2f})")
+    else:
+        print(f"NO PREDICTOR FORECASTS BETTER THAN A CONSTANT: the best, {best.predictor}, forecasts a held-out "
+              f"stage with mean absolute error {best.loso_error:.3g}; a constant (the other stages' mean token "
+              f"ratio) does {best.constant_error:.3g}")
+    return best
+
+
+def plot_calibration(path, best, target_loss, at_tokens):
+    """Held-out forecast against the actual token ratio, a colour per stage, with the diagonal."""
+    stages = list(dict.fromkeys(g for _, g, _, _ in best.forecasts))
+    series = [plots.Series(g, [f for _, s, f, _ in best.forecasts if s == g],
+                           [y for _, s, _, y in best.forecasts if s == g], style="o", ms=6) for g in stages]
+    lo = min(min(f, y) for _, _, f, y in best.forecasts)
+    hi = max(max(f, y) for _, _, f, y in best.forecasts)
+    series.insert(0, plots.Series("forecast = actual", [lo, hi], [lo, hi], style="--", color="k", ms=0, lw=1))
+    title = (f"{best.predictor} at {plots.token_label(at_tokens)} tokens, forecast of each stage from the others "
+             f"(val_loss <= {target_loss:.4g}): error {best.loso_error:.3g}, constant {best.constant_error:.3g}")
+    return plots.draw(path, [plots.Panel(title, series, "forecast token ratio (held-out stage)",
+                                         "actual token ratio")], ncols=1, panel_size=(6.4, 4.8))
+
+
 # ----------------------------------------------------------------------------------------------
 # 5. The forecast command
 
@@ -667,7 +793,8 @@ def write_csv(path, header, rows):
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
-        w.writerows([["" if c is None else c for c in row] for row in rows])
+        w.writerows([["" if c is None or (isinstance(c, float) and math.isnan(c)) else c for c in row]
+                     for row in rows])  # empty: not measured (no seed spread, no spectra)
 
 
 FORECAST_COLUMNS = ("run", "family", "batch_size", "reached", "tokens_to_target", "token_ratio", "predictor",
@@ -737,6 +864,13 @@ def forecast_command(runs, target_loss, at_tokens, out):
     if plot_forecast(os.path.join(out, "forecast.png"), table, best, target_loss, at_tokens,
                      plots.run_colors([r.name for r in runs])):
         written.append("forecast.png")
+    validation = validate_predictors(runs, target_loss, at_tokens) if len(stage_groups(runs)) > 1 else []
+    if validation:
+        checked = print_validation(validation)
+        write_csv(os.path.join(out, "validation.csv"), VALIDATION_COLUMNS, [validation_cells(v) for v in validation])
+        written.append("validation.csv")
+        if checked and plot_calibration(os.path.join(out, "calibration.png"), checked, target_loss, at_tokens):
+            written.append("calibration.png")
     print(f"wrote {', '.join(os.path.join(out, f) for f in written)}")
     return table, rows, best
 
@@ -993,7 +1127,355 @@ def compare_command(runs, out, family="act", stat="alpha_tail", layer=None, toke
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Command line
+# 7. The stage report: what each stage of a ladder changed against the stage before, at one loss
+
+
+SPREAD_K = 1.0  # a change counts when it exceeds SPREAD_K seed standard deviations (pooled over batch tiers)
+VERDICT_RULE = (
+    "at matched val_loss; spread = standard deviation over seeds within a (stage, batch tier), pooled over tiers;\n"
+    f"  learning-side: tokens to target lower by more than {SPREAD_K:g} spread and the head moved (the mean JS "
+    "divergence between the\n    stages' activation spectra exceeds the largest between two seeds of one stage, "
+    "same tier, at most points);\n"
+    f"  execution-side: tokens within {SPREAD_K:g} spread, training time to target lower by more than {SPREAD_K:g} "
+    "spread;\n"
+    f"  both: learning-side, and the time per token lower by more than {SPREAD_K:g} spread; neither: otherwise")
+
+
+@dataclass
+class StageRun:
+    """One run of a ladder at its matched loss."""
+    name: str
+    stage: str
+    tier: int                        # batch size
+    seed: int
+    tokens: float                    # tokens to the matched loss (interpolated between evaluations)
+    seconds: float                   # training time to it: tokens / the run's median training throughput
+    spectra: dict                    # {act point: trace-normalised spectrum at the matched loss}; {} without files
+    grad: dict                       # {"alpha_head/<point>": gradient alpha at the matched loss, ...}
+
+    @property
+    def seconds_per_token(self):
+        return self.seconds / self.tokens if self.tokens else math.nan
+
+
+def ladder(runs):
+    """({stage: [runs]} in the ladder's order, runs that record no stage). The order is the natural
+    order of the names (03_baseline, 04_rope, ..., 18_attn_scale), as configs/stages/ numbers them."""
+    stages, unplaced = {}, []
+    for r in runs:
+        stage = setting(r.record, "stage")
+        if stage:
+            stages.setdefault(stage, []).append(r)
+        else:
+            unplaced.append(r)
+    return {s: stages[s] for s in sorted(stages, key=plots.natural_key)}, unplaced
+
+
+def lowest_common_loss(runs):
+    """The lowest val_loss every run reached: the highest of the runs' lowest evaluations."""
+    lows = [min(v for _, v in series(r.records, "val_loss")) for r in runs if series(r.records, "val_loss")]
+    return max(lows) if lows else None
+
+
+def median_throughput(records):
+    """The median of a run's training throughput (tokens_per_s: evaluations excluded); None if unlogged."""
+    tps = sorted(v for _, v in series(records, "tokens_per_s") if v > 0)
+    return (tps[(len(tps) - 1) // 2] + tps[len(tps) // 2]) / 2 if tps else None
+
+
+def normalised_spectra_at(run, tokens):
+    """{act point: trace-normalised spectrum at `tokens`}, linear in tokens between the two saved
+    spectra around it (the nearest one outside their range); {} for a run without saved spectra."""
+    files = spectra.spectra_files(run.path, "act") if run.path else []
+    if not files:
+        return {}
+    before = [tf for tf in files if tf[0] <= tokens] or files[:1]
+    after = [tf for tf in files if tf[0] >= tokens] or files[-1:]
+    (t0, f0), (t1, f1) = before[-1], after[0]
+    w = (tokens - t0) / (t1 - t0) if t1 > t0 else 0.0
+    lo, hi = spectra.load_spectra(f0)[0], spectra.load_spectra(f1)[0]
+    out = {}
+    for point in lo.keys() & hi.keys():
+        k = min(len(lo[point]), len(hi[point]))
+        p, q = spectra.normalised(lo[point][:k]), spectra.normalised(hi[point][:k])
+        if p is not None and q is not None:
+            out[point] = (1 - w) * p + w * q
+    return out
+
+
+def stage_run(run, stage, loss, grad_points):
+    """The StageRun of a run at val_loss `loss`; None when the run never reached it."""
+    tokens = tokens_to_target(run.records, loss)
+    if tokens is None:
+        return None
+    tps = median_throughput(run.records)
+    grad = {f"{stat}/{p}": value_at(run.records, f"grad/{stat}/{p}", tokens)
+            for stat in ("alpha_head", "alpha_tail") for p in grad_points}
+    return StageRun(run.name, stage, setting(run.record, "batch_size"), setting(run.record, "seed"), tokens,
+                    tokens / tps if tps else math.nan, normalised_spectra_at(run, tokens),
+                    {k: v for k, v in grad.items() if v is not None})
+
+
+def by_tier(runs):
+    tiers = {}
+    for r in runs:
+        tiers.setdefault(r.tier, []).append(r)
+    return tiers
+
+
+def pooled_sd(groups):
+    """Standard deviation pooled over groups (sum of squared deviations from each group's mean over
+    the sum of n - 1); NaN when no group has two values."""
+    ss = dof = 0.0
+    for values in groups:
+        values = [v for v in values if math.isfinite(v)]
+        if len(values) >= 2:
+            mean = sum(values) / len(values)
+            ss += sum((v - mean) ** 2 for v in values)
+            dof += len(values) - 1
+    return math.sqrt(ss / dof) if dof else math.nan
+
+
+def log_change(prev, cur, value):
+    """(change, spread) of log value(run) from stage `prev` to `cur`: the mean over common tiers of
+    the difference of the tiers' mean logs, and the seed spread of the log pooled over both stages'
+    tiers. exp(change) is the ratio cur / prev."""
+    a, b = by_tier(prev), by_tier(cur)
+    tiers = sorted(a.keys() & b.keys())
+    logs = {(s, t): [math.log(value(r)) for r in runs[t] if value(r) > 0]
+            for s, runs in (("a", a), ("b", b)) for t in tiers}
+    change = mean([mean(logs["b", t]) - mean(logs["a", t]) for t in tiers])
+    return change, pooled_sd(logs.values())
+
+
+def js_between(prev, cur, point):
+    """Mean JS divergence between a run of `prev` and one of `cur` at the same tier, every pair."""
+    a, b = by_tier(prev), by_tier(cur)
+    return mean([spectra.js_divergence(x.spectra[point], y.spectra[point]) for t in a.keys() & b.keys()
+                 for x in a[t] for y in b[t] if point in x.spectra and point in y.spectra])
+
+
+def js_floor(runs, point):
+    """The largest JS divergence between two seeds of one stage at one tier (the noise floor);
+    NaN when no tier has two seeds."""
+    pairs = [spectra.js_divergence(x.spectra[point], y.spectra[point]) for group in by_tier(runs).values()
+             for i, x in enumerate(group) for y in group[i + 1:] if point in x.spectra and point in y.spectra]
+    return max(pairs, default=math.nan)
+
+
+def grad_change(prev, cur, key):
+    """(change of a gradient alpha from prev to cur: mean over common tiers of the tiers' mean
+    difference, its seed spread pooled over both stages' tiers)."""
+    a, b = by_tier(prev), by_tier(cur)
+    tiers = sorted(a.keys() & b.keys())
+    vals = {(s, t): [r.grad[key] for r in runs[t] if key in r.grad] for s, runs in (("a", a), ("b", b)) for t in tiers}
+    change = mean([mean(vals["b", t]) - mean(vals["a", t]) for t in tiers])
+    return change, pooled_sd(vals.values())
+
+
+def judge(tokens, seconds, per_token, moved, n_points):
+    """(verdict, reason) from (change, spread) of log tokens, log seconds and log seconds per token
+    and the number of act points whose head moved (None: unknown) out of n_points."""
+    (dt, st), (ds, ss), (dp, sp) = tokens, seconds, per_token
+    if not math.isfinite(st):
+        return "withheld", "one seed per batch tier: no seed spread"
+    fewer, within = dt < -SPREAD_K * st, abs(dt) <= SPREAD_K * st
+    faster = math.isfinite(ss) and ds < -SPREAD_K * ss
+    cheaper = math.isfinite(sp) and dp < -SPREAD_K * sp
+    if fewer and moved is None:
+        return "withheld", "fewer tokens, but no saved activation spectra to tell whether the head moved"
+    head = moved is not None and moved * 2 > n_points
+    if fewer and head:
+        return ("both", "fewer tokens, head moved, cheaper tokens") if cheaper else \
+            ("learning-side", "fewer tokens, head moved")
+    if within and faster:
+        return "execution-side", "tokens within the seed spread, less training time"
+    if fewer:
+        return "neither", f"fewer tokens, but the head moved at only {moved} of {n_points} points"
+    return "neither", "more tokens than the seed spread allows" if dt > SPREAD_K * st else \
+        "tokens within the seed spread" + ("" if faster else ", training time too")
+
+
+def compare_stage(prev, cur, act_points, grad_points, spectral):
+    """(row, layer rows) of stage `cur` against stage `prev` (lists of StageRun). With `spectral`
+    False (the stages were measured differently) no spectra are compared."""
+    tokens = log_change(prev, cur, lambda r: r.tokens)
+    seconds = log_change(prev, cur, lambda r: r.seconds)
+    per_token = log_change(prev, cur, lambda r: r.seconds_per_token)
+    layers, moved = [], None
+    if spectral and all(r.spectra for r in prev + cur):
+        for p in act_points:
+            between, floor = js_between(prev, cur, p), max(js_floor(prev, p), js_floor(cur, p))
+            layers.append(dict(stage=cur[0].stage, family="act", point=p, js=between, js_floor=floor,
+                               moved=between > floor if math.isfinite(floor) else None))
+        if layers and all(r["moved"] is not None for r in layers):
+            moved = sum(r["moved"] for r in layers)
+    for p in grad_points if spectral else ():
+        (dh, sh), (dt, st) = (grad_change(prev, cur, f"{stat}/{p}") for stat in ("alpha_head", "alpha_tail"))
+        layers.append(dict(stage=cur[0].stage, family="grad", point=p, d_alpha_head=dh, alpha_head_spread=sh,
+                           d_alpha_tail=dt, alpha_tail_spread=st))
+    verdict, reason = judge(tokens, seconds, per_token, moved, len(act_points))
+    if not spectral and verdict != "execution-side":
+        verdict, reason = "withheld", "the stages were measured differently: their spectra are not compared"
+    a, b = by_tier(prev), by_tier(cur)
+    act, grad = ([r for r in layers if r["family"] == f] for f in ("act", "grad"))
+    row = dict(stage=cur[0].stage, previous=prev[0].stage, tiers=" ".join(map(str, sorted(a.keys() & b.keys()))),
+               seeds=min(len(g) for g in [*a.values(), *b.values()]),
+               token_ratio=math.exp(tokens[0]), token_spread=math.exp(tokens[1]),
+               time_ratio=math.exp(seconds[0]), time_spread=math.exp(seconds[1]),
+               per_token_ratio=math.exp(per_token[0]), per_token_spread=math.exp(per_token[1]),
+               js=mean([r["js"] for r in act]), js_floor=mean([r["js_floor"] for r in act]),
+               head_moved=None if moved is None else f"{moved}/{len(act)}",
+               d_grad_alpha_head=mean([r["d_alpha_head"] for r in grad]),
+               grad_head_spread=mean([r["alpha_head_spread"] for r in grad]),
+               d_grad_alpha_tail=mean([r["d_alpha_tail"] for r in grad]),
+               grad_tail_spread=mean([r["alpha_tail_spread"] for r in grad]),
+               verdict=verdict, reason=reason)
+    return row, layers
+
+
+STAGE_COLUMNS = ("stage", "previous", "tiers", "seeds", "token_ratio", "token_spread", "time_ratio", "time_spread",
+                 "per_token_ratio", "per_token_spread", "js", "js_floor", "head_moved", "d_grad_alpha_head",
+                 "grad_head_spread", "d_grad_alpha_tail", "grad_tail_spread", "verdict", "reason")
+LAYER_COLUMNS = ("stage", "family", "point", "js", "js_floor", "moved", "d_alpha_head", "alpha_head_spread",
+                 "d_alpha_tail", "alpha_tail_spread")
+
+
+def ladder_notes(stages, reached, loss):
+    """What the ladder lacks, one line each: stages between two numbered ones, tiers a stage lacks,
+    stages with one seed per tier, runs that never reached the matched loss."""
+    notes = []
+    numbers = {s: int(re.match(r"\d+", s).group()) for s in stages if re.match(r"\d+", s)}
+    names = list(stages)
+    for a, b in zip(names, names[1:]):
+        if a in numbers and b in numbers and numbers[b] - numbers[a] > 1:
+            notes.append(f"{b} is compared with {a}: stages {numbers[a] + 1:02d}-{numbers[b] - 1:02d} are not in "
+                         "these runs")
+    tiers = set().union(*(by_tier(r).keys() for r in reached.values()))
+    for s, runs in reached.items():
+        have = by_tier(runs)
+        if tiers - have.keys():
+            notes.append(f"{s} lacks batch tier(s) {', '.join(map(str, sorted(tiers - have.keys())))} at val_loss "
+                         f"{loss:.4g}: its comparisons use the tiers both stages have")
+        if have and max(len(g) for g in have.values()) < 2:
+            notes.append(f"{s} has one seed per tier: no noise floor, verdicts that involve it are withheld")
+    for s, runs in stages.items():
+        reached_names = {x.name for x in reached[s]}
+        missed = [r.name for r in runs if r.name not in reached_names]
+        if missed:
+            notes.append(f"{s}: {', '.join(missed)} never reached val_loss {loss:.4g}; left out")
+    return notes
+
+
+def stage_rows(runs, loss=None):
+    """(rows, layer rows, notes, matched loss) of a ladder's runs, each stage against the one before.
+    The matched loss is `loss`, else the lowest val_loss every run reached."""
+    stages, unplaced = ladder(runs)
+    notes = [f"{', '.join(r.name for r in unplaced)}: no stage recorded (config key `stage`); left out"] \
+        if unplaced else []
+    if len(stages) < 2:
+        raise AnalysisError(f"a ladder needs runs of two stages or more; these runs record {len(stages)} "
+                            f"({', '.join(stages) or 'none'}): set `stage` in each stage's config (configs/stages/ "
+                            "files set it by their names, bench/toy_study.py writes it)")
+    placed = [r for rs in stages.values() for r in rs]
+    loss = lowest_common_loss(placed) if loss is None else loss
+    if loss is None:
+        raise AnalysisError("no run has an evaluation: there is no loss to match the stages at")
+    act_points = plotted_points(placed, "act", "alpha_tail")
+    grad_points = [p for p in plotted_points(placed, "grad", "alpha_tail") if split_point(p)[0] is not None]
+    reached = {s: [x for x in (stage_run(r, s, loss, grad_points) for r in rs) if x is not None]
+               for s, rs in stages.items()}
+    notes += ladder_notes(stages, reached, loss)
+    rows, layers = [], []
+    for a, b in zip(stages, list(stages)[1:]):
+        if not by_tier(reached[a]).keys() & by_tier(reached[b]).keys():
+            notes.append(f"{b} against {a}: no batch tier where both reached val_loss {loss:.4g}; not compared")
+            continue
+        mixed = differing_settings(stages[a] + stages[b])
+        if mixed:
+            notes.append(f"{b} against {a}: measured differently ({'; '.join(mixed)}); spectra not compared")
+        row, lrows = compare_stage(reached[a], reached[b], act_points, grad_points, not mixed)
+        rows.append(row)
+        layers += lrows
+    return rows, layers, notes, loss
+
+
+def plot_stages(path, rows, layers, loss):
+    """One panel per quantity against the stage: the token and time ratios with their seed spread,
+    the head's JS divergence over its seed floor per point, the gradient alpha changes per point."""
+    xs = {row["stage"]: i for i, row in enumerate(rows)}
+
+    def points(family, key):  # {point: ([x], [value])} over the stages that have it
+        out = {}
+        for r in layers:
+            if r["family"] == family and r.get(key) is not None and r["stage"] in xs:
+                out.setdefault(r["point"], ([], []))
+                out[r["point"]][0].append(xs[r["stage"]])
+                out[r["point"]][1].append(r[key])
+        return out
+
+    def bars(key, spread):  # the ratio divided and multiplied by the spread factor
+        return [[r[key] - r[key] / r[spread] for r in rows], [r[key] * r[spread] - r[key] for r in rows]]
+
+    axis = dict(xlabel="stage (against the one before)", xticks="layer", xnames={i: s for s, i in xs.items()})
+    ratio = [plots.Series(label, list(xs.values()), [r[key] for r in rows], yerr=bars(key, spread))
+             for label, key, spread in (("tokens to target", "token_ratio", "token_spread"),
+                                        ("training time to target", "time_ratio", "time_spread"))]
+    for r in layers:
+        if r["family"] == "act":
+            r["js_over_floor"] = r["js"] / r["js_floor"] if r["js_floor"] and math.isfinite(r["js_floor"]) else None
+    panels = [plots.Panel("ratio to the stage before (bars: seed spread)", ratio, ylabel="ratio (< 1: better)",
+                          hlines=[(1.0, "no change")], **axis),
+              plots.Panel("head movement: JS between stages / seed floor", [
+                  plots.Series(p, x, y) for p, (x, y) in points("act", "js_over_floor").items()],
+                  ylabel="JS / floor (> 1: moved)", hlines=[(1.0, "seed floor")], **axis)]
+    for stat in ("alpha_head", "alpha_tail"):
+        panels.append(plots.Panel(f"change of gradient {stat}", [
+            plots.Series(p, x, y) for p, (x, y) in points("grad", f"d_{stat}").items()],
+            ylabel=f"d grad {stat}", hlines=[(0.0, None)], **axis))
+    return plots.draw(path, panels, f"each stage against the one before, at val_loss {loss:.4g}", ncols=2,
+                      panel_size=(max(4.6, 0.7 * len(rows) + 1.5), 3.6))
+
+
+def log_wandb_table(path, columns, rows):
+    """The stage table as a W&B Table, in a run of job type 'analysis' in the runs' project
+    (ENTITY/PROJECT[/GROUP], the group too when given)."""
+    import wandb
+    project, group = parse_wandb_path(path)
+    entity, name = project.split("/")
+    run = wandb.init(entity=entity, project=name, group=group, job_type="analysis", name="stage-report")
+    run.log({"stages": wandb.Table(columns=list(columns), data=[[row.get(c) for c in columns] for row in rows])})
+    run.finish()
+
+
+def stages_command(runs, out, loss=None, wandb_project=None):
+    """The stage report: table, stages.csv, stages_layers.csv, stages.png (and, for runs from W&B,
+    the table as a W&B Table); returns (rows, layer rows, notes, matched loss)."""
+    rows, layers, notes, loss = stage_rows(runs, loss)
+    print(f"stages at matched val_loss {loss:.4g} (ratios: this stage over the one before; spread: the seed "
+          "spread as a factor)")
+    show = [c for c in STAGE_COLUMNS if c not in ("previous", "reason")]
+    print(text_table(show, [[row[c] for c in show] for row in rows]))
+    for row in rows:
+        print(f"  {row['stage']}: {row['verdict']} ({row['reason']})")
+    print("rule: " + VERDICT_RULE)
+    for note in notes:
+        print(f"note: {note}")
+    os.makedirs(out, exist_ok=True)
+    files = [os.path.join(out, f) for f in ("stages.csv", "stages_layers.csv", "stages.png")]
+    write_csv(files[0], STAGE_COLUMNS, [[row[c] for c in STAGE_COLUMNS] for row in rows])
+    write_csv(files[1], LAYER_COLUMNS, [[row.get(c) for c in LAYER_COLUMNS] for row in layers])
+    if not rows or not plot_stages(files[2], rows, layers, loss):
+        files.pop()
+    if wandb_project:
+        log_wandb_table(wandb_project, STAGE_COLUMNS, rows)
+        files.append(f"W&B table 'stages' in {wandb_project}")
+    print("wrote " + ", ".join(files))
+    return rows, layers, notes, loss
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Command line
 
 
 def count(text):
@@ -1009,7 +1491,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="analyze.py", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    for name in ("compare", "forecast"):
+    for name in ("compare", "forecast", "stages"):
         s = sub.add_parser(name)
         s.add_argument("runs", nargs="*", help="run directories, or folders of run directories")
         s.add_argument("--wandb", action="append", default=[], metavar="ENTITY/PROJECT[/GROUP]",
@@ -1024,6 +1506,8 @@ def parse_args(argv):
             s.add_argument("--loss", type=float, help="matched val_loss (default the highest final val_loss)")
             s.add_argument("--family", choices=("act", "grad"), default="act")
             s.add_argument("--stat", default="alpha_tail", help="alpha_tail (default), alpha_head, rankme, ...")
+        elif name == "stages":
+            s.add_argument("--loss", type=float, help="matched val_loss (default the lowest every run reached)")
         else:
             s.add_argument("--target-loss", type=float, required=True, help="val_loss target")
             s.add_argument("--at-tokens", type=count, required=True, help="tokens at which predictors are read")
@@ -1065,6 +1549,9 @@ def main(argv=None, api=None):
         warnings.showwarning = show_warning
         try:
             runs = gather_runs(args, api)
+            if args.command == "stages":  # stages measured differently still get their tokens and times compared
+                stages_command(runs, args.out, args.loss, args.wandb[0] if args.wandb else None)
+                return
             check_comparable(runs, args.allow_mixed)
             if args.command == "compare":
                 compare_command(runs, args.out, args.family, args.stat, args.layer, args.tokens, args.loss)
