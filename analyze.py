@@ -705,9 +705,11 @@ def print_validation(rows, top=10):
     if best is None:
         print("no validation: no predictor is measured in every run at the target of two stages or more")
     elif best.better_than_constant:
+        beat = sum(v.better_than_constant for v in rows)
         print(f"validated: {best.predictor} forecasts a stage it was not fitted on with mean absolute error "
               f"{best.loso_error:.3g} against {best.constant_error:.3g} for a constant (Spearman within stages "
-              f"{best.mean_spearman:+.2f} +- {best.spearman_sd:.2f})")
+              f"{best.mean_spearman:+.2f} +- {best.spearman_sd:.2f}); {beat} of {len(rows)} predictors beat the "
+              "constant, and choosing the best of them is not itself held out")
     else:
         print(f"NO PREDICTOR FORECASTS BETTER THAN A CONSTANT: the best, {best.predictor}, forecasts a held-out "
               f"stage with mean absolute error {best.loso_error:.3g}; a constant (the other stages' mean token "
@@ -1203,13 +1205,22 @@ def normalised_spectra_at(run, tokens):
     return out
 
 
+def grad_value_near(records, key, tokens):
+    """A gradient metric at `tokens`, interpolated between the evaluations around it; where none
+    follows (gradient spectra come every grad_spectra_every-th evaluation, and a run stopped at its
+    target may end between two), the value of the nearest evaluation that has it."""
+    value = value_at(records, key, tokens)
+    points = series(records, key)
+    return value if value is not None or not points else min(points, key=lambda p: abs(p[0] - tokens))[1]
+
+
 def stage_run(run, stage, loss, grad_points):
     """The StageRun of a run at val_loss `loss`; None when the run never reached it."""
     tokens = tokens_to_target(run.records, loss)
     if tokens is None:
         return None
     tps = median_throughput(run.records)
-    grad = {f"{stat}/{p}": value_at(run.records, f"grad/{stat}/{p}", tokens)
+    grad = {f"{stat}/{p}": grad_value_near(run.records, f"grad/{stat}/{p}", tokens)
             for stat in ("alpha_head", "alpha_tail") for p in grad_points}
     return StageRun(run.name, stage, setting(run.record, "batch_size"), setting(run.record, "seed"), tokens,
                     tokens / tps if tps else math.nan, normalised_spectra_at(run, tokens),
@@ -1349,8 +1360,9 @@ def ladder_notes(stages, reached, loss):
     names = list(stages)
     for a, b in zip(names, names[1:]):
         if a in numbers and b in numbers and numbers[b] - numbers[a] > 1:
-            notes.append(f"{b} is compared with {a}: stages {numbers[a] + 1:02d}-{numbers[b] - 1:02d} are not in "
-                         "these runs")
+            gap = f"stage {numbers[a] + 1:02d} is" if numbers[b] - numbers[a] == 2 else \
+                f"stages {numbers[a] + 1:02d}-{numbers[b] - 1:02d} are"
+            notes.append(f"{b} is compared with {a}: {gap} not in these runs")
     tiers = set().union(*(by_tier(r).keys() for r in reached.values()))
     for s, runs in reached.items():
         have = by_tier(runs)

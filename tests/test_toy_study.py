@@ -1,5 +1,6 @@
 """bench/toy_study.py --quick: the toy's stages from the ladder's files, swept and trained to target
 in the layout analyze.py reads."""
+import csv
 import json
 import os
 
@@ -46,3 +47,12 @@ def test_the_quick_study_trains_each_stage_and_tier_to_its_target(tmp_path, caps
                     capsys)
     assert r.returncode == 0, r.stderr
     assert json.load(open(os.path.join(out, "muon", "sweep.json")))["batch_sizes"] == [8, 16]
+    # the stage report reads the study: one seed, so its numbers come without a verdict
+    report = str(tmp_path / "stages")
+    r = run_command(analyze.main, ["stages", os.path.join(out, "baseline", "target"),
+                                   os.path.join(out, "muon", "target"), "--out", report], capsys)
+    assert r.returncode == 0, r.stderr
+    assert "03_baseline has one seed per tier" in r.stdout and "05_muon is compared with 03_baseline" in r.stdout
+    with open(os.path.join(report, "stages.csv")) as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["stage"] == "05_muon" and row["verdict"] == "withheld" and float(row["token_ratio"]) > 0
