@@ -153,8 +153,8 @@ def measure_band(model, tokens, latents, point="final", seed=0, batch_size=64):
 
     h = torch.cat(finals)[:, first:T - 1]
     targets = tokens[:, first + 1:T].to(h.device)
-    H_final, _ = conditional_means(h.cpu(), states[:, first:T - 1], c)
-    key = key_subspace(H_final, fourier_summary(H_final)["key_frequency"]).to(h.device)
+    H_final = H if point == "final" else conditional_means(h.cpu(), states[:, first:T - 1], c)[0]
+    key = key_subspace(H_final, int(fourier_energy(H_final).argmax()) + 1).to(h.device)  # the final state's key mode
     rand = random_subspace(h.size(-1), key.size(1), torch.Generator().manual_seed(seed)).to(h.device)
 
     def loss(x):
