@@ -229,3 +229,23 @@ def test_forecast_validation_says_plainly_when_nothing_beats_a_constant(tmp_path
     shuffled = next(v for v in rows if v.predictor == KEY)
     assert shuffled.loso_error > shuffled.constant_error
     assert shuffled.mean_spearman == 0.0  # ranks 2 0 3 1 against 0 1 2 3
+
+
+def test_runs_from_wandb_get_the_table_as_a_wandb_table_and_no_head_verdict(tmp_path, capsys, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    from test_analyze import FakeApi, FakeWandbRun
+    make_ladder(tmp_path / "local", {"03_base": BASE, "04_faster": FASTER, "05_learns": LEARNS})
+    local = analyze.load_runs([str(tmp_path / "local")])
+    api = FakeApi([FakeWandbRun(r, wrap=False) for r in local])
+    logged = []
+    monkeypatch.setattr(wandb.Run, "log", lambda run, data, *a, **k: logged.append(data))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    analyze.main(["stages", "--wandb", "me/ladder/g1", "--loss", str(TARGET), "--out", str(tmp_path / "r")], api=api)
+    text = capsys.readouterr().out
+    (table,) = [d["stages"] for d in logged]
+    rows = {row[0]: dict(zip(table.columns, row)) for row in table.data}
+    assert list(table.columns) == list(analyze.STAGE_COLUMNS) and set(rows) == {"04_faster", "05_learns"}
+    assert rows["04_faster"]["verdict"] == "execution-side"  # tokens and time need no spectra
+    assert rows["05_learns"]["verdict"] == "withheld" and "no saved activation spectra" in rows["05_learns"]["reason"]
+    assert "W&B table 'stages' in me/ladder/g1" in text
