@@ -706,8 +706,9 @@ def print_validation(rows, top=10):
         print("no validation: no predictor is measured in every run at the target of two stages or more")
     elif best.better_than_constant:
         beat = sum(v.better_than_constant for v in rows)
-        print(f"validated: {best.predictor} forecasts a stage it was not fitted on with mean absolute error "
-              f"{best.loso_error:.3g} against {best.constant_error:.3g} for a constant (Spearman within stages "
+        print(f"beats a constant: {best.predictor} forecasts a stage it was not fitted on with mean absolute error "
+              f"{best.loso_error:.3g} against {best.constant_error:.3g} for a constant, "
+              f"{100 * (1 - best.loso_error / best.constant_error):.0f}% lower (Spearman within stages "
               f"{best.mean_spearman:+.2f} +- {best.spearman_sd:.2f}); {beat} of {len(rows)} predictors beat the "
               "constant, and choosing the best of them is not itself held out")
     else:
@@ -1446,7 +1447,7 @@ def plot_stages(path, rows, layers, loss):
             plots.Series(p, x, y) for p, (x, y) in points("grad", f"d_{stat}").items()],
             ylabel=f"d grad {stat}", hlines=[(0.0, None)], **axis))
     return plots.draw(path, panels, f"each stage against the one before, at val_loss {loss:.4g}", ncols=2,
-                      panel_size=(max(4.6, 0.7 * len(rows) + 1.5), 3.6))
+                      panel_size=(max(4.6, 1.1 * len(rows) + 1.5), 3.6))  # room for every stage name
 
 
 def log_wandb_table(path, columns, rows):
