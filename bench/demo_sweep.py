@@ -3,11 +3,11 @@ A fair batch-size comparison of the CPU demo, then `analyze.py compare` and `ana
 on it: each batch size gets its own learning rate from a sweep, and is then trained to one target
 loss, so runs are compared at equal loss after each had a fair rate.
 
-    python bench/demo_sweep.py [--out runs/demo_sweep] [--batch_sizes 4,8,16,32] [--multipliers 0.5,1,2]
+    python bench/demo_sweep.py [--out runs/demo_sweep] [--batch_sizes 4,8,16,32] [--multipliers 0.25,1,4]
                                [--rung 4096] [--train_tokens 16384] [--eval_every_tokens 4096]
                                [--target_loss L] [--at_tokens T] [--key=value ...]
 
-1. `sweep.py lr configs/cpu_demo.py` into OUT/sweep: per batch size, the demo's rates x sqrt(B / 8)
+1. `sweep.py lr configs/cpu_demo.py` into OUT/sweep: per batch size, the demo's rates (for batch 8) x sqrt(B / 8)
    x each multiplier, every trial to the rung, the best third on to --train_tokens (the budget).
 2. The target: the highest of the tiers' best final losses (each tier reached it with its chosen
    rate), printed and passed rounded up, never below the loss that defines it.
@@ -42,7 +42,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join("runs", "demo_sweep"))
     p.add_argument("--batch_sizes", default="4,8,16,32")
-    p.add_argument("--multipliers", default="0.5,1,2", help="around each tier's sqrt-scaled rates")
+    p.add_argument("--multipliers", default="0.25,1,4", help="around each tier's sqrt-scaled rates")
     p.add_argument("--rung", type=int, default=4_096, help="tokens at which a tier's trials are compared")
     p.add_argument("--train_tokens", type=int, default=16_384, help="the sweep's budget")
     p.add_argument("--eval_every_tokens", type=int, default=4_096)

@@ -19,3 +19,4 @@ spectra_tokens = 16_384  # activation spectra at every evaluation on 128 val seq
 grad_samples = 48        # per-example gradient spectra of attn.c_proj in every layer from 48 sequences ...
 grad_spectra_every = 2   # ... at every other evaluation (each costs about 6 training steps here)
 lr_scaling = "none"  # the default learning rates as they are, at this small batch
+lr_ref_batch_size = 8  # ... which they suit: a sweep (bench/demo_sweep.py) centres other batches on them by sqrt

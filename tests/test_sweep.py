@@ -238,4 +238,5 @@ def test_the_submitit_path_runs_trials_as_jobs(tmp_path, capsys, monkeypatch):
     assert result.returncode == 0, result.stderr
     assert [(x["start"], x["stop"]) for x in launches(out)] == [(0, 2000), (2000, 6000)]
     assert len(list((out / "submitit").glob("*_result.pkl"))) == 2
-    assert train_gpt.load_config([str(out / "best_bs8.py")]).lr_mult == pytest.approx(0.125)
+    centre = (8 / train_gpt.load_config([DEMO]).lr_ref_batch_size) ** 0.5  # the sqrt centre, multiplier 1
+    assert train_gpt.load_config([str(out / "best_bs8.py")]).lr_mult == pytest.approx(centre)
