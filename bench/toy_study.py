@@ -41,7 +41,7 @@ TOY_KEEPS = {"profile", "seq_len", "batch_size", "device_batch_size", "lr_ref_ba
 # tokens was 4.17, 4.20 and 4.56 at x8, x32 and x128 of its rate, and 3.56 after 3.1M tokens at
 # batch 16; hence a grid up to x16 and a target it reaches. An evaluation (val loss, spectra, probes)
 # costs about as much as training 32K tokens on one thread: evaluating every 32K tokens the study took
-# 93 min on 2 cores; every 64K tokens (tokens to a loss interpolated between them) it takes less.
+# 93 min on 2 cores; every 64K tokens (tokens to a loss interpolated between them) 60 min.
 FULL = dict(batch_sizes="16,32,64", multipliers="1,4,16", rungs="131072", budget="393216", seeds=3,
             target=3.8, cap=3145728, extra=["--wandb_mode=disabled", "--spectra_plots=0", "--eval_every_tokens=65536"])
 QUICK = dict(batch_sizes="8,16", multipliers="1,4", rungs="1024", budget="2048", seeds=1, target=4.3, cap=16384,
